@@ -1,0 +1,66 @@
+//! Projections: the fields a consumer declared (and was granted) for a copy.
+
+use serde_json::{Map, Value};
+
+use crate::schema::{FieldSpec, Schema};
+
+/// An ordered list of projected fields with their specs from the owner's schema.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Projection {
+    fields: Vec<(String, FieldSpec)>,
+}
+
+impl Projection {
+    /// Builds a projection; `None` when a field is not in the schema (the
+    /// manifest check reports that case with its line).
+    pub fn new(schema: &Schema, names: &[String]) -> Option<Self> {
+        let fields = names
+            .iter()
+            .map(|n| schema.fields.get(n).map(|s| (n.clone(), *s)))
+            .collect::<Option<Vec<_>>>()?;
+        Some(Projection { fields })
+    }
+
+    /// The projection of every field in the schema.
+    pub fn all(schema: &Schema) -> Self {
+        Projection {
+            fields: schema.fields.iter().map(|(n, s)| (n.clone(), *s)).collect(),
+        }
+    }
+
+    pub fn fields(&self) -> &[(String, FieldSpec)] {
+        &self.fields
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.fields.iter().map(|(n, _)| n.as_str())
+    }
+
+    /// Keeps only the projected fields; absent optional fields become `null`
+    /// so every copy row has every column.
+    pub fn apply(&self, record: &Map<String, Value>) -> Map<String, Value> {
+        self.fields
+            .iter()
+            .map(|(n, _)| (n.clone(), record.get(n).cloned().unwrap_or(Value::Null)))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn keeps_only_declared_fields() {
+        let mut s = Schema::default();
+        s.fields.insert("name".into(), "string".parse().unwrap());
+        s.fields.insert("secret".into(), "string".parse().unwrap());
+        s.fields.insert("nick".into(), "string?".parse().unwrap());
+        let p = Projection::new(&s, &["name".into(), "nick".into()]).unwrap();
+        let rec = json!({"name": "Ada", "secret": "x"});
+        let out = p.apply(rec.as_object().unwrap());
+        assert_eq!(Value::Object(out), json!({"name": "Ada", "nick": null}));
+        assert!(Projection::new(&s, &["missing".into()]).is_none());
+    }
+}
