@@ -1,0 +1,120 @@
+//! Copy stores: where a consumer keeps its read-only copies.
+//!
+//! # Contract (every backend: in-memory, SQLite, and later PostgreSQL)
+//! - **Apply rule.** [`CopyStore::apply`] applies each change only when its
+//!   version is newer than the key's local version (live record or
+//!   tombstone), as [`spoke_core::decide`] says. Duplicates and stale changes
+//!   are counted as received, not applied.
+//! - **Atomic cursor.** The records of a batch, the new feed position, the
+//!   freshness mark and the counters commit in one transaction. A crash at
+//!   any instant leaves either all of it or none of it, so a restarted agent
+//!   resumes exactly after the last applied batch: nothing lost, nothing
+//!   applied twice.
+//! - **Delivery.** The agent delivers at least once; with the atomic cursor
+//!   every change is *received* exactly once in position order, except during
+//!   bootstrap, where snapshot records carry no position and may repeat.
+//! - **Read-only.** The store is written only through this trait. Stores that
+//!   other programs can open (SQLite, PostgreSQL) refuse their writes with a
+//!   message naming the dataset and its owner.
+//! - **Projection.** Only the fields of the [`CopySpec`]'s projection are
+//!   stored; the agent projects before applying.
+//! - **Concurrency.** One agent writes a store; reads may run concurrently.
+
+pub mod conformance;
+pub mod memory;
+pub mod sqlite;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use spoke_core::{Change, Projection, Version};
+
+use crate::feed::Position;
+
+/// What a copy is: which dataset, whose, which fields, and under what name.
+#[derive(Debug, Clone)]
+pub struct CopySpec {
+    pub dataset: String,
+    pub owner: String,
+    /// The owner's key field name, used as the key column's name.
+    pub key_name: String,
+    pub projection: Projection,
+}
+
+/// Where a copy stands in its feed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Cursor {
+    /// Last applied feed position; `None` until the bootstrap completed.
+    pub position: Option<Position>,
+    /// Consumer-clock time the copy was last known to hold the whole feed (0 = never).
+    pub fresh_as_of_ms: u64,
+    /// Feed entries received after bootstrap (applied or ignored).
+    pub received_total: u64,
+    /// Changes that changed the copy, bootstrap included.
+    pub applied_total: u64,
+}
+
+/// How to move the cursor together with a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Advance {
+    /// New position; `None` leaves it (bootstrap pages).
+    pub position: Option<Position>,
+    /// New freshness mark; `None` leaves it.
+    pub fresh_as_of_ms: Option<u64>,
+    /// Whether these changes are feed entries (counted as received).
+    pub from_feed: bool,
+}
+
+/// What an apply did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ApplyOutcome {
+    pub applied: u64,
+    pub ignored: u64,
+}
+
+/// A live record in a copy.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CopyRecord {
+    pub key: String,
+    pub version: Version,
+    pub fields: Map<String, Value>,
+}
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("no copy of dataset '{0}' in this store")]
+    UnknownCopy(String),
+    /// The store cannot be reached or failed: retry.
+    #[error("copy store: {0}")]
+    Unavailable(String),
+    /// The store's existing layout conflicts with the spec: needs a person.
+    #[error("copy store layout: {0}")]
+    Layout(String),
+}
+
+/// A consumer's copy store.
+#[async_trait]
+pub trait CopyStore: Send + Sync {
+    /// Creates the copy for `spec` if missing; idempotent.
+    async fn ensure_copy(&self, spec: &CopySpec) -> Result<(), StoreError>;
+
+    /// The copy's cursor.
+    async fn cursor(&self, dataset: &str) -> Result<Cursor, StoreError>;
+
+    /// Applies projected changes and moves the cursor, atomically.
+    async fn apply(&self, dataset: &str, changes: &[Change], advance: Advance) -> Result<ApplyOutcome, StoreError>;
+
+    /// Reads one live record.
+    async fn get(&self, dataset: &str, key: &str) -> Result<Option<CopyRecord>, StoreError>;
+
+    /// Live records in the copy.
+    async fn count(&self, dataset: &str) -> Result<u64, StoreError>;
+
+    /// Drops tombstones written before `now_ms - horizon_ms`; returns how many.
+    async fn gc_tombstones(&self, dataset: &str, now_ms: u64, horizon_ms: u64) -> Result<u64, StoreError>;
+
+    /// Every live record and tombstone, for tests and small comparisons:
+    /// key → (version, deleted, fields).
+    async fn dump(&self, dataset: &str) -> Result<std::collections::BTreeMap<String, (Version, bool, Map<String, Value>)>, StoreError>;
+}

@@ -1,0 +1,185 @@
+//! The conformance suite every feed backend must pass.
+//!
+//! A backend's tests call [`run`] with a constructor; the suite exercises the
+//! contract written at the top of [`crate::feed`]. It panics on the first
+//! violation, naming the rule.
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Map, Value};
+use spoke_core::{Manifest, Op};
+
+use super::{ChangeInput, Feed, FeedError, Publisher};
+
+/// The manifest every conformance run uses: one dataset `items`.
+pub const MANIFEST: &str = r#"
+[services.owner-svc]
+[services.reader-svc]
+
+[datasets.items]
+owner = "owner-svc"
+key = "id"
+fields = { n = "int", label = "string?" }
+
+[[subscriptions]]
+consumer = "reader-svc"
+dataset = "items"
+fields = ["n", "label"]
+staleness_budget = "1m"
+"#;
+
+pub fn manifest() -> Manifest {
+    Manifest::parse("conformance.toml", MANIFEST).expect("conformance manifest is valid")
+}
+
+fn fields(n: i64) -> Map<String, Value> {
+    json!({ "n": n }).as_object().cloned().unwrap_or_default()
+}
+
+/// Runs every rule against a fresh feed from `make` (called once per rule).
+pub async fn run<F, Fut, T>(make: F)
+where
+    F: Fn(Manifest) -> Fut,
+    Fut: Future<Output = T>,
+    T: Feed + Publisher + 'static,
+{
+    positions_start_at_one_and_are_dense(make(manifest()).await).await;
+    stale_and_duplicate_changes_are_ignored(make(manifest()).await).await;
+    an_invalid_change_rejects_the_whole_batch(make(manifest()).await).await;
+    unknown_dataset_is_an_error(make(manifest()).await).await;
+    reads_are_ordered_limited_and_carry_the_head(make(manifest()).await).await;
+    long_poll_wakes_on_publish(make(manifest()).await).await;
+    snapshot_pages_hold_the_latest_state_with_tombstones(make(manifest()).await).await;
+}
+
+async fn positions_start_at_one_and_are_dense<T: Feed + Publisher>(feed: T) {
+    let r = feed
+        .publish("items", vec![ChangeInput::upsert("a", 1, fields(1)), ChangeInput::upsert("b", 1, fields(2))])
+        .await
+        .expect("publish");
+    assert_eq!(r.positions, vec![Some(1), Some(2)], "positions start at 1");
+    assert_eq!(r.head, 2);
+    let r = feed.publish("items", vec![ChangeInput::delete("a", 2)]).await.expect("publish");
+    assert_eq!(r.positions, vec![Some(3)], "positions are dense");
+}
+
+async fn stale_and_duplicate_changes_are_ignored<T: Feed + Publisher>(feed: T) {
+    feed.publish("items", vec![ChangeInput::upsert("a", 5, fields(5))]).await.expect("publish");
+    let r = feed
+        .publish(
+            "items",
+            vec![
+                ChangeInput::upsert("a", 5, fields(50)),
+                ChangeInput::upsert("a", 3, fields(3)),
+                ChangeInput::upsert("a", 6, fields(6)),
+                ChangeInput::upsert("a", 6, fields(60)),
+            ],
+        )
+        .await
+        .expect("a retried batch is not an error");
+    assert_eq!(r.positions, vec![None, None, Some(2), None], "only the newer version is appended");
+    assert_eq!(r.ignored, 3);
+    let b = feed.read("items", 0, 100, Duration::ZERO).await.expect("read");
+    assert_eq!(b.entries.len(), 2, "ignored changes are not in the log");
+    assert_eq!(b.entries[1].change.fields["n"], json!(6));
+}
+
+async fn an_invalid_change_rejects_the_whole_batch<T: Feed + Publisher>(feed: T) {
+    let bad_type = json!({ "n": "not a number" }).as_object().cloned().unwrap_or_default();
+    let e = feed
+        .publish("items", vec![ChangeInput::upsert("ok", 1, fields(1)), ChangeInput::upsert("bad", 1, bad_type)])
+        .await
+        .expect_err("a wrongly typed field fails the batch");
+    match e {
+        FeedError::Invalid { index, message } => {
+            assert_eq!(index, 1, "the error names the change");
+            assert!(message.contains("field 'n' must be int"), "{message}");
+        }
+        other => panic!("expected Invalid, got {other:?}"),
+    }
+    let e = feed.publish("items", vec![ChangeInput::upsert("k", 0, fields(1))]).await.expect_err("version 0");
+    assert!(matches!(e, FeedError::Invalid { index: 0, .. }), "{e:?}");
+    let e = feed.publish("items", vec![ChangeInput::upsert("", 1, fields(1))]).await.expect_err("empty key");
+    assert!(matches!(e, FeedError::Invalid { index: 0, .. }), "{e:?}");
+    let b = feed.read("items", 0, 100, Duration::ZERO).await.expect("read");
+    assert!(b.entries.is_empty() && b.head == 0, "nothing was appended");
+    let snap = feed.snapshot("items", None, 100).await.expect("snapshot");
+    assert!(snap.records.is_empty(), "nothing reached the compacted state");
+}
+
+async fn unknown_dataset_is_an_error<T: Feed + Publisher>(feed: T) {
+    let e = feed.publish("nope", vec![]).await.expect_err("unknown dataset");
+    assert_eq!(e, FeedError::UnknownDataset("nope".into()));
+    let e = feed.read("nope", 0, 1, Duration::ZERO).await.expect_err("unknown dataset");
+    assert_eq!(e, FeedError::UnknownDataset("nope".into()));
+}
+
+async fn reads_are_ordered_limited_and_carry_the_head<T: Feed + Publisher>(feed: T) {
+    let empty = feed.read("items", 0, 10, Duration::from_millis(20)).await.expect("read");
+    assert!(empty.entries.is_empty());
+    assert_eq!(empty.head, 0);
+    assert!(empty.hub_time_ms > 0, "an empty answer carries the feed's clock");
+    let batch: Vec<_> = (1..=25).map(|i| ChangeInput::upsert(format!("k{i:02}"), 1, fields(i))).collect();
+    feed.publish("items", batch).await.expect("publish");
+    let b = feed.read("items", 0, 10, Duration::ZERO).await.expect("read");
+    assert_eq!(b.entries.iter().map(|e| e.position).collect::<Vec<_>>(), (1..=10).collect::<Vec<_>>());
+    assert_eq!(b.head, 25, "head is the last appended position");
+    let b = feed.read("items", 20, 10, Duration::ZERO).await.expect("read");
+    assert_eq!(b.entries.iter().map(|e| e.position).collect::<Vec<_>>(), (21..=25).collect::<Vec<_>>());
+    assert_eq!(b.entries[0].change.key, "k21");
+    assert_eq!(b.entries[0].change.owner, "owner-svc");
+    let b = feed.read("items", 25, 10, Duration::ZERO).await.expect("read at head");
+    assert!(b.entries.is_empty() && b.head == 25);
+}
+
+async fn long_poll_wakes_on_publish<T: Feed + Publisher + 'static>(feed: T) {
+    let feed = std::sync::Arc::new(feed);
+    let reader = {
+        let feed = feed.clone();
+        tokio::spawn(async move {
+            let start = Instant::now();
+            let b = feed.read("items", 0, 10, Duration::from_secs(20)).await.expect("read");
+            (b, start.elapsed())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    feed.publish("items", vec![ChangeInput::upsert("x", 1, fields(1))]).await.expect("publish");
+    let (b, waited) = reader.await.expect("reader task");
+    assert_eq!(b.entries.len(), 1, "the waiting read returns the new entry");
+    assert!(waited < Duration::from_secs(10), "the read woke on publish instead of timing out ({waited:?})");
+}
+
+async fn snapshot_pages_hold_the_latest_state_with_tombstones<T: Feed + Publisher>(feed: T) {
+    let batch: Vec<_> = (0..30).map(|i| ChangeInput::upsert(format!("k{i:02}"), 1, fields(i))).collect();
+    feed.publish("items", batch).await.expect("publish");
+    feed.publish("items", vec![ChangeInput::upsert("k05", 2, fields(500)), ChangeInput::delete("k07", 2)])
+        .await
+        .expect("publish");
+    let mut all = Vec::new();
+    let mut after: Option<String> = None;
+    let mut pages = 0;
+    loop {
+        let page = feed.snapshot("items", after.as_deref(), 7).await.expect("snapshot");
+        assert!(page.records.len() <= 7, "a page respects the limit");
+        assert_eq!(page.head, 32);
+        pages += 1;
+        all.extend(page.records);
+        match page.next_after_key {
+            Some(k) => after = Some(k),
+            None => break,
+        }
+        assert!(pages < 100, "snapshot paging terminates");
+    }
+    assert_eq!(all.len(), 30, "one record per key");
+    let keys: Vec<_> = all.iter().map(|c| c.key.clone()).collect();
+    let mut sorted = keys.clone();
+    sorted.sort();
+    assert_eq!(keys, sorted, "ordered by key");
+    let k05 = all.iter().find(|c| c.key == "k05").expect("k05");
+    assert_eq!((k05.version, k05.fields["n"].clone()), (2, json!(500)), "latest version");
+    let k07 = all.iter().find(|c| c.key == "k07").expect("k07");
+    assert_eq!(k07.op, Op::Delete, "tombstones are part of the snapshot");
+    let schema = feed.schema("items").await.expect("schema");
+    assert_eq!(schema.fields.len(), 2);
+}

@@ -1,0 +1,243 @@
+//! Feeds: an owner's ordered change log per dataset plus its compacted latest state.
+//!
+//! Two traits split the two sides of a feed:
+//! - [`Publisher`] — the owner's side: append a batch of changes.
+//! - [`Feed`] — the consumer's side: read after a position, long-polling at
+//!   the head, and page through the compacted state to bootstrap a copy.
+//!
+//! # Contract (every backend: in-memory, embedded SQLite, HTTP hub, and later JetStream)
+//! - **Positions** are per dataset, start at 1 and increase by one per
+//!   appended change. Position 0 means "before the first change".
+//! - **Publish is all-or-nothing.** Every change in a batch is validated
+//!   (key, version, schema) before any is appended; one invalid change fails
+//!   the batch and appends nothing.
+//! - **Stale changes are ignored, not errors.** A change whose version is not
+//!   newer than the version the feed holds for its key is reported as ignored
+//!   and not appended, so relay retries and reordering never fail a batch and
+//!   never double an entry.
+//! - **Durability.** Once `publish` returns, the appended entries survive a
+//!   crash of the feed (for the SQLite log: committed in WAL mode with
+//!   `synchronous=FULL`).
+//! - **Reads** return entries in position order and always carry the `head`
+//!   (the last appended position, read after the request arrived) and the
+//!   feed's clock, also when empty. A consumer whose position reaches `head`
+//!   has everything the feed held when it sent the request.
+//! - **Snapshots** are paged by key. Pages are not one atomic view: the
+//!   `head` of the *first* page is a position from which replaying the log
+//!   after bootstrap, under the apply rule, converges to the owner's state.
+//!   Tombstones are included so a bootstrapped copy cannot be resurrected by
+//!   an old replayed upsert.
+//! - **Concurrency.** Implementations are `Send + Sync`; concurrent publishes
+//!   to one dataset are serialised.
+
+pub mod conformance;
+pub mod http;
+pub mod memory;
+pub mod sqlite;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use spoke_core::change::validate_key;
+use spoke_core::manifest::Dataset;
+use spoke_core::{Change, Manifest, Op, Schema, Version};
+
+/// A position in one dataset's log.
+pub type Position = u64;
+
+/// Most changes accepted in one publish.
+pub const MAX_BATCH: usize = 10_000;
+
+/// A change as an owner publishes it (the body of `POST …/changes`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChangeInput {
+    pub key: String,
+    pub version: Version,
+    pub op: Op,
+    #[serde(default)]
+    pub fields: Map<String, Value>,
+    /// Owner commit time (ms since epoch); the feed's clock when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ts: Option<u64>,
+}
+
+impl ChangeInput {
+    pub fn upsert(key: impl Into<String>, version: Version, fields: Map<String, Value>) -> Self {
+        ChangeInput {
+            key: key.into(),
+            version,
+            op: Op::Upsert,
+            fields,
+            ts: None,
+        }
+    }
+    pub fn delete(key: impl Into<String>, version: Version) -> Self {
+        ChangeInput {
+            key: key.into(),
+            version,
+            op: Op::Delete,
+            fields: Map::new(),
+            ts: None,
+        }
+    }
+}
+
+/// One appended change and its position.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FeedEntry {
+    pub position: Position,
+    #[serde(flatten)]
+    pub change: Change,
+}
+
+/// An answer to a feed read.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FeedBatch {
+    pub entries: Vec<FeedEntry>,
+    pub head: Position,
+    pub hub_time_ms: u64,
+}
+
+/// One page of a dataset's compacted state, ordered by key.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotPage {
+    /// Latest change per key (upserts and tombstones).
+    pub records: Vec<Change>,
+    /// Pass as `after_key` to get the next page; `None` on the last page.
+    pub next_after_key: Option<String>,
+    pub head: Position,
+    pub hub_time_ms: u64,
+}
+
+/// What a publish did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PublishReceipt {
+    /// Per input change, its new position, or `None` when it was ignored as stale.
+    pub positions: Vec<Option<Position>>,
+    pub ignored: usize,
+    pub head: Position,
+}
+
+/// Why a feed operation failed, classified by what the caller should do.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FeedError {
+    /// No such dataset in the manifest: fix the name.
+    #[error("unknown dataset '{0}'")]
+    UnknownDataset(String),
+    /// The batch was rejected and nothing was appended: fix the input.
+    #[error("change {index} rejected: {message}")]
+    Invalid { index: usize, message: String },
+    /// The request itself is malformed (body, query, size).
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    /// No valid credentials.
+    #[error("unauthorized: {0}")]
+    Unauthorized(String),
+    /// Valid credentials, but not allowed (e.g. not the dataset's owner).
+    #[error("forbidden: {0}")]
+    Forbidden(String),
+    /// Could not reach the feed or it failed: retry with backoff.
+    #[error("feed unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl FeedError {
+    /// Whether retrying the same call later may succeed.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, FeedError::Unavailable(_))
+    }
+}
+
+/// The owner's side of a feed.
+#[async_trait]
+pub trait Publisher: Send + Sync {
+    /// Appends a batch to `dataset` (all-or-nothing; stale changes ignored).
+    async fn publish(&self, dataset: &str, changes: Vec<ChangeInput>) -> Result<PublishReceipt, FeedError>;
+}
+
+/// The consumer's side of a feed.
+#[async_trait]
+pub trait Feed: Send + Sync {
+    /// Entries after `after`, at most `limit`; when there are none yet, waits
+    /// up to `wait` for one before answering (empty, with the head).
+    async fn read(&self, dataset: &str, after: Position, limit: usize, wait: std::time::Duration) -> Result<FeedBatch, FeedError>;
+
+    /// A page of the compacted state with keys greater than `after_key`.
+    async fn snapshot(&self, dataset: &str, after_key: Option<&str>, limit: usize) -> Result<SnapshotPage, FeedError>;
+
+    /// The dataset's current schema.
+    async fn schema(&self, dataset: &str) -> Result<Schema, FeedError>;
+}
+
+/// Datasets a feed backend serves, resolved from the manifest once.
+#[derive(Debug, Clone)]
+pub struct Catalog {
+    datasets: Arc<HashMap<String, Dataset>>,
+}
+
+impl Catalog {
+    pub fn new(manifest: &Manifest) -> Self {
+        Catalog {
+            datasets: Arc::new(manifest.datasets.clone().into_iter().collect()),
+        }
+    }
+
+    pub fn get(&self, dataset: &str) -> Result<&Dataset, FeedError> {
+        self.datasets
+            .get(dataset)
+            .ok_or_else(|| FeedError::UnknownDataset(dataset.to_owned()))
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.datasets.keys().map(String::as_str)
+    }
+
+    /// Validates a whole batch and turns it into changes, or fails on the
+    /// first bad change without side effects. Shared by every backend so they
+    /// reject exactly the same input.
+    pub fn prepare(&self, dataset: &str, inputs: Vec<ChangeInput>, now_ms: u64) -> Result<Vec<Change>, FeedError> {
+        let ds = self.get(dataset)?;
+        if inputs.len() > MAX_BATCH {
+            return Err(FeedError::BadRequest(format!(
+                "batch of {} changes exceeds the limit of {MAX_BATCH}",
+                inputs.len()
+            )));
+        }
+        inputs
+            .into_iter()
+            .enumerate()
+            .map(|(index, input)| {
+                let change = Change {
+                    dataset: dataset.to_owned(),
+                    key: input.key,
+                    version: input.version,
+                    op: input.op,
+                    fields: input.fields,
+                    owner: ds.owner.clone(),
+                    ts: input.ts.unwrap_or(now_ms),
+                    schema_version: ds.schema.version,
+                };
+                change.validate(&ds.schema).map_err(|e| FeedError::Invalid {
+                    index,
+                    message: e.to_string(),
+                })?;
+                Ok(change)
+            })
+            .collect()
+    }
+}
+
+/// Validates a snapshot cursor before it reaches a store.
+pub fn check_after_key(after_key: Option<&str>) -> Result<(), FeedError> {
+    match after_key {
+        Some(k) => validate_key(k).map_err(|e| FeedError::BadRequest(format!("after_key: {e}"))),
+        None => Ok(()),
+    }
+}
+
+/// Largest page a read or snapshot returns, whatever the caller asks for.
+pub const MAX_PAGE: usize = 10_000;

@@ -1,0 +1,240 @@
+//! The hub: the HTTP face of a feed (DESIGN.md, "Hub HTTP").
+//!
+//! ```text
+//!  POST /v1/datasets/{d}/changes  ─ auth: owner only ─▶ Publisher::publish (all-or-nothing)
+//!  GET  /v1/datasets/{d}/changes  ─ auth: owner or subscriber ─▶ Feed::read (long-poll)
+//!  GET  /v1/datasets/{d}/snapshot ─▶ Feed::snapshot      GET /v1/datasets/{d}/schema ─▶ Feed::schema
+//! ```
+//!
+//! The hub is generic over the feed backend, so the same server fronts the
+//! embedded SQLite log and, later, other backends. Authentication is by
+//! bearer token per service; tokens are kept only as BLAKE3 hashes in memory.
+//! With no tokens configured the hub runs open (for local development) and
+//! says so in its log.
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Deserialize;
+use spoke_core::Manifest;
+
+use crate::feed::http::ErrorBody;
+use crate::feed::{ChangeInput, Feed, FeedError, Publisher};
+
+/// Largest publish body accepted, in bytes.
+pub const MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
+/// Longest a feed read may wait at the head.
+pub const MAX_WAIT: Duration = Duration::from_secs(60);
+/// Page size when the reader does not ask for one.
+pub const DEFAULT_LIMIT: usize = 1_000;
+
+/// A backend that is both sides of a feed.
+pub trait FeedBackend: Feed + Publisher {}
+impl<T: Feed + Publisher> FeedBackend for T {}
+
+/// Who is calling.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Caller {
+    /// No tokens are configured: everyone may do everything.
+    Open,
+    Service(String),
+}
+
+/// Per-service bearer tokens, kept as hashes.
+#[derive(Clone, Default)]
+pub struct Tokens {
+    by_hash: HashMap<[u8; 32], String>,
+}
+
+impl std::fmt::Debug for Tokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut services: Vec<_> = self.by_hash.values().collect();
+        services.sort();
+        f.debug_struct("Tokens").field("services", &services).finish()
+    }
+}
+
+impl Tokens {
+    /// From service → plaintext token.
+    pub fn new(tokens: &BTreeMap<String, String>) -> Self {
+        Tokens {
+            by_hash: tokens.iter().map(|(svc, tok)| (*blake3::hash(tok.as_bytes()).as_bytes(), svc.clone())).collect(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_hash.is_empty()
+    }
+
+    /// Resolves the `Authorization` header to a caller.
+    pub fn authenticate(&self, headers: &HeaderMap) -> Result<Caller, FeedError> {
+        if self.is_empty() {
+            return Ok(Caller::Open);
+        }
+        let value = headers
+            .get(axum::http::header::AUTHORIZATION)
+            .ok_or_else(|| FeedError::Unauthorized("missing Authorization: Bearer <token>".into()))?;
+        let token = value
+            .to_str()
+            .ok()
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .ok_or_else(|| FeedError::Unauthorized("Authorization must be 'Bearer <token>'".into()))?;
+        self.by_hash
+            .get(blake3::hash(token.trim().as_bytes()).as_bytes())
+            .map(|s| Caller::Service(s.clone()))
+            .ok_or_else(|| FeedError::Unauthorized("unknown token".into()))
+    }
+}
+
+struct Hub {
+    feed: Arc<dyn FeedBackend>,
+    manifest: Arc<Manifest>,
+    tokens: Tokens,
+}
+
+impl Hub {
+    fn owner_of(&self, dataset: &str) -> Result<&str, FeedError> {
+        self.manifest
+            .datasets
+            .get(dataset)
+            .map(|d| d.owner.as_str())
+            .ok_or_else(|| FeedError::UnknownDataset(dataset.to_owned()))
+    }
+
+    fn may_publish(&self, caller: &Caller, dataset: &str) -> Result<(), FeedError> {
+        let owner = self.owner_of(dataset)?;
+        match caller {
+            Caller::Open => Ok(()),
+            Caller::Service(s) if s == owner => Ok(()),
+            Caller::Service(s) => Err(FeedError::Forbidden(format!(
+                "service {s} may not publish to dataset {dataset}: its owner is {owner}, and only the owner publishes"
+            ))),
+        }
+    }
+
+    fn may_read(&self, caller: &Caller, dataset: &str) -> Result<(), FeedError> {
+        let owner = self.owner_of(dataset)?;
+        match caller {
+            Caller::Open => Ok(()),
+            Caller::Service(s) if s == owner => Ok(()),
+            Caller::Service(s) if self.manifest.subscriptions.iter().any(|sub| sub.consumer == *s && sub.dataset == dataset) => Ok(()),
+            Caller::Service(s) => Err(FeedError::Forbidden(format!("service {s} does not subscribe to dataset {dataset}"))),
+        }
+    }
+}
+
+/// An error answer with the JSON body clients map back to [`FeedError`].
+pub struct ApiError(pub FeedError);
+
+impl From<FeedError> for ApiError {
+    fn from(e: FeedError) -> Self {
+        ApiError(e)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, body) = ErrorBody::from_feed_error(&self.0);
+        let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        (status, Json(body)).into_response()
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReadParams {
+    #[serde(default)]
+    after: u64,
+    limit: Option<usize>,
+    #[serde(default)]
+    wait_ms: u64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SnapshotParams {
+    after_key: Option<String>,
+    limit: Option<usize>,
+}
+
+fn query_error(e: QueryRejection) -> ApiError {
+    ApiError(FeedError::BadRequest(format!("query string: {}", e.body_text())))
+}
+
+async fn publish(State(hub): State<Arc<Hub>>, Path(dataset): Path<String>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+    let caller = hub.tokens.authenticate(&headers)?;
+    hub.may_publish(&caller, &dataset)?;
+    let body = body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            FeedError::BadRequest(format!("body exceeds the limit of {MAX_BODY_BYTES} bytes"))
+        } else {
+            FeedError::BadRequest(format!("body: {}", e.body_text()))
+        }
+    })?;
+    let changes: Vec<ChangeInput> = serde_json::from_slice(&body).map_err(|e| FeedError::BadRequest(format!("body must be a JSON array of changes {{key, version, op, fields}}: {e}")))?;
+    let receipt = hub.feed.publish(&dataset, changes).await?;
+    Ok(Json(receipt).into_response())
+}
+
+async fn read(State(hub): State<Arc<Hub>>, Path(dataset): Path<String>, headers: HeaderMap, q: Result<Query<ReadParams>, QueryRejection>) -> Result<Response, ApiError> {
+    let caller = hub.tokens.authenticate(&headers)?;
+    hub.may_read(&caller, &dataset)?;
+    let Query(q) = q.map_err(query_error)?;
+    let limit = q.limit.unwrap_or(DEFAULT_LIMIT);
+    if limit == 0 || limit > crate::feed::MAX_PAGE {
+        return Err(FeedError::BadRequest(format!("limit must be between 1 and {}", crate::feed::MAX_PAGE)).into());
+    }
+    let wait = Duration::from_millis(q.wait_ms).min(MAX_WAIT);
+    Ok(Json(hub.feed.read(&dataset, q.after, limit, wait).await?).into_response())
+}
+
+async fn snapshot(State(hub): State<Arc<Hub>>, Path(dataset): Path<String>, headers: HeaderMap, q: Result<Query<SnapshotParams>, QueryRejection>) -> Result<Response, ApiError> {
+    let caller = hub.tokens.authenticate(&headers)?;
+    hub.may_read(&caller, &dataset)?;
+    let Query(q) = q.map_err(query_error)?;
+    let limit = q.limit.unwrap_or(DEFAULT_LIMIT);
+    if limit == 0 || limit > crate::feed::MAX_PAGE {
+        return Err(FeedError::BadRequest(format!("limit must be between 1 and {}", crate::feed::MAX_PAGE)).into());
+    }
+    Ok(Json(hub.feed.snapshot(&dataset, q.after_key.as_deref(), limit).await?).into_response())
+}
+
+async fn schema(State(hub): State<Arc<Hub>>, Path(dataset): Path<String>, headers: HeaderMap) -> Result<Response, ApiError> {
+    let caller = hub.tokens.authenticate(&headers)?;
+    hub.may_read(&caller, &dataset)?;
+    Ok(Json(hub.feed.schema(&dataset).await?).into_response())
+}
+
+async fn fallback() -> ApiError {
+    ApiError(FeedError::BadRequest("no such endpoint; see /v1/datasets/{dataset}/changes|snapshot|schema".into()))
+}
+
+/// The hub's router over `feed`.
+pub fn router(feed: Arc<dyn FeedBackend>, manifest: Arc<Manifest>, tokens: Tokens) -> Router {
+    if tokens.is_empty() {
+        tracing::warn!("hub runs without tokens: any caller may publish to any dataset (configure [hub.tokens] to enforce ownership)");
+    }
+    let hub = Arc::new(Hub { feed, manifest, tokens });
+    Router::new()
+        .route("/v1/datasets/{dataset}/changes", get(read).post(publish))
+        .route("/v1/datasets/{dataset}/snapshot", get(snapshot))
+        .route("/v1/datasets/{dataset}/schema", get(schema))
+        .route("/v1/health", get(|| async { "ok" }))
+        .fallback(fallback)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(hub)
+}
+
+/// Serves `router` on `listener` until `shutdown` resolves.
+pub async fn serve(listener: tokio::net::TcpListener, router: Router, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+    axum::serve(listener, router).with_graceful_shutdown(shutdown).await
+}
