@@ -17,13 +17,15 @@
 //!   [`outbox::Source`] trait and the relay that forwards a source to a publisher.
 //! - [`read`]: the read-only library API for Rust consumers.
 //! - [`config`]: deployment configuration for the hub and agent roles.
+//! - [`shutdown`]: the stop signal every long-running task takes.
 //! - [`clock`]: wall-clock helpers, injectable for tests.
 
-// pub mod agent;
+pub mod agent;
 pub mod clock;
-// pub mod config;
+pub mod config;
 pub mod copy;
 pub mod feed;
 pub mod hub;
-// pub mod outbox;
-// pub mod read;
+pub mod outbox;
+pub mod read;
+pub mod shutdown;

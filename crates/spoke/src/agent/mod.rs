@@ -1,0 +1,402 @@
+//! The agent: keeps one consumer's copies in sync and reports how fresh they are.
+//!
+//! One follower task per subscription that follows the feed:
+//!
+//! ```text
+//!  cursor.position? ──none──▶ bootstrap: snapshot pages ─▶ apply (no position)
+//!        │                       └─ then position := head of the first page
+//!        ▼
+//!  loop: t := now; read(after = position, wait) ─▶ project ─▶ apply(changes, position, fresh_as_of = t if caught up)
+//!        └─ one transaction per batch: a kill -9 anywhere resumes after the last committed batch
+//! ```
+//!
+//! Errors are classified: a transient feed or store error is retried with
+//! exponential backoff; a definite one (feed reset behind the copy, layout
+//! conflict) stops that copy and is shown in status and metrics, while the
+//! other copies go on.
+
+pub mod http;
+pub mod metrics;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use spoke_core::manifest::Subscription;
+use spoke_core::{Change, Manifest, Op, Projection};
+use tokio::task::JoinSet;
+
+use crate::clock::Clock;
+use crate::copy::{Advance, CopySpec, CopyStore, StoreError};
+use crate::feed::{Feed, FeedError, Position};
+use crate::read::Copies;
+use crate::shutdown::Shutdown;
+
+/// Tunables with their defaults.
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
+    /// Most entries per feed read (and per apply transaction).
+    pub batch: usize,
+    /// How long a read waits at the head before answering empty.
+    pub wait: Duration,
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+    /// How often tombstones past the horizon are collected.
+    pub gc_every: Duration,
+}
+
+pub const DEFAULT_BATCH: usize = 1_000;
+pub const DEFAULT_WAIT: Duration = Duration::from_secs(1);
+/// How often copies are checked against their staleness budgets.
+pub const BUDGET_CHECK_EVERY: Duration = Duration::from_millis(500);
+
+impl Default for AgentOptions {
+    fn default() -> Self {
+        AgentOptions {
+            batch: DEFAULT_BATCH,
+            wait: DEFAULT_WAIT,
+            backoff_min: Duration::from_millis(50),
+            backoff_max: Duration::from_secs(5),
+            gc_every: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// Live counters of one copy, read by status and metrics.
+#[derive(Debug, Default)]
+pub struct CopyProgress {
+    pub head: AtomicU64,
+    pub head_known: AtomicU64,
+    pub applied: AtomicU64,
+    pub received: AtomicU64,
+    pub fresh_as_of_ms: AtomicU64,
+    pub budget_breaches: AtomicU64,
+    pub breaching: std::sync::atomic::AtomicBool,
+    pub last_error: Mutex<Option<String>>,
+}
+
+impl CopyProgress {
+    pub fn head(&self) -> Option<u64> {
+        (self.head_known.load(Ordering::Relaxed) == 1).then(|| self.head.load(Ordering::Relaxed))
+    }
+    /// Counts each move from within budget to over budget.
+    pub fn check_budget(&self, budget: spoke_core::Duration, now_ms: u64) -> bool {
+        let f = spoke_core::Freshness { fresh_as_of_ms: self.fresh_as_of_ms.load(Ordering::Relaxed) };
+        let within = f.within(budget, now_ms);
+        if !within && !self.breaching.swap(true, Ordering::Relaxed) {
+            self.budget_breaches.fetch_add(1, Ordering::Relaxed);
+        } else if within {
+            self.breaching.store(false, Ordering::Relaxed);
+        }
+        within
+    }
+
+    fn set_error(&self, e: Option<String>) {
+        *self.last_error.lock().expect("progress lock") = e;
+    }
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error.lock().expect("progress lock").clone()
+    }
+}
+
+/// A hook called after each committed apply, e.g. to measure latency.
+pub type ApplyObserver = Arc<dyn Fn(&str, &[Change]) + Send + Sync>;
+
+/// One consumer's agent.
+pub struct Agent {
+    consumer: String,
+    manifest: Arc<Manifest>,
+    feed: Arc<dyn Feed>,
+    store: Arc<dyn CopyStore>,
+    clock: Clock,
+    options: AgentOptions,
+    progress: Arc<BTreeMap<String, Arc<CopyProgress>>>,
+    observer: Option<ApplyObserver>,
+}
+
+/// Why the agent cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("consumer '{0}' is not a service in the manifest")]
+    UnknownConsumer(String),
+    #[error("{consumer} subscribes to {dataset} with strategy '{strategy}', which this agent does not run yet (only events and cdc copies are kept by the agent)")]
+    UnsupportedStrategy { consumer: String, dataset: String, strategy: String },
+}
+
+impl Agent {
+    pub fn new(manifest: Arc<Manifest>, consumer: &str, feed: Arc<dyn Feed>, store: Arc<dyn CopyStore>) -> Result<Self, AgentError> {
+        if !manifest.services.contains_key(consumer) {
+            return Err(AgentError::UnknownConsumer(consumer.to_owned()));
+        }
+        for s in manifest.subscriptions_of(consumer) {
+            if matches!(s.strategy, spoke_core::manifest::Strategy::Scheduled | spoke_core::manifest::Strategy::Ttl) {
+                return Err(AgentError::UnsupportedStrategy {
+                    consumer: consumer.to_owned(),
+                    dataset: s.dataset.clone(),
+                    strategy: s.strategy.as_str().to_owned(),
+                });
+            }
+        }
+        let progress = manifest
+            .subscriptions_of(consumer)
+            .filter(|s| s.strategy.follows_feed())
+            .map(|s| (s.dataset.clone(), Arc::new(CopyProgress::default())))
+            .collect();
+        Ok(Agent {
+            consumer: consumer.to_owned(),
+            manifest,
+            feed,
+            store,
+            clock: Clock::System,
+            options: AgentOptions::default(),
+            progress: Arc::new(progress),
+            observer: None,
+        })
+    }
+
+    pub fn with_options(mut self, options: AgentOptions) -> Self {
+        self.options = options;
+        self
+    }
+
+    pub fn with_clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    pub fn with_observer(mut self, observer: ApplyObserver) -> Self {
+        self.observer = Some(observer);
+        self
+    }
+
+    pub fn consumer(&self) -> &str {
+        &self.consumer
+    }
+
+    /// The read API over this agent's store.
+    pub fn copies(&self) -> Copies {
+        Copies::new(&self.manifest, &self.consumer, self.store.clone(), self.clock.clone())
+    }
+
+    pub fn progress(&self) -> Arc<BTreeMap<String, Arc<CopyProgress>>> {
+        self.progress.clone()
+    }
+
+    fn spec(&self, sub: &Subscription) -> Option<CopySpec> {
+        let ds = self.manifest.datasets.get(&sub.dataset)?;
+        Some(CopySpec {
+            dataset: ds.name.clone(),
+            owner: ds.owner.clone(),
+            key_name: ds.key.clone(),
+            projection: Projection::new(&ds.schema, &sub.fields)?,
+        })
+    }
+
+    /// Creates every copy, then follows the feed until `shutdown` fires.
+    pub async fn run(self: Arc<Self>, shutdown: Shutdown) -> Result<(), StoreError> {
+        let mut tasks = JoinSet::new();
+        for sub in self.manifest.subscriptions_of(&self.consumer).filter(|s| s.strategy.follows_feed()) {
+            let Some(spec) = self.spec(sub) else { continue };
+            self.store.ensure_copy(&spec).await?;
+            let follower = Follower {
+                agent: self.clone(),
+                spec,
+                horizon_ms: self.manifest.datasets.get(&sub.dataset).map_or(0, |d| d.tombstone_horizon.as_millis()),
+                progress: self.progress[&sub.dataset].clone(),
+            };
+            let shutdown = shutdown.clone();
+            tasks.spawn(async move { follower.run(shutdown).await });
+        }
+        let mut shutdown = shutdown;
+        let budgets: Vec<(Arc<CopyProgress>, spoke_core::Duration)> = self
+            .manifest
+            .subscriptions_of(&self.consumer)
+            .filter_map(|s| Some((self.progress.get(&s.dataset)?.clone(), s.staleness_budget)))
+            .collect();
+        let clock = self.clock.clone();
+        let mut tick = tokio::time::interval(BUDGET_CHECK_EVERY);
+        loop {
+            tokio::select! {
+                _ = shutdown.wait() => break,
+                _ = tick.tick() => {
+                    let now = clock.now_ms();
+                    for (p, budget) in &budgets {
+                        p.check_budget(*budget, now);
+                    }
+                }
+            }
+        }
+        tasks.abort_all();
+        while tasks.join_next().await.is_some() {}
+        Ok(())
+    }
+}
+
+/// Follows one subscription.
+struct Follower {
+    agent: Arc<Agent>,
+    spec: CopySpec,
+    horizon_ms: u64,
+    progress: Arc<CopyProgress>,
+}
+
+/// Why following stopped.
+#[derive(Debug)]
+enum Failure {
+    /// Worth retrying with backoff.
+    Transient(String),
+    /// Stops this copy until a person acts.
+    Definite(String),
+}
+
+impl Follower {
+    fn dataset(&self) -> &str {
+        &self.spec.dataset
+    }
+
+    async fn run(self, mut shutdown: Shutdown) {
+        let mut backoff = self.agent.options.backoff_min;
+        loop {
+            let failure = tokio::select! {
+                f = self.follow() => f,
+                _ = shutdown.wait() => return,
+            };
+            match failure {
+                Failure::Definite(msg) => {
+                    tracing::error!(dataset = self.dataset(), "copy stopped: {msg}");
+                    self.progress.set_error(Some(format!("stopped: {msg}")));
+                    shutdown.wait().await;
+                    return;
+                }
+                Failure::Transient(msg) => {
+                    tracing::warn!(dataset = self.dataset(), "retrying in {backoff:?}: {msg}");
+                    self.progress.set_error(Some(msg));
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = shutdown.wait() => return,
+                    }
+                    backoff = (backoff * 2).min(self.agent.options.backoff_max);
+                }
+            }
+        }
+    }
+
+    fn feed_failure(&self, e: FeedError) -> Failure {
+        if e.is_transient() {
+            Failure::Transient(e.to_string())
+        } else {
+            Failure::Definite(format!("feed refused {}: {e}", self.dataset()))
+        }
+    }
+
+    fn store_failure(&self, e: StoreError) -> Failure {
+        match e {
+            StoreError::Unavailable(m) => Failure::Transient(m),
+            other => Failure::Definite(other.to_string()),
+        }
+    }
+
+    fn project(&self, mut c: Change) -> Change {
+        if c.op == Op::Upsert {
+            c.fields = self.spec.projection.apply(&c.fields);
+        }
+        c
+    }
+
+    async fn apply(&self, changes: &[Change], advance: Advance) -> Result<(), Failure> {
+        let out = self.agent.store.apply(self.dataset(), changes, advance).await.map_err(|e| self.store_failure(e))?;
+        self.progress.applied.fetch_add(out.applied, Ordering::Relaxed);
+        if advance.from_feed {
+            self.progress.received.fetch_add(changes.len() as u64, Ordering::Relaxed);
+        }
+        if let (Some(obs), false) = (&self.agent.observer, changes.is_empty()) {
+            obs(self.dataset(), changes);
+        }
+        Ok(())
+    }
+
+    /// Bootstraps if needed, then tails the feed; returns only on failure.
+    async fn follow(&self) -> Failure {
+        match self.follow_inner().await {
+            Ok(never) => match never {},
+            Err(f) => f,
+        }
+    }
+
+    async fn follow_inner(&self) -> Result<std::convert::Infallible, Failure> {
+        let ds = self.dataset().to_owned();
+        let opts = &self.agent.options;
+        let feed = &self.agent.feed;
+        let cursor = self.agent.store.cursor(&ds).await.map_err(|e| self.store_failure(e))?;
+        self.progress.fresh_as_of_ms.store(cursor.fresh_as_of_ms, Ordering::Relaxed);
+        let mut position = match cursor.position {
+            Some(p) => p,
+            None => self.bootstrap().await?,
+        };
+        let mut last_gc = std::time::Instant::now();
+        loop {
+            let sent_at = self.agent.clock.now_ms();
+            let batch = feed.read(&ds, position, opts.batch, opts.wait).await.map_err(|e| self.feed_failure(e))?;
+            if batch.head < position {
+                return Err(Failure::Definite(format!(
+                    "the feed's head ({}) is behind this copy's position ({position}): the hub's log was reset or replaced; delete the copy so the agent bootstraps it again",
+                    batch.head
+                )));
+            }
+            if let Some(first) = batch.entries.first() {
+                if first.position != position + 1 {
+                    return Err(Failure::Definite(format!(
+                        "the feed skipped from position {position} to {}: changes are missing; delete the copy so the agent bootstraps it again",
+                        first.position
+                    )));
+                }
+            }
+            self.progress.head.store(batch.head, Ordering::Relaxed);
+            self.progress.head_known.store(1, Ordering::Relaxed);
+            let new_position = batch.entries.last().map_or(position, |e| e.position);
+            let fresh = (new_position >= batch.head).then_some(sent_at);
+            let changes: Vec<Change> = batch.entries.into_iter().map(|e| self.project(e.change)).collect();
+            if !changes.is_empty() || fresh.is_some() {
+                self.apply(&changes, Advance { position: Some(new_position), fresh_as_of_ms: fresh, from_feed: true }).await?;
+            }
+            if let Some(t) = fresh {
+                self.progress.fresh_as_of_ms.store(t, Ordering::Relaxed);
+            }
+            position = new_position;
+            self.progress.set_error(None);
+            if last_gc.elapsed() >= opts.gc_every {
+                last_gc = std::time::Instant::now();
+                let now = self.agent.clock.now_ms();
+                match self.agent.store.gc_tombstones(&ds, now, self.horizon_ms).await {
+                    Ok(n) if n > 0 => tracing::info!(dataset = %ds, "collected {n} tombstones"),
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(dataset = %ds, "tombstone collection failed: {e}"),
+                }
+            }
+        }
+    }
+
+    /// Copies the compacted state page by page; returns the position to tail from.
+    async fn bootstrap(&self) -> Result<Position, Failure> {
+        let ds = self.dataset().to_owned();
+        let mut after: Option<String> = None;
+        let mut start: Option<Position> = None;
+        let mut copied = 0usize;
+        loop {
+            let page = self.agent.feed.snapshot(&ds, after.as_deref(), self.agent.options.batch).await.map_err(|e| self.feed_failure(e))?;
+            start.get_or_insert(page.head);
+            copied += page.records.len();
+            let changes: Vec<Change> = page.records.into_iter().map(|c| self.project(c)).collect();
+            self.apply(&changes, Advance { position: None, fresh_as_of_ms: None, from_feed: false }).await?;
+            match page.next_after_key {
+                Some(k) => after = Some(k),
+                None => break,
+            }
+        }
+        let start = start.unwrap_or(0);
+        self.apply(&[], Advance { position: Some(start), fresh_as_of_ms: None, from_feed: false }).await?;
+        tracing::info!(dataset = %ds, records = copied, position = start, "bootstrapped from snapshot");
+        Ok(start)
+    }
+}
