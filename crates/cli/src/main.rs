@@ -1,1 +1,117 @@
-fn main() {}
+//! The `spoke` command. It parses flags, builds configuration and wires the
+//! library's parts together; every decision lives in the `spoke` and
+//! `spoke-core` crates.
+
+mod commands;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "spoke", version, about = "Managed, measured, read-only local copies of other services' data")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the shop example end to end on the embedded default and narrate it.
+    Demo(commands::demo::DemoArgs),
+    /// Validate a manifest: exit 0 when valid, 1 with one `file:line: problem` per line otherwise.
+    Check {
+        manifest: PathBuf,
+        /// Print problems as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run the hub: the owners' feeds over HTTP, kept in an embedded store.
+    Hub(HubArgs),
+    /// Run an agent: keep one consumer's copies in sync and serve them.
+    Agent(AgentArgs),
+    /// Show one row per copy: strategy, position, lag, staleness vs budget.
+    Status {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Forward an SQLite outbox to a hub (a sidecar for owners not linking the library).
+    Relay(RelayArgs),
+    /// Measure Spoke on this machine.
+    Bench(commands::bench::BenchArgs),
+}
+
+#[derive(Args)]
+pub struct HubArgs {
+    /// Deployment config file (uses its [hub] section).
+    #[arg(long, conflicts_with_all = ["manifest", "listen", "data"])]
+    pub config: Option<PathBuf>,
+    #[arg(long, requires_all = ["listen", "data"])]
+    pub manifest: Option<PathBuf>,
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub struct AgentArgs {
+    /// Deployment config file (uses its [agent] section).
+    #[arg(long, conflicts_with_all = ["manifest", "consumer", "hub", "listen", "data"])]
+    pub config: Option<PathBuf>,
+    #[arg(long, requires_all = ["consumer", "hub", "listen", "data"])]
+    pub manifest: Option<PathBuf>,
+    #[arg(long)]
+    pub consumer: Option<String>,
+    /// The hub's URL, e.g. http://127.0.0.1:7070.
+    #[arg(long)]
+    pub hub: Option<String>,
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Environment variable holding this consumer's hub token.
+    #[arg(long)]
+    pub token_env: Option<String>,
+}
+
+#[derive(Args)]
+pub struct RelayArgs {
+    /// The owner's SQLite database holding the spoke_outbox table.
+    #[arg(long)]
+    pub outbox: PathBuf,
+    /// The hub's URL.
+    #[arg(long)]
+    pub hub: String,
+    /// Environment variable holding the owner's hub token.
+    #[arg(long)]
+    pub token_env: Option<String>,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("SPOKE_LOG").unwrap_or_else(|_| "warn,spoke=info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Check { manifest, json } => return commands::check::run(&manifest, json),
+        Command::Demo(args) => commands::demo::run(args),
+        Command::Hub(args) => commands::serve::hub(args),
+        Command::Agent(args) => commands::serve::agent(args),
+        Command::Status { config, json } => commands::status::run(&config, json),
+        Command::Relay(args) => commands::serve::relay(args),
+        Command::Bench(args) => commands::bench::run(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -410,6 +410,8 @@ fn resolve(raw: RawManifest, lines: &Lines, problems: &mut Vec<Problem>) -> Mani
             }),
         };
         let staleness_budget = match sub.staleness_budget {
+            // Not copying has no staleness: the owner answers every read.
+            None if strategy == Strategy::None => Duration::default(),
             None => {
                 report(at, "subscription has no staleness_budget (e.g. staleness_budget = \"5m\")".to_owned());
                 Duration::default()

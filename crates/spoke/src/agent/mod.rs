@@ -84,6 +84,11 @@ impl CopyProgress {
     pub fn check_budget(&self, budget: spoke_core::Duration, now_ms: u64) -> bool {
         let f = spoke_core::Freshness { fresh_as_of_ms: self.fresh_as_of_ms.load(Ordering::Relaxed) };
         let within = f.within(budget, now_ms);
+        // A copy still starting up (never fresh) is reported as not within
+        // budget, but only a copy that was fresh and fell behind is a breach.
+        if f.fresh_as_of_ms == 0 {
+            return within;
+        }
         if !within && !self.breaching.swap(true, Ordering::Relaxed) {
             self.budget_breaches.fetch_add(1, Ordering::Relaxed);
         } else if within {
