@@ -29,3 +29,5 @@ pub mod hub;
 pub mod outbox;
 pub mod read;
 pub mod shutdown;
+#[doc(hidden)]
+pub mod testing;

@@ -9,7 +9,7 @@ use serde_json::{Map, Value};
 use spoke_core::duration::Duration;
 use spoke_core::{Change, MemoryCopy, Version};
 
-use super::{Advance, ApplyOutcome, CopyRecord, CopySpec, CopyStore, Cursor, StoreError};
+use super::{newest_per_key, Advance, ApplyOutcome, CopyRecord, CopySpec, CopyStore, Cursor, StoreError};
 use crate::clock::Clock;
 
 #[derive(Default)]
@@ -44,13 +44,12 @@ impl CopyStore for MemoryCopyStore {
         let mut copies = self.copies.lock().expect("memory store");
         let (copy, cursor) = copies.get_mut(dataset).ok_or_else(|| StoreError::UnknownCopy(dataset.to_owned()))?;
         let mut out = ApplyOutcome::default();
-        for c in changes {
+        for c in newest_per_key(changes) {
             if copy.apply(c, now) {
                 out.applied += 1;
-            } else {
-                out.ignored += 1;
             }
         }
+        out.ignored = changes.len() as u64 - out.applied;
         cursor.applied_total += out.applied;
         if advance.from_feed {
             cursor.received_total += changes.len() as u64;

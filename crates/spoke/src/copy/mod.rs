@@ -3,8 +3,9 @@
 //! # Contract (every backend: in-memory, SQLite, and later PostgreSQL)
 //! - **Apply rule.** [`CopyStore::apply`] applies each change only when its
 //!   version is newer than the key's local version (live record or
-//!   tombstone), as [`spoke_core::decide`] says. Duplicates and stale changes
-//!   are counted as received, not applied.
+//!   tombstone), as [`spoke_core::decide`] says. Within one batch only the
+//!   newest change per key can survive ([`newest_per_key`]); it counts as
+//!   applied when it changed the copy, every other change as ignored.
 //! - **Atomic cursor.** The records of a batch, the new feed position, the
 //!   freshness mark and the counters commit in one transaction. A crash at
 //!   any instant leaves either all of it or none of it, so a restarted agent
@@ -22,6 +23,7 @@
 
 pub mod conformance;
 pub mod memory;
+pub mod postgres;
 pub mod sqlite;
 
 use async_trait::async_trait;
@@ -91,6 +93,27 @@ pub enum StoreError {
     /// The store's existing layout conflicts with the spec: needs a person.
     #[error("copy store layout: {0}")]
     Layout(String),
+}
+
+/// The newest change per key of a batch, in first-seen key order.
+///
+/// Under the apply rule only the newest version of a key in a batch can
+/// survive, so stores apply just these (one row per key also lets a store
+/// use one set-based statement); the others count as ignored.
+pub fn newest_per_key(changes: &[Change]) -> Vec<&Change> {
+    let mut index: std::collections::HashMap<&str, usize> = std::collections::HashMap::with_capacity(changes.len());
+    let mut out: Vec<&Change> = Vec::with_capacity(changes.len());
+    for c in changes {
+        match index.get(c.key.as_str()) {
+            Some(&i) if out[i].version >= c.version => {}
+            Some(&i) => out[i] = c,
+            None => {
+                index.insert(&c.key, out.len());
+                out.push(c);
+            }
+        }
+    }
+    out
 }
 
 /// A consumer's copy store.

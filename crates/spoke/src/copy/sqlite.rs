@@ -37,7 +37,7 @@ use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use serde_json::{Map, Value};
 use spoke_core::{Change, FieldSpec, FieldType, Op, Version};
 
-use super::{Advance, ApplyOutcome, CopyRecord, CopySpec, CopyStore, Cursor, StoreError};
+use super::{newest_per_key, Advance, ApplyOutcome, CopyRecord, CopySpec, CopyStore, Cursor, StoreError};
 use crate::clock::Clock;
 
 const META_SQL: &str = "
@@ -403,7 +403,7 @@ fn apply_batch(conn: &mut Connection, dataset: &str, layout: &Layout, changes: &
         let mut upsert = tx.prepare_cached(&layout.upsert)?;
         let mut delete = tx.prepare_cached(&layout.delete)?;
         let mut args: Vec<SqlValue> = Vec::with_capacity(layout.columns.len() + 2);
-        for c in changes {
+        for c in newest_per_key(changes) {
             let n = match c.op {
                 Op::Upsert => {
                     args.clear();
@@ -418,11 +418,10 @@ fn apply_batch(conn: &mut Connection, dataset: &str, layout: &Layout, changes: &
             };
             if n > 0 {
                 out.applied += 1;
-            } else {
-                out.ignored += 1;
             }
         }
     }
+    out.ignored = changes.len() as u64 - out.applied;
     let received = if advance.from_feed { changes.len() as i64 } else { 0 };
     tx.execute(
         "UPDATE _spoke_copies SET position = COALESCE(?1, position), fresh_as_of_ms = COALESCE(?2, fresh_as_of_ms),

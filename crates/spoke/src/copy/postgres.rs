@@ -1,0 +1,528 @@
+//! PostgreSQL copies: a consumer's copy inside its own database, next to its
+//! own tables, so one SQL query can JOIN them.
+//!
+//! The layout mirrors the SQLite store: a base table with typed columns, live
+//! rows and tombstones, and a view named after the dataset showing live rows.
+//!
+//! ```text
+//!   <schema>.customers (VIEW)  ◀──  <schema>._spoke_copy_customers (TABLE, tombstones included)
+//!   <schema>._spoke_copies: dataset | owner | position | fresh_as_of_ms | received_total | applied_total
+//!
+//!   apply(batch):  BEGIN
+//!                  SET LOCAL spoke.agent = 'on'            ─ opens the read-only guard for this transaction
+//!                  INSERT … SELECT * FROM unnest($1, $2, …)  ─ newest change per key, one statement
+//!                    ON CONFLICT DO UPDATE … WHERE excluded._spoke_version > t._spoke_version
+//!                  UPDATE _spoke_copies SET position = …    ─ same transaction: nothing lost or doubled
+//!                  COMMIT
+//! ```
+//!
+//! # Read-only enforcement, two layers
+//! - **Privileges**: the tables belong to the agent's role; `PUBLIC` gets
+//!   nothing, and the configured reader roles get `SELECT` on the views and
+//!   on `_spoke_copies` only. An application role's write fails with
+//!   PostgreSQL's own `permission denied`.
+//! - **A statement trigger** on each base table rejects any write from a
+//!   session that has not set `spoke.agent = 'on'` in its transaction, with
+//!   a message naming the dataset and its owner. That catches roles that do
+//!   hold write privileges (an operator in psql, a migration).
+//!
+//! Connections are re-opened after a failure, so the agent rides out a
+//! PostgreSQL restart: the failed batch was rolled back with its position
+//! and is applied again.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use serde_json::{Map, Value};
+use spoke_core::manifest::is_identifier;
+use spoke_core::{Change, FieldSpec, FieldType, Op, Version};
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Client, NoTls, Row};
+
+use super::sqlite::read_only_message;
+use super::{newest_per_key, Advance, ApplyOutcome, CopyRecord, CopySpec, CopyStore, Cursor, StoreError};
+use crate::clock::Clock;
+
+/// Default schema for copies in the consumer's database.
+pub const DEFAULT_SCHEMA: &str = "spoke";
+
+/// Where and how to keep copies in PostgreSQL.
+#[derive(Debug, Clone)]
+pub struct PostgresOptions {
+    /// A libpq-style connection string or URL.
+    pub url: String,
+    /// Schema holding the copies (created if missing).
+    pub schema: String,
+    /// Roles that may read the copies (granted SELECT only).
+    pub readers: Vec<String>,
+}
+
+fn unavailable(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(format!("postgres: {e}"))
+}
+
+/// Classifies a PostgreSQL error: lost connections and server-side
+/// shutdowns are transient; anything else is a layout or data problem.
+fn classify(e: tokio_postgres::Error) -> StoreError {
+    match e.code() {
+        None => unavailable(e),
+        Some(code) if code.code().starts_with("08") || code.code().starts_with("57") || code.code().starts_with("53") => unavailable(e),
+        Some(_) => StoreError::Layout(format!("postgres: {}", e.as_db_error().map_or_else(|| e.to_string(), |d| d.message().to_owned()))),
+    }
+}
+
+#[derive(Debug)]
+struct Layout {
+    base: String,
+    columns: Vec<(String, FieldSpec)>,
+    upsert: String,
+    select: String,
+}
+
+fn pg_type(ty: FieldType) -> &'static str {
+    match ty {
+        FieldType::String => "text",
+        FieldType::Int => "bigint",
+        FieldType::Float => "double precision",
+        FieldType::Bool => "boolean",
+        FieldType::Timestamp => "timestamptz",
+        FieldType::Json => "jsonb",
+    }
+}
+
+/// How a column is sent: as an array parameter, cast on the server.
+fn array_param(ty: FieldType, n: usize) -> String {
+    match ty {
+        FieldType::String => format!("${n}::text[]"),
+        FieldType::Int => format!("${n}::int8[]"),
+        FieldType::Float => format!("${n}::float8[]"),
+        FieldType::Bool => format!("${n}::bool[]"),
+        FieldType::Timestamp => format!("${n}::text[]::timestamptz[]"),
+        FieldType::Json => format!("${n}::text[]::jsonb[]"),
+    }
+}
+
+/// How a column is read back so it round-trips to the JSON the owner sent.
+fn select_expr(name: &str, ty: FieldType) -> String {
+    match ty {
+        FieldType::Timestamp => format!(
+            "CASE WHEN \"{name}\" IS NULL THEN NULL WHEN date_part('microseconds', \"{name}\")::bigint % 1000000 = 0
+                THEN to_char(\"{name}\" AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')
+                ELSE rtrim(to_char(\"{name}\" AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US'), '0') || 'Z' END"
+        ),
+        _ => format!("\"{name}\""),
+    }
+}
+
+impl Layout {
+    fn new(schema: &str, dataset: &str, columns: Vec<(String, FieldSpec)>) -> Self {
+        let base = format!("\"{schema}\".\"_spoke_copy_{dataset}\"");
+        let names: String = columns.iter().map(|(n, _)| format!(", \"{n}\"")).collect();
+        let params: String = columns.iter().enumerate().map(|(i, (_, s))| format!(", {}", array_param(s.ty, i + 4))).collect();
+        let sets: String = columns.iter().map(|(n, _)| format!(", \"{n}\" = excluded.\"{n}\"")).collect();
+        let upsert = format!(
+            "INSERT INTO {base} AS t (_spoke_key, _spoke_version, _spoke_deleted_at{names})
+             SELECT * FROM unnest($1::text[], $2::int8[], $3::int8[]{params})
+             ON CONFLICT (_spoke_key) DO UPDATE SET _spoke_version = excluded._spoke_version, _spoke_deleted_at = excluded._spoke_deleted_at{sets}
+             WHERE excluded._spoke_version > t._spoke_version"
+        );
+        let cols: String = columns.iter().map(|(n, s)| format!(", {}", select_expr(n, s.ty))).collect();
+        let select = format!("SELECT _spoke_key, _spoke_version, _spoke_deleted_at{cols} FROM {base}");
+        Layout { base, columns, upsert, select }
+    }
+
+    fn record(&self, row: &Row) -> Result<(String, Version, bool, Map<String, Value>), tokio_postgres::Error> {
+        let key: String = row.try_get(0)?;
+        let version = row.try_get::<_, i64>(1)? as Version;
+        let deleted = row.try_get::<_, Option<i64>>(2)?.is_some();
+        let mut fields = Map::new();
+        if !deleted {
+            for (i, (name, spec)) in self.columns.iter().enumerate() {
+                let i = i + 3;
+                let v = match spec.ty {
+                    FieldType::String | FieldType::Timestamp => row.try_get::<_, Option<String>>(i)?.map(Value::String),
+                    FieldType::Int => row.try_get::<_, Option<i64>>(i)?.map(Value::from),
+                    FieldType::Float => row.try_get::<_, Option<f64>>(i)?.map(Value::from),
+                    FieldType::Bool => row.try_get::<_, Option<bool>>(i)?.map(Value::Bool),
+                    FieldType::Json => row.try_get::<_, Option<Value>>(i)?,
+                };
+                fields.insert(name.clone(), v.unwrap_or(Value::Null));
+            }
+        }
+        Ok((key, version, deleted, fields))
+    }
+}
+
+/// One column's values for a batch, typed for the driver.
+enum Column {
+    Text(Vec<Option<String>>),
+    Int(Vec<Option<i64>>),
+    Float(Vec<Option<f64>>),
+    Bool(Vec<Option<bool>>),
+}
+
+impl Column {
+    fn new(ty: FieldType, cap: usize) -> Self {
+        match ty {
+            FieldType::String | FieldType::Timestamp | FieldType::Json => Column::Text(Vec::with_capacity(cap)),
+            FieldType::Int => Column::Int(Vec::with_capacity(cap)),
+            FieldType::Float => Column::Float(Vec::with_capacity(cap)),
+            FieldType::Bool => Column::Bool(Vec::with_capacity(cap)),
+        }
+    }
+
+    fn push(&mut self, ty: FieldType, v: Option<&Value>) {
+        let v = v.filter(|v| !v.is_null());
+        match self {
+            Column::Text(c) => c.push(v.map(|v| match (ty, v) {
+                (FieldType::Json, v) => v.to_string(),
+                (_, Value::String(s)) => s.clone(),
+                (_, other) => other.to_string(),
+            })),
+            Column::Int(c) => c.push(v.and_then(Value::as_i64)),
+            Column::Float(c) => c.push(v.and_then(Value::as_f64)),
+            Column::Bool(c) => c.push(v.and_then(Value::as_bool)),
+        }
+    }
+
+    fn as_sql(&self) -> &(dyn ToSql + Sync) {
+        match self {
+            Column::Text(c) => c,
+            Column::Int(c) => c,
+            Column::Float(c) => c,
+            Column::Bool(c) => c,
+        }
+    }
+}
+
+pub struct PostgresCopyStore {
+    options: PostgresOptions,
+    clock: Clock,
+    writer: tokio::sync::Mutex<Option<Client>>,
+    reader: tokio::sync::Mutex<Option<Client>>,
+    layouts: Mutex<HashMap<String, Arc<Layout>>>,
+}
+
+async fn connect(url: &str) -> Result<Client, StoreError> {
+    let (client, conn) = tokio_postgres::connect(url, NoTls).await.map_err(unavailable)?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!("postgres connection ended: {e}");
+        }
+    });
+    Ok(client)
+}
+
+impl PostgresCopyStore {
+    /// Checks the options and connects once, so a wrong URL fails at start.
+    pub async fn open(options: PostgresOptions) -> Result<Self, StoreError> {
+        Self::open_with_clock(options, Clock::System).await
+    }
+
+    pub async fn open_with_clock(options: PostgresOptions, clock: Clock) -> Result<Self, StoreError> {
+        if !is_identifier(&options.schema) {
+            return Err(StoreError::Layout(format!("schema name '{}' must be a lowercase identifier", options.schema)));
+        }
+        for r in &options.readers {
+            if !is_identifier(r) {
+                return Err(StoreError::Layout(format!("reader role '{r}' must be a lowercase identifier")));
+            }
+        }
+        let writer = connect(&options.url).await?;
+        Ok(PostgresCopyStore {
+            options,
+            clock,
+            writer: tokio::sync::Mutex::new(Some(writer)),
+            reader: tokio::sync::Mutex::new(None),
+            layouts: Mutex::default(),
+        })
+    }
+
+    pub fn schema(&self) -> &str {
+        &self.options.schema
+    }
+
+    /// Runs `f` with a live client, reconnecting first if the last one failed.
+    async fn with_client<R>(&self, which: &tokio::sync::Mutex<Option<Client>>, f: impl AsyncFnOnce(&mut Client) -> Result<R, tokio_postgres::Error>) -> Result<R, StoreError> {
+        let mut slot = which.lock().await;
+        if slot.as_ref().is_none_or(Client::is_closed) {
+            *slot = Some(connect(&self.options.url).await?);
+        }
+        let client = slot.as_mut().ok_or_else(|| unavailable("no connection"))?;
+        match f(client).await {
+            Ok(r) => Ok(r),
+            Err(e) => {
+                let e = classify(e);
+                if matches!(e, StoreError::Unavailable(_)) {
+                    *slot = None;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn layout(&self, dataset: &str) -> Result<Arc<Layout>, StoreError> {
+        if let Some(l) = self.layouts.lock().expect("layouts").get(dataset) {
+            return Ok(l.clone());
+        }
+        let sql = format!("SELECT fields FROM \"{}\"._spoke_copies WHERE dataset = $1", self.options.schema);
+        let ds = dataset.to_owned();
+        let fields: Option<String> = self
+            .with_client(&self.reader, async |c| c.query_opt(&sql, &[&ds]).await.map(|r| r.map(|r| r.get(0))))
+            .await
+            .map_err(|e| match e {
+                StoreError::Layout(_) => StoreError::UnknownCopy(dataset.to_owned()),
+                other => other,
+            })?;
+        let fields = fields.ok_or_else(|| StoreError::UnknownCopy(dataset.to_owned()))?;
+        let columns: Vec<(String, FieldSpec)> = serde_json::from_str(&fields).map_err(|e| StoreError::Layout(format!("copy {dataset}: unreadable field list: {e}")))?;
+        let layout = Arc::new(Layout::new(&self.options.schema, dataset, columns));
+        self.layouts.lock().expect("layouts").insert(dataset.to_owned(), layout.clone());
+        Ok(layout)
+    }
+}
+
+#[async_trait]
+impl CopyStore for PostgresCopyStore {
+    async fn ensure_copy(&self, spec: &CopySpec) -> Result<(), StoreError> {
+        let schema = self.options.schema.clone();
+        let ds = spec.dataset.clone();
+        let columns: Vec<(String, FieldSpec)> = spec.projection.fields().to_vec();
+        let fields_json = serde_json::to_string(&columns).map_err(unavailable)?;
+        let layout = Layout::new(&schema, &ds, columns.clone());
+        let base = layout.base.clone();
+        let msg = read_only_message(&ds, &spec.owner);
+        let key = spec.key_name.clone();
+        let owner = spec.owner.clone();
+        let readers = self.options.readers.clone();
+        let existing = self
+            .with_client(&self.writer, async |c| {
+                let tx = c.transaction().await?;
+                // Serialises concurrent agents creating the same schema.
+                tx.execute("SELECT pg_advisory_xact_lock(hashtext($1))", &[&format!("spoke:{schema}")]).await?;
+                tx.batch_execute(&format!(
+                    "CREATE SCHEMA IF NOT EXISTS \"{schema}\";
+                     CREATE TABLE IF NOT EXISTS \"{schema}\"._spoke_copies (
+                        dataset text PRIMARY KEY, owner text NOT NULL, key_name text NOT NULL, fields text NOT NULL,
+                        position bigint, fresh_as_of_ms bigint NOT NULL DEFAULT 0,
+                        received_total bigint NOT NULL DEFAULT 0, applied_total bigint NOT NULL DEFAULT 0);
+                     REVOKE ALL ON \"{schema}\"._spoke_copies FROM PUBLIC;
+                     CREATE OR REPLACE FUNCTION \"{schema}\"._spoke_guard() RETURNS trigger LANGUAGE plpgsql AS $f$
+                     BEGIN
+                        IF coalesce(current_setting('spoke.agent', true), '') <> 'on' THEN
+                            RAISE EXCEPTION '%', TG_ARGV[0] USING ERRCODE = 'insufficient_privilege';
+                        END IF;
+                        RETURN NULL;
+                     END $f$;"
+                ))
+                .await?;
+                let existing: Option<String> = tx
+                    .query_opt(&format!("SELECT fields FROM \"{schema}\"._spoke_copies WHERE dataset = $1"), &[&ds])
+                    .await?
+                    .map(|r| r.get(0));
+                if existing.is_none() {
+                    let cols: String = columns.iter().map(|(n, s)| format!(", \"{n}\" {}", pg_type(s.ty))).collect();
+                    let view_cols: String = columns.iter().map(|(n, _)| format!(", \"{n}\"")).collect();
+                    let escaped = msg.replace('\'', "''");
+                    tx.batch_execute(&format!(
+                        "CREATE TABLE {base} (_spoke_key text PRIMARY KEY, _spoke_version bigint NOT NULL, _spoke_deleted_at bigint{cols});
+                         CREATE VIEW \"{schema}\".\"{ds}\" AS SELECT _spoke_key AS \"{key}\"{view_cols}, _spoke_version FROM {base} WHERE _spoke_deleted_at IS NULL;
+                         COMMENT ON VIEW \"{schema}\".\"{ds}\" IS '{escaped}';
+                         CREATE TRIGGER _spoke_read_only BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ON {base}
+                            FOR EACH STATEMENT EXECUTE FUNCTION \"{schema}\"._spoke_guard('{escaped}');
+                         REVOKE ALL ON {base}, \"{schema}\".\"{ds}\" FROM PUBLIC;"
+                    ))
+                    .await?;
+                    tx.execute(
+                        &format!("INSERT INTO \"{schema}\"._spoke_copies (dataset, owner, key_name, fields) VALUES ($1, $2, $3, $4)"),
+                        &[&ds, &owner, &key, &fields_json],
+                    )
+                    .await?;
+                }
+                for r in &readers {
+                    tx.batch_execute(&format!(
+                        "GRANT USAGE ON SCHEMA \"{schema}\" TO \"{r}\";
+                         GRANT SELECT ON \"{schema}\".\"{ds}\", \"{schema}\"._spoke_copies TO \"{r}\";"
+                    ))
+                    .await?;
+                }
+                tx.commit().await?;
+                Ok(existing)
+            })
+            .await?;
+        if let Some(existing) = existing {
+            if existing != fields_json {
+                return Err(StoreError::Layout(format!(
+                    "the copy of {ds} in schema {schema} holds fields {existing}, but the subscription now projects {fields_json}; drop the copy (DROP VIEW {schema}.{ds}; DROP TABLE {base}; DELETE FROM {schema}._spoke_copies WHERE dataset = '{ds}') and the agent rebuilds it from a snapshot",
+                    schema = self.options.schema
+                )));
+            }
+        }
+        self.layouts.lock().expect("layouts").remove(&spec.dataset);
+        Ok(())
+    }
+
+    async fn cursor(&self, dataset: &str) -> Result<Cursor, StoreError> {
+        let sql = format!("SELECT position, fresh_as_of_ms, received_total, applied_total FROM \"{}\"._spoke_copies WHERE dataset = $1", self.options.schema);
+        let ds = dataset.to_owned();
+        let row = self.with_client(&self.reader, async |c| c.query_opt(&sql, &[&ds]).await).await.map_err(|e| match e {
+            StoreError::Layout(_) => StoreError::UnknownCopy(dataset.to_owned()),
+            other => other,
+        })?;
+        let row = row.ok_or_else(|| StoreError::UnknownCopy(dataset.to_owned()))?;
+        Ok(Cursor {
+            position: row.get::<_, Option<i64>>(0).map(|p| p as u64),
+            fresh_as_of_ms: row.get::<_, i64>(1) as u64,
+            received_total: row.get::<_, i64>(2) as u64,
+            applied_total: row.get::<_, i64>(3) as u64,
+        })
+    }
+
+    async fn apply(&self, dataset: &str, changes: &[Change], advance: Advance) -> Result<ApplyOutcome, StoreError> {
+        let layout = self.layout(dataset).await?;
+        let now = self.clock.now_ms() as i64;
+        let newest = newest_per_key(changes);
+        let n = newest.len();
+        let mut keys = Vec::with_capacity(n);
+        let mut versions = Vec::with_capacity(n);
+        let mut deleted_at: Vec<Option<i64>> = Vec::with_capacity(n);
+        let mut columns: Vec<Column> = layout.columns.iter().map(|(_, s)| Column::new(s.ty, n)).collect();
+        for c in &newest {
+            keys.push(c.key.as_str());
+            versions.push(c.version as i64);
+            deleted_at.push((c.op == Op::Delete).then_some(now));
+            for ((name, spec), col) in layout.columns.iter().zip(columns.iter_mut()) {
+                col.push(spec.ty, if c.op == Op::Upsert { c.fields.get(name) } else { None });
+            }
+        }
+        let mut params: Vec<&(dyn ToSql + Sync)> = vec![&keys, &versions, &deleted_at];
+        params.extend(columns.iter().map(Column::as_sql));
+        let cursor_sql = format!(
+            "UPDATE \"{}\"._spoke_copies SET position = COALESCE($1, position), fresh_as_of_ms = COALESCE($2, fresh_as_of_ms),
+                received_total = received_total + $3, applied_total = applied_total + $4 WHERE dataset = $5",
+            self.options.schema
+        );
+        let received: i64 = if advance.from_feed { changes.len() as i64 } else { 0 };
+        let position = advance.position.map(|p| p as i64);
+        let fresh = advance.fresh_as_of_ms.map(|f| f as i64);
+        let ds = dataset.to_owned();
+        let applied = self
+            .with_client(&self.writer, async |c| {
+                let tx = c.transaction().await?;
+                tx.batch_execute("SET LOCAL spoke.agent = 'on'").await?;
+                let applied = if n > 0 { tx.execute(&layout.upsert, &params).await? } else { 0 };
+                tx.execute(&cursor_sql, &[&position, &fresh, &received, &(applied as i64), &ds]).await?;
+                tx.commit().await?;
+                Ok(applied)
+            })
+            .await?;
+        Ok(ApplyOutcome { applied, ignored: changes.len() as u64 - applied })
+    }
+
+    async fn get(&self, dataset: &str, key: &str) -> Result<Option<CopyRecord>, StoreError> {
+        let layout = self.layout(dataset).await?;
+        let sql = format!("{} WHERE _spoke_key = $1 AND _spoke_deleted_at IS NULL", layout.select);
+        let key = key.to_owned();
+        let row = self.with_client(&self.reader, async |c| c.query_opt(&sql, &[&key]).await).await?;
+        let Some(row) = row else { return Ok(None) };
+        let (key, version, _, fields) = layout.record(&row).map_err(classify)?;
+        Ok(Some(CopyRecord { key, version, fields }))
+    }
+
+    async fn count(&self, dataset: &str) -> Result<u64, StoreError> {
+        let layout = self.layout(dataset).await?;
+        let sql = format!("SELECT count(*) FROM {} WHERE _spoke_deleted_at IS NULL", layout.base);
+        let row = self.with_client(&self.reader, async |c| c.query_one(&sql, &[]).await).await?;
+        Ok(row.get::<_, i64>(0) as u64)
+    }
+
+    async fn gc_tombstones(&self, dataset: &str, now_ms: u64, horizon_ms: u64) -> Result<u64, StoreError> {
+        let layout = self.layout(dataset).await?;
+        let sql = format!("DELETE FROM {} WHERE _spoke_deleted_at IS NOT NULL AND _spoke_deleted_at < $1", layout.base);
+        let cutoff = now_ms.saturating_sub(horizon_ms) as i64;
+        self.with_client(&self.writer, async |c| {
+            let tx = c.transaction().await?;
+            tx.batch_execute("SET LOCAL spoke.agent = 'on'").await?;
+            let n = tx.execute(&sql, &[&cutoff]).await?;
+            tx.commit().await?;
+            Ok(n)
+        })
+        .await
+    }
+
+    async fn dump(&self, dataset: &str) -> Result<BTreeMap<String, (Version, bool, Map<String, Value>)>, StoreError> {
+        let layout = self.layout(dataset).await?;
+        let sql = layout.select.clone();
+        let rows = self.with_client(&self.reader, async |c| c.query(&sql, &[]).await).await?;
+        let mut out = BTreeMap::new();
+        for row in rows {
+            let (k, v, d, f) = layout.record(&row).map_err(classify)?;
+            out.insert(k, (v, d, f));
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::copy::conformance;
+    use crate::testing::{postgres_exec, postgres_or_skip, unique_name};
+
+    async fn store(url: &str, schema: &str, clock: Clock) -> PostgresCopyStore {
+        PostgresCopyStore::open_with_clock(PostgresOptions { url: url.to_owned(), schema: schema.to_owned(), readers: vec![] }, clock).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn passes_the_copy_store_conformance_suite() {
+        let Some(url) = postgres_or_skip("postgres conformance").await else { return };
+        let schemas = Mutex::new(Vec::new());
+        conformance::run(|clock| {
+            let schema = unique_name("spoke_t");
+            schemas.lock().unwrap().push(schema.clone());
+            let url = url.clone();
+            async move { store(&url, &schema, clock).await }
+        })
+        .await;
+        for s in schemas.into_inner().unwrap() {
+            postgres_exec(&url, &format!("DROP SCHEMA IF EXISTS \"{s}\" CASCADE")).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn writes_are_refused_for_app_roles_and_unmarked_sessions() {
+        let Some(url) = postgres_or_skip("postgres read-only").await else { return };
+        let schema = unique_name("spoke_t");
+        let role = unique_name("spoke_app");
+        postgres_exec(&url, &format!("CREATE ROLE \"{role}\" LOGIN")).await;
+        let store = PostgresCopyStore::open(PostgresOptions { url: url.clone(), schema: schema.clone(), readers: vec![role.clone()] }).await.unwrap();
+        store.ensure_copy(&conformance::spec()).await.unwrap();
+        store.apply("items", &[conformance::upsert("a", 1, 1)], conformance::feed_advance(1, 1)).await.unwrap();
+
+        // The application role reads, and may not write.
+        let (app, conn) = tokio_postgres::connect(&format!("{url} user={role}"), NoTls).await.unwrap();
+        tokio::spawn(conn);
+        let n: i64 = app.query_one(&format!("SELECT n FROM \"{schema}\".items WHERE id = 'a'"), &[]).await.unwrap().get(0);
+        assert_eq!(n, 1);
+        let e = app.execute(&format!("UPDATE \"{schema}\".items SET n = 5"), &[]).await.unwrap_err();
+        assert!(e.as_db_error().unwrap().message().contains("permission denied"), "{e:?}");
+
+        // A privileged session without the agent's mark hits the trigger.
+        let (admin, conn) = tokio_postgres::connect(&url, NoTls).await.unwrap();
+        tokio::spawn(conn);
+        for sql in [
+            format!("UPDATE \"{schema}\".items SET n = 5"),
+            format!("DELETE FROM \"{schema}\"._spoke_copy_items"),
+            format!("INSERT INTO \"{schema}\"._spoke_copy_items (_spoke_key, _spoke_version) VALUES ('z', 9)"),
+            format!("TRUNCATE \"{schema}\"._spoke_copy_items"),
+        ] {
+            let e = admin.batch_execute(&sql).await.unwrap_err();
+            let msg = e.as_db_error().unwrap().message().to_owned();
+            assert!(msg.contains("items is a read-only copy of dataset items owned by owner-svc"), "{sql}: {msg}");
+        }
+        assert_eq!(store.get("items", "a").await.unwrap().unwrap().version, 1, "nothing changed");
+        drop(store);
+        postgres_exec(&url, &format!("DROP SCHEMA \"{schema}\" CASCADE; DROP OWNED BY \"{role}\"; DROP ROLE \"{role}\"")).await;
+    }
+}
