@@ -49,3 +49,49 @@ pub async fn postgres_exec(url: &str, sql: &str) {
     tokio::spawn(conn);
     client.batch_execute(sql).await.unwrap_or_else(|e| panic!("setup SQL failed: {}\n{sql}", e.as_db_error().map_or_else(|| e.to_string(), |d| d.message().to_owned())));
 }
+
+/// The NATS server tests use (`SPOKE_TEST_NATS_URL`, default the machine's local server).
+pub fn nats_url() -> String {
+    std::env::var("SPOKE_TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".to_owned())
+}
+
+/// Returns the NATS URL when a JetStream-enabled server answers; otherwise
+/// skips (prints why and returns `None`), or panics under CI.
+pub async fn nats_or_skip(test: &str) -> Option<String> {
+    let url = nats_url();
+    let probe = async {
+        let client = async_nats::connect(url.as_str()).await.map_err(|e| e.to_string())?;
+        // Account info does not parse against 2.9 servers; a stream round trip works on all.
+        let js = async_nats::jetstream::new(client);
+        let name = unique_name("SPOKE_PROBE");
+        js.create_stream(async_nats::jetstream::stream::Config { name: name.clone(), subjects: vec![name.to_lowercase()], ..Default::default() })
+            .await
+            .map_err(|e| e.to_string())?;
+        js.delete_stream(&name).await.map_err(|e| e.to_string())?;
+        Ok::<_, String>(())
+    };
+    match tokio::time::timeout(std::time::Duration::from_secs(5), probe).await {
+        Ok(Ok(())) => Some(url),
+        Ok(Err(e)) if in_ci() => panic!("{test}: NATS JetStream at {url} is required under CI=true but cannot be used: {e}"),
+        Err(_) if in_ci() => panic!("{test}: NATS JetStream at {url} is required under CI=true but did not answer"),
+        Ok(Err(e)) => {
+            eprintln!("SKIPPED {test}: NATS JetStream at {url} cannot be used ({e}); set SPOKE_TEST_NATS_URL to run it");
+            None
+        }
+        Err(_) => {
+            eprintln!("SKIPPED {test}: NATS JetStream at {url} did not answer; set SPOKE_TEST_NATS_URL to run it");
+            None
+        }
+    }
+}
+
+/// Deletes every stream whose name starts with `prefix` (test cleanup).
+pub async fn nats_delete_streams(url: &str, prefix: &str) {
+    use futures_util::StreamExt;
+    let Ok(client) = async_nats::connect(url).await else { return };
+    let js = async_nats::jetstream::new(client);
+    let names: Vec<String> = js.stream_names().filter_map(|n| async move { n.ok() }).collect().await;
+    for n in names.into_iter().filter(|n| n.starts_with(prefix)) {
+        let _ = js.delete_stream(&n).await;
+    }
+}

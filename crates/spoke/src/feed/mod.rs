@@ -32,6 +32,7 @@
 
 pub mod conformance;
 pub mod http;
+pub mod jetstream;
 pub mod memory;
 pub mod sqlite;
 

@@ -1,0 +1,468 @@
+//! A feed in NATS JetStream, for deployments beyond one machine.
+//!
+//! # Layout in JetStream (per dataset `d`, with configurable prefixes)
+//! ```text
+//!  subject  spoke.d.log.<key as base64url>        one subject per key
+//!  stream   SPOKE_D_LOG    subjects spoke.d.log.*  the ordered log; stream sequence = feed position
+//!  stream   SPOKE_D_STATE  sources SPOKE_D_LOG, max 1 message per subject
+//!                          the compacted latest state, maintained by the server
+//! ```
+//!
+//! # Publish
+//! ```text
+//!  for the newest change of each key in the batch (concurrently):
+//!    last message on the key's subject ──version ≥ incoming──▶ ignored
+//!          │ older or none
+//!          ▼
+//!    publish with Nats-Msg-Id = d/key/version              (a retried publish is deduplicated)
+//!             and Nats-Expected-Last-Subject-Sequence = seq (a racing publisher makes us re-check)
+//! ```
+//! Validation is all-or-nothing, as for every feed. A transport failure in
+//! the middle of a batch can leave part of it appended; retrying the batch
+//! appends the rest and nothing twice, because of the version check and the
+//! message ids.
+//!
+//! # Read
+//! A background ordered pull consumer per dataset streams the log from the
+//! reader's position into a buffer; a read drains it and, after the request
+//! arrived, asks the server for the log's last sequence, which is the head
+//! (so an idle feed still answers with a head a consumer can be fresh
+//! against). Consumers keep their position in their own copy; no durable
+//! JetStream consumer state is used.
+//!
+//! # Snapshot
+//! Pages through the state stream by its sequence (the cursor is opaque).
+//! The head is the log sequence the state stream had sourced up to when the
+//! first page was taken (from the `Nats-Stream-Source` header of its last
+//! message), so replaying the log after it converges.
+//!
+//! # Durability
+//! JetStream acknowledges a publish once the message is in the stream's
+//! store on a quorum of replicas, *before* it is fsynced (the server syncs
+//! periodically, every 2 minutes by default). A machine that loses power can
+//! lose acknowledged messages unless the server runs with `sync_interval:
+//! always` (supported by current servers) or the stream has replicas on other
+//! machines. Use `replicas = 3` in clusters.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use async_nats::header::{NATS_EXPECTED_LAST_SUBJECT_SEQUENCE, NATS_MESSAGE_ID};
+use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
+use async_nats::jetstream::context::PublishErrorKind;
+use async_nats::jetstream::stream::{Config as StreamConfig, LastRawMessageErrorKind, Source, StorageType};
+use async_nats::jetstream::Context;
+use async_nats::HeaderMap;
+use async_trait::async_trait;
+use futures_util::StreamExt;
+use spoke_core::{Change, Manifest, Schema, Version};
+use tokio::sync::{mpsc, Mutex};
+
+use super::{check_after_key, Catalog, ChangeInput, Feed, FeedBatch, FeedEntry, FeedError, Position, PublishReceipt, Publisher, SnapshotPage, MAX_PAGE};
+use crate::clock::Clock;
+use crate::copy::newest_per_key;
+
+/// Header carrying the change's version, so version checks need no payload parsing.
+const VERSION_HEADER: &str = "Spoke-Version";
+/// Longest a read waits for entries the log is known to hold.
+const DELIVERY_GRACE: Duration = Duration::from_secs(5);
+/// Header JetStream adds to sourced messages: `<origin stream> <origin sequence> …`.
+const SOURCE_HEADER: &str = "Nats-Stream-Source";
+
+/// How to reach JetStream and lay out the streams.
+#[derive(Debug, Clone)]
+pub struct JetStreamOptions {
+    /// e.g. `nats://127.0.0.1:4222` (several separated by commas for a cluster).
+    pub url: String,
+    /// Replicas per stream (1, or 3 in a cluster).
+    pub replicas: usize,
+    /// File storage (durable) unless set to memory.
+    pub memory_storage: bool,
+    /// Prefix of stream names (`SPOKE`).
+    pub stream_prefix: String,
+    /// Prefix of subjects (`spoke`).
+    pub subject_prefix: String,
+    pub user: Option<String>,
+    pub password: Option<String>,
+    /// How long JetStream remembers message ids for deduplication.
+    pub duplicate_window: Duration,
+}
+
+impl JetStreamOptions {
+    pub fn new(url: &str) -> Self {
+        JetStreamOptions {
+            url: url.to_owned(),
+            replicas: 1,
+            memory_storage: false,
+            stream_prefix: "SPOKE".into(),
+            subject_prefix: "spoke".into(),
+            user: None,
+            password: None,
+            duplicate_window: Duration::from_secs(120),
+        }
+    }
+
+    pub fn log_stream(&self, dataset: &str) -> String {
+        format!("{}_{}_LOG", self.stream_prefix, dataset.to_uppercase())
+    }
+    pub fn state_stream(&self, dataset: &str) -> String {
+        format!("{}_{}_STATE", self.stream_prefix, dataset.to_uppercase())
+    }
+    /// The wildcard subject of a dataset's log (what an owner may publish to).
+    pub fn log_subjects(&self, dataset: &str) -> String {
+        format!("{}.{dataset}.log.*", self.subject_prefix)
+    }
+    pub fn key_subject(&self, dataset: &str, key: &str) -> String {
+        format!("{}.{dataset}.log.{}", self.subject_prefix, base64url(key.as_bytes()))
+    }
+}
+
+/// Unpadded base64url: keys may hold characters that are not valid in subjects.
+fn base64url(bytes: &[u8]) -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..=chunk.len() {
+            out.push(A[((n >> (18 - 6 * i)) & 63) as usize] as char);
+        }
+    }
+    out
+}
+
+fn unavailable(e: impl std::fmt::Display) -> FeedError {
+    FeedError::Unavailable(format!("jetstream: {e}"))
+}
+
+/// A reader's position in one dataset's log and the buffer feeding it.
+struct Tail {
+    next: Position,
+    rx: mpsc::Receiver<Result<FeedEntry, String>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Tail {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+pub struct JetStreamFeed {
+    catalog: Catalog,
+    options: JetStreamOptions,
+    js: Context,
+    clock: Clock,
+    tails: Mutex<HashMap<String, Tail>>,
+}
+
+impl JetStreamFeed {
+    /// Connects and creates (or checks) the streams of every dataset.
+    pub async fn connect(options: JetStreamOptions, manifest: &Manifest) -> Result<Self, FeedError> {
+        let mut connect = async_nats::ConnectOptions::new().retry_on_initial_connect().connection_timeout(Duration::from_secs(5));
+        if let (Some(u), Some(p)) = (&options.user, &options.password) {
+            connect = connect.user_and_password(u.clone(), p.clone());
+        }
+        let client = tokio::time::timeout(Duration::from_secs(10), connect.connect(options.url.as_str()))
+            .await
+            .map_err(|_| unavailable(format!("could not connect to {} within 10s", options.url)))?
+            .map_err(|e| unavailable(format!("{}: {e}", options.url)))?;
+        let js = async_nats::jetstream::new(client);
+        let catalog = Catalog::new(manifest);
+        let feed = JetStreamFeed { catalog, options, js, clock: Clock::System, tails: Mutex::new(HashMap::new()) };
+        for ds in feed.catalog.names().map(str::to_owned).collect::<Vec<_>>() {
+            feed.ensure_streams(&ds).await?;
+        }
+        Ok(feed)
+    }
+
+    /// A feed that only publishes (an owner): streams must already exist.
+    pub fn options(&self) -> &JetStreamOptions {
+        &self.options
+    }
+
+    async fn ensure_streams(&self, dataset: &str) -> Result<(), FeedError> {
+        let o = &self.options;
+        let storage = if o.memory_storage { StorageType::Memory } else { StorageType::File };
+        let log = StreamConfig {
+            name: o.log_stream(dataset),
+            subjects: vec![o.log_subjects(dataset)],
+            storage,
+            num_replicas: o.replicas,
+            duplicate_window: o.duplicate_window,
+            ..Default::default()
+        };
+        self.js.get_or_create_stream(log).await.map_err(|e| unavailable(format!("creating stream {}: {e}", o.log_stream(dataset))))?;
+        let state = StreamConfig {
+            name: o.state_stream(dataset),
+            storage,
+            num_replicas: o.replicas,
+            max_messages_per_subject: 1,
+            duplicate_window: o.duplicate_window,
+            sources: Some(vec![Source { name: o.log_stream(dataset), ..Default::default() }]),
+            ..Default::default()
+        };
+        self.js.get_or_create_stream(state).await.map_err(|e| unavailable(format!("creating stream {}: {e}", o.state_stream(dataset))))?;
+        Ok(())
+    }
+
+    async fn last_sequence(&self, stream: &str) -> Result<u64, FeedError> {
+        let s = self.js.get_stream(stream).await.map_err(unavailable)?;
+        Ok(s.cached_info().state.last_sequence)
+    }
+
+    /// Version and subject sequence of the latest change for `subject`.
+    async fn latest(&self, log: &async_nats::jetstream::stream::Stream, subject: &str) -> Result<Option<(Version, u64)>, FeedError> {
+        match log.get_last_raw_message_by_subject(subject).await {
+            Ok(m) => {
+                let v = m.headers.get(VERSION_HEADER).and_then(|v| v.as_str().parse().ok()).unwrap_or(0);
+                Ok(Some((v, m.sequence)))
+            }
+            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
+    /// Appends one change unless the log already holds its version or newer.
+    async fn publish_one(&self, log: &async_nats::jetstream::stream::Stream, c: &Change) -> Result<Option<Position>, FeedError> {
+        let subject = self.options.key_subject(&c.dataset, &c.key);
+        let payload = serde_json::to_vec(c).map_err(unavailable)?;
+        for _ in 0..16 {
+            let last = self.latest(log, &subject).await?;
+            if last.is_some_and(|(v, _)| v >= c.version) {
+                return Ok(None);
+            }
+            let mut headers = HeaderMap::new();
+            headers.insert(NATS_MESSAGE_ID, format!("{}/{}/{}", c.dataset, c.key, c.version).as_str());
+            headers.insert(NATS_EXPECTED_LAST_SUBJECT_SEQUENCE, last.map_or(0, |(_, s)| s).to_string().as_str());
+            headers.insert(VERSION_HEADER, c.version.to_string().as_str());
+            let ack = self.js.publish_with_headers(subject.clone(), headers, payload.clone().into()).await.map_err(unavailable)?.await;
+            match ack {
+                Ok(a) if a.duplicate => return Ok(None),
+                Ok(a) => return Ok(Some(a.sequence)),
+                Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => continue,
+                Err(e) => return Err(unavailable(e)),
+            }
+        }
+        Err(unavailable(format!("key '{}' kept changing under concurrent publishers", c.key)))
+    }
+
+    fn start_tail(&self, dataset: &str, next: Position) -> Tail {
+        let (tx, rx) = mpsc::channel(4 * MAX_PAGE);
+        let js = self.js.clone();
+        let stream = self.options.log_stream(dataset);
+        let task = tokio::spawn(async move {
+            let run = async {
+                let s = js.get_stream(&stream).await.map_err(|e| e.to_string())?;
+                let consumer = s
+                    .create_consumer(pull::OrderedConfig { deliver_policy: DeliverPolicy::ByStartSequence { start_sequence: next }, ..Default::default() })
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;
+                while let Some(m) = messages.next().await {
+                    let m = m.map_err(|e| e.to_string())?;
+                    let position = m.info().map_err(|e| e.to_string())?.stream_sequence;
+                    let change: Change = serde_json::from_slice(&m.payload).map_err(|e| format!("log message {position} is not a change: {e}"))?;
+                    if tx.send(Ok(FeedEntry { position, change })).await.is_err() {
+                        return Ok(());
+                    }
+                }
+                Err("the log consumer ended".to_owned())
+            };
+            if let Err(e) = run.await {
+                let _ = tx.send(Err(e)).await;
+            }
+        });
+        Tail { next, rx, task }
+    }
+}
+
+/// Moves one buffered entry into `entries` if it is the next position;
+/// records why not otherwise. Returns whether to keep draining.
+fn take(item: Option<Result<FeedEntry, String>>, tail: &mut Tail, entries: &mut Vec<FeedEntry>, failure: &mut Option<String>) -> bool {
+    match item {
+        Some(Ok(e)) if e.position == tail.next => {
+            tail.next += 1;
+            entries.push(e);
+            true
+        }
+        Some(Ok(e)) => {
+            *failure = Some(format!("log consumer skipped from {} to {}", tail.next, e.position));
+            false
+        }
+        Some(Err(e)) => {
+            *failure = Some(e);
+            false
+        }
+        None => false,
+    }
+}
+
+#[async_trait]
+impl Publisher for JetStreamFeed {
+    async fn publish(&self, dataset: &str, changes: Vec<ChangeInput>) -> Result<PublishReceipt, FeedError> {
+        let changes = self.catalog.prepare(dataset, changes, self.clock.now_ms())?;
+        let log = self.js.get_stream(self.options.log_stream(dataset)).await.map_err(unavailable)?;
+        let newest = newest_per_key(&changes);
+        let results = futures_util::future::join_all(newest.iter().map(|c| self.publish_one(&log, c))).await;
+        let mut by_key: HashMap<(&str, Version), Position> = HashMap::new();
+        for (c, r) in newest.iter().zip(results) {
+            if let Some(p) = r? {
+                by_key.insert((c.key.as_str(), c.version), p);
+            }
+        }
+        let mut positions = Vec::with_capacity(changes.len());
+        for c in &changes {
+            // Only one of equal (key, version) pairs counts as appended.
+            positions.push(by_key.remove(&(c.key.as_str(), c.version)));
+        }
+        let ignored = positions.iter().filter(|p| p.is_none()).count();
+        let head = self.last_sequence(&self.options.log_stream(dataset)).await?;
+        Ok(PublishReceipt { positions, ignored, head })
+    }
+}
+
+#[async_trait]
+impl Feed for JetStreamFeed {
+    async fn read(&self, dataset: &str, after: Position, limit: usize, wait: Duration) -> Result<FeedBatch, FeedError> {
+        self.catalog.get(dataset)?;
+        let limit = limit.clamp(1, MAX_PAGE);
+        let mut tails = self.tails.lock().await;
+        let restart = tails.get(dataset).is_none_or(|t| t.next != after + 1 || t.task.is_finished());
+        if restart {
+            tails.insert(dataset.to_owned(), self.start_tail(dataset, after + 1));
+        }
+        let tail = tails.get_mut(dataset).ok_or_else(|| unavailable("tail vanished"))?;
+        let mut entries = Vec::new();
+        let mut failure = None;
+        while entries.len() < limit && take(tail.rx.try_recv().ok(), tail, &mut entries, &mut failure) {}
+        if entries.is_empty() && failure.is_none() {
+            // When the log already holds entries past `after`, the consumer
+            // only needs a moment to deliver them: wait for that even if the
+            // caller asked not to wait at the head.
+            let behind = self.last_sequence(&self.options.log_stream(dataset)).await? > after;
+            let wait = if behind { wait.max(DELIVERY_GRACE) } else { wait };
+            if let Ok(item) = tokio::time::timeout(wait, tail.rx.recv()).await {
+                if take(item, tail, &mut entries, &mut failure) {
+                    while entries.len() < limit && take(tail.rx.try_recv().ok(), tail, &mut entries, &mut failure) {}
+                }
+            }
+        }
+        if let Some(f) = failure {
+            tails.remove(dataset);
+            if entries.is_empty() {
+                return Err(unavailable(f));
+            }
+        }
+        drop(tails);
+        let head = self.last_sequence(&self.options.log_stream(dataset)).await?;
+        Ok(FeedBatch { entries, head, hub_time_ms: self.clock.now_ms() })
+    }
+
+    async fn snapshot(&self, dataset: &str, after: Option<&str>, limit: usize) -> Result<SnapshotPage, FeedError> {
+        self.catalog.get(dataset)?;
+        check_after_key(after)?;
+        let start = match after {
+            None => 1,
+            Some(c) => c.parse::<u64>().map_err(|_| FeedError::BadRequest(format!("snapshot cursor '{c}' is not one this feed issued")))? + 1,
+        };
+        let limit = limit.clamp(1, MAX_PAGE);
+        let stream_name = self.options.state_stream(dataset);
+        let (state, last, head) = loop {
+            let state = self.js.get_stream(&stream_name).await.map_err(unavailable)?;
+            let last = state.cached_info().state.last_sequence;
+            if last == 0 {
+                break (state, 0, 0);
+            }
+            match state.get_raw_message(last).await {
+                Ok(m) => {
+                    let origin = m.headers.get(SOURCE_HEADER).map(|v| v.as_str().to_owned()).unwrap_or_default();
+                    let head = origin.split_whitespace().skip(1).find_map(|t| t.parse::<u64>().ok()).ok_or_else(|| unavailable(format!("state message {last} lacks a readable {SOURCE_HEADER} header ('{origin}')")))?;
+                    break (state, last, head);
+                }
+                // Replaced by a newer message for the same key meanwhile: look again.
+                Err(_) => continue,
+            }
+        };
+        let mut records = Vec::new();
+        let mut last_seen = start.saturating_sub(1);
+        if last >= start {
+            let consumer = state
+                .create_consumer(pull::Config {
+                    deliver_policy: DeliverPolicy::ByStartSequence { start_sequence: start },
+                    ack_policy: AckPolicy::None,
+                    inactive_threshold: Duration::from_secs(30),
+                    ..Default::default()
+                })
+                .await
+                .map_err(unavailable)?;
+            'pages: while records.len() < limit && last_seen < last {
+                let mut batch = consumer.fetch().max_messages(limit - records.len()).messages().await.map_err(unavailable)?;
+                let mut got = 0;
+                while let Some(m) = batch.next().await {
+                    let m = m.map_err(unavailable)?;
+                    let info = m.info().map_err(unavailable)?;
+                    last_seen = info.stream_sequence;
+                    got += 1;
+                    if last_seen > last {
+                        break 'pages;
+                    }
+                    let change: Change = serde_json::from_slice(&m.payload).map_err(|e| unavailable(format!("state message {last_seen} is not a change: {e}")))?;
+                    records.push(change);
+                }
+                if got == 0 {
+                    break;
+                }
+            }
+            let _ = state.delete_consumer(&consumer.cached_info().name).await;
+        }
+        let next_after_key = (last_seen < last && !records.is_empty()).then(|| last_seen.to_string());
+        Ok(SnapshotPage { records, next_after_key, head, hub_time_ms: self.clock.now_ms() })
+    }
+
+    async fn schema(&self, dataset: &str) -> Result<Schema, FeedError> {
+        Ok(self.catalog.get(dataset)?.schema.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64url_encodes_any_key_into_a_subject_token() {
+        assert_eq!(base64url(b""), "");
+        assert_eq!(base64url(b"f"), "Zg");
+        assert_eq!(base64url(b"fo"), "Zm8");
+        assert_eq!(base64url(b"foo"), "Zm9v");
+        assert_eq!(base64url(b"a.b *>"), "YS5iICo-");
+        assert!(!base64url("ключ.*>".as_bytes()).contains(['.', '*', '>', ' ']));
+    }
+}
+
+#[cfg(test)]
+mod server_tests {
+    use super::*;
+    use crate::testing::{nats_delete_streams, nats_or_skip, unique_name};
+
+    pub fn options(url: &str, prefix: &str) -> JetStreamOptions {
+        let mut o = JetStreamOptions::new(url);
+        o.stream_prefix = prefix.to_uppercase();
+        o.subject_prefix = prefix.to_owned();
+        o
+    }
+
+    #[tokio::test]
+    async fn passes_the_feed_conformance_suite() {
+        let Some(url) = nats_or_skip("jetstream conformance").await else { return };
+        let prefix = unique_name("spokefc");
+        let n = std::sync::atomic::AtomicUsize::new(0);
+        super::super::conformance::run(|m| {
+            let i = n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let o = options(&url, &format!("{prefix}_{i}"));
+            async move { JetStreamFeed::connect(o, &m).await.expect("connect") }
+        })
+        .await;
+        nats_delete_streams(&url, &prefix.to_uppercase()).await;
+    }
+}
