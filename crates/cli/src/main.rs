@@ -11,7 +11,11 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "spoke", version, about = "Managed, measured, read-only local copies of other services' data")]
+#[command(
+    name = "spoke",
+    version,
+    about = "Managed, measured, read-only local copies of other services' data"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -56,20 +60,29 @@ pub struct HubArgs {
     pub listen: Option<SocketAddr>,
     #[arg(long)]
     pub data: Option<PathBuf>,
+    /// Keep the feeds in NATS JetStream at this URL instead of the embedded store.
+    #[arg(long)]
+    pub jetstream: Option<String>,
 }
 
 #[derive(Args)]
 pub struct AgentArgs {
     /// Deployment config file (uses its [agent] section).
-    #[arg(long, conflicts_with_all = ["manifest", "consumer", "hub", "listen", "data"])]
+    #[arg(long, conflicts_with_all = ["manifest", "consumer", "hub", "jetstream", "listen", "data"])]
     pub config: Option<PathBuf>,
-    #[arg(long, requires_all = ["consumer", "hub", "listen", "data"])]
+    #[arg(long, requires_all = ["consumer", "listen", "data"])]
     pub manifest: Option<PathBuf>,
     #[arg(long)]
     pub consumer: Option<String>,
     /// The hub's URL, e.g. http://127.0.0.1:7070.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "jetstream")]
     pub hub: Option<String>,
+    /// Read the feeds from NATS JetStream at this URL instead of a hub.
+    #[arg(long)]
+    pub jetstream: Option<String>,
+    /// Keep the copies in this PostgreSQL database (connection string) instead of SQLite.
+    #[arg(long)]
+    pub postgres: Option<String>,
     #[arg(long)]
     pub listen: Option<SocketAddr>,
     #[arg(long)]
@@ -85,8 +98,14 @@ pub struct RelayArgs {
     #[arg(long)]
     pub outbox: PathBuf,
     /// The hub's URL.
+    #[arg(long, conflicts_with = "jetstream")]
+    pub hub: Option<String>,
+    /// Publish straight into NATS JetStream at this URL.
+    #[arg(long, requires = "manifest")]
+    pub jetstream: Option<String>,
+    /// The manifest (needed with --jetstream).
     #[arg(long)]
-    pub hub: String,
+    pub manifest: Option<PathBuf>,
     /// Environment variable holding the owner's hub token.
     #[arg(long)]
     pub token_env: Option<String>,
@@ -94,7 +113,10 @@ pub struct RelayArgs {
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("SPOKE_LOG").unwrap_or_else(|_| "warn,spoke=info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SPOKE_LOG")
+                .unwrap_or_else(|_| "warn,spoke=info".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();

@@ -186,7 +186,10 @@ mod tests {
     /// owner would commit them.
     fn histories() -> impl Strategy<Value = Vec<Change>> {
         prop::collection::vec(
-            (0u8..12, prop::collection::vec((1u64..4, any::<bool>(), any::<i64>()), 1..8)),
+            (
+                0u8..12,
+                prop::collection::vec((1u64..4, any::<bool>(), any::<i64>()), 1..8),
+            ),
             0..20,
         )
         .prop_map(|keys| {

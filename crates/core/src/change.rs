@@ -126,7 +126,10 @@ mod tests {
     fn rejects_bad_keys_and_versions() {
         let s = Schema::default();
         assert_eq!(change("", 1).validate(&s), Err(ChangeError::EmptyKey));
-        assert_eq!(change("a\nb", 1).validate(&s), Err(ChangeError::KeyControlChar));
+        assert_eq!(
+            change("a\nb", 1).validate(&s),
+            Err(ChangeError::KeyControlChar)
+        );
         assert!(matches!(
             change(&"k".repeat(MAX_KEY_BYTES + 1), 1).validate(&s),
             Err(ChangeError::KeyTooLong { .. })

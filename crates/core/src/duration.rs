@@ -53,7 +53,9 @@ impl FromStr for Duration {
             if digits == 0 {
                 return Err(err("a number must come before each unit"));
             }
-            let n: u64 = rest[..digits].parse().map_err(|_| err("number too large"))?;
+            let n: u64 = rest[..digits]
+                .parse()
+                .map_err(|_| err("number too large"))?;
             rest = &rest[digits..];
             let unit_len = rest.bytes().take_while(u8::is_ascii_alphabetic).count();
             let unit_ms = match &rest[..unit_len] {

@@ -43,7 +43,9 @@ mod tests {
 
     #[test]
     fn staleness_is_measured_from_fresh_as_of() {
-        let f = Freshness { fresh_as_of_ms: 1_000 };
+        let f = Freshness {
+            fresh_as_of_ms: 1_000,
+        };
         assert_eq!(f.staleness_ms(4_000), Some(3_000));
         assert!(f.within(Duration::from_secs(3), 4_000));
         assert!(!f.within(Duration::from_secs(2), 4_000));
@@ -85,7 +87,13 @@ mod format_tests {
     #[test]
     fn formats_known_instants() {
         assert_eq!(format_rfc3339_ms(0), "1970-01-01T00:00:00.000Z");
-        assert_eq!(format_rfc3339_ms(951_782_400_123), "2000-02-29T00:00:00.123Z");
-        assert_eq!(format_rfc3339_ms(1_795_876_200_000), "2026-11-28T14:30:00.000Z");
+        assert_eq!(
+            format_rfc3339_ms(951_782_400_123),
+            "2000-02-29T00:00:00.123Z"
+        );
+        assert_eq!(
+            format_rfc3339_ms(1_795_876_200_000),
+            "2026-11-28T14:30:00.000Z"
+        );
     }
 }

@@ -238,7 +238,9 @@ impl Manifest {
         &'a self,
         consumer: &'a str,
     ) -> impl Iterator<Item = &'a Subscription> + 'a {
-        self.subscriptions.iter().filter(move |s| s.consumer == consumer)
+        self.subscriptions
+            .iter()
+            .filter(move |s| s.consumer == consumer)
     }
 }
 
@@ -259,7 +261,10 @@ fn resolve(raw: RawManifest, lines: &Lines, problems: &mut Vec<Problem>) -> Mani
         let availability = svc.get_ref().availability.as_ref().map(|a| {
             let v = *a.get_ref();
             if !(v > 0.0 && v <= 1.0) {
-                report(a.span().start, format!("service {name}: availability must be in (0, 1], got {v}"));
+                report(
+                    a.span().start,
+                    format!("service {name}: availability must be in (0, 1], got {v}"),
+                );
             }
             v
         });
@@ -280,7 +285,10 @@ fn resolve(raw: RawManifest, lines: &Lines, problems: &mut Vec<Problem>) -> Mani
         }
         let owner = match ds.owner {
             None => {
-                report(at, format!("dataset {name} has no owner (add owner = \"<service>\")"));
+                report(
+                    at,
+                    format!("dataset {name} has no owner (add owner = \"<service>\")"),
+                );
                 String::new()
             }
             Some(o) => {
@@ -292,15 +300,30 @@ fn resolve(raw: RawManifest, lines: &Lines, problems: &mut Vec<Problem>) -> Mani
         };
         let key = match ds.key {
             None => {
-                report(at, format!("dataset {name} has no key (add key = \"<field>\")"));
+                report(
+                    at,
+                    format!("dataset {name} has no key (add key = \"<field>\")"),
+                );
                 String::new()
             }
             Some(k) => {
                 if !is_identifier(k.get_ref()) {
-                    report(k.span().start, format!("dataset {name}: key name '{}' must be an identifier", k.get_ref()));
+                    report(
+                        k.span().start,
+                        format!(
+                            "dataset {name}: key name '{}' must be an identifier",
+                            k.get_ref()
+                        ),
+                    );
                 }
                 if ds.fields.contains_key(k.get_ref()) {
-                    report(k.span().start, format!("dataset {name}: key '{}' must not also be listed in fields", k.get_ref()));
+                    report(
+                        k.span().start,
+                        format!(
+                            "dataset {name}: key '{}' must not also be listed in fields",
+                            k.get_ref()
+                        ),
+                    );
                 }
                 k.into_inner()
             }
@@ -317,14 +340,20 @@ fn resolve(raw: RawManifest, lines: &Lines, problems: &mut Vec<Problem>) -> Mani
                 Ok(spec) => {
                     fields.insert(field, spec);
                 }
-                Err(e) => report(ty.span().start, format!("dataset {name}, field {field}: {e}")),
+                Err(e) => report(
+                    ty.span().start,
+                    format!("dataset {name}, field {field}: {e}"),
+                ),
             }
         }
         let version = ds.schema_version.map_or(1, |v| *v.get_ref());
         let tombstone_horizon = match ds.tombstone_horizon {
             None => DEFAULT_TOMBSTONE_HORIZON,
             Some(h) => h.get_ref().parse().unwrap_or_else(|e| {
-                report(h.span().start, format!("dataset {name}: tombstone_horizon: {e}"));
+                report(
+                    h.span().start,
+                    format!("dataset {name}: tombstone_horizon: {e}"),
+                );
                 DEFAULT_TOMBSTONE_HORIZON
             }),
         };
@@ -346,7 +375,9 @@ fn resolve(raw: RawManifest, lines: &Lines, problems: &mut Vec<Problem>) -> Mani
         let at = sub.span().start;
         let line = lines.of(at);
         let sub = sub.into_inner();
-        let required = |v: Option<Spanned<String>>, what: &str, report: &mut dyn FnMut(usize, String)| match v {
+        let required = |v: Option<Spanned<String>>,
+                        what: &str,
+                        report: &mut dyn FnMut(usize, String)| match v {
             Some(v) => Some((v.span().start, v.into_inner())),
             None => {
                 report(at, format!("subscription has no {what}"));
@@ -363,7 +394,10 @@ fn resolve(raw: RawManifest, lines: &Lines, problems: &mut Vec<Problem>) -> Mani
         let ds = dataset.as_ref().and_then(|(off, d)| {
             let found = m.datasets.get(d);
             if found.is_none() {
-                report(*off, format!("subscription dataset '{d}' is not a declared dataset"));
+                report(
+                    *off,
+                    format!("subscription dataset '{d}' is not a declared dataset"),
+                );
             }
             found
         });
@@ -379,7 +413,10 @@ fn resolve(raw: RawManifest, lines: &Lines, problems: &mut Vec<Problem>) -> Mani
         }
         let fields = match sub.fields {
             None => {
-                report(at, "subscription has no fields (list the fields to copy)".to_owned());
+                report(
+                    at,
+                    "subscription has no fields (list the fields to copy)".to_owned(),
+                );
                 Vec::new()
             }
             Some(f) => {
@@ -405,7 +442,13 @@ fn resolve(raw: RawManifest, lines: &Lines, problems: &mut Vec<Problem>) -> Mani
         let strategy = match sub.strategy {
             None => Strategy::Events,
             Some(s) => Strategy::parse(s.get_ref()).unwrap_or_else(|| {
-                report(s.span().start, format!("unknown strategy '{}' (expected events, cdc, scheduled, ttl or none)", s.get_ref()));
+                report(
+                    s.span().start,
+                    format!(
+                        "unknown strategy '{}' (expected events, cdc, scheduled, ttl or none)",
+                        s.get_ref()
+                    ),
+                );
                 Strategy::Events
             }),
         };
@@ -413,7 +456,11 @@ fn resolve(raw: RawManifest, lines: &Lines, problems: &mut Vec<Problem>) -> Mani
             // Not copying has no staleness: the owner answers every read.
             None if strategy == Strategy::None => Duration::default(),
             None => {
-                report(at, "subscription has no staleness_budget (e.g. staleness_budget = \"5m\")".to_owned());
+                report(
+                    at,
+                    "subscription has no staleness_budget (e.g. staleness_budget = \"5m\")"
+                        .to_owned(),
+                );
                 Duration::default()
             }
             Some(b) => b.get_ref().parse().unwrap_or_else(|e| {
@@ -513,7 +560,10 @@ staleness_budget = "soon"
 
     #[test]
     fn owner_may_not_subscribe_to_itself() {
-        let src = SHOP.replace(r#"consumer = "order-service""#, r#"consumer = "customer-service""#);
+        let src = SHOP.replace(
+            r#"consumer = "order-service""#,
+            r#"consumer = "customer-service""#,
+        );
         assert_eq!(
             problems(&src),
             ["m.toml:13: service customer-service subscribes to its own dataset customers; an owner reads its own data directly"]
@@ -525,13 +575,20 @@ staleness_budget = "soon"
         let p = problems("[services.a]\navailability = \n");
         assert!(p[0].starts_with("m.toml:2: "), "{p:?}");
         let p = problems("[services.a]\ncolour = 1\n");
-        assert!(p[0].starts_with("m.toml:2: unknown field `colour`"), "{p:?}");
+        assert!(
+            p[0].starts_with("m.toml:2: unknown field `colour`"),
+            "{p:?}"
+        );
     }
 
     #[test]
     fn hostile_names_are_rejected() {
         let src = SHOP.replace("[datasets.customers]", "[datasets.\"x; DROP TABLE y\"]");
         let p = problems(&src);
-        assert!(p.iter().any(|l| l.contains("dataset name 'x; DROP TABLE y'")), "{p:?}");
+        assert!(
+            p.iter()
+                .any(|l| l.contains("dataset name 'x; DROP TABLE y'")),
+            "{p:?}"
+        );
     }
 }

@@ -185,15 +185,29 @@ impl Schema {
 /// A strict-enough RFC 3339 check: `YYYY-MM-DDTHH:MM:SS[.frac](Z|±HH:MM)`.
 pub fn is_rfc3339(s: &str) -> bool {
     let b = s.as_bytes();
-    let digits = |r: std::ops::Range<usize>| b.get(r).is_some_and(|x| x.iter().all(u8::is_ascii_digit));
+    let digits =
+        |r: std::ops::Range<usize>| b.get(r).is_some_and(|x| x.iter().all(u8::is_ascii_digit));
     let num = |r: std::ops::Range<usize>| -> u32 { s[r].parse().unwrap_or(99) };
-    if b.len() < 20 || !digits(0..4) || b[4] != b'-' || !digits(5..7) || b[7] != b'-' || !digits(8..10) {
+    if b.len() < 20
+        || !digits(0..4)
+        || b[4] != b'-'
+        || !digits(5..7)
+        || b[7] != b'-'
+        || !digits(8..10)
+    {
         return false;
     }
-    if !matches!(b[10], b'T' | b't' | b' ') || !digits(11..13) || b[13] != b':' || !digits(14..16) || b[16] != b':' || !digits(17..19) {
+    if !matches!(b[10], b'T' | b't' | b' ')
+        || !digits(11..13)
+        || b[13] != b':'
+        || !digits(14..16)
+        || b[16] != b':'
+        || !digits(17..19)
+    {
         return false;
     }
-    let (month, day, hour, min, sec) = (num(5..7), num(8..10), num(11..13), num(14..16), num(17..19));
+    let (month, day, hour, min, sec) =
+        (num(5..7), num(8..10), num(11..13), num(14..16), num(17..19));
     if !(1..=12).contains(&month) || !(1..=31).contains(&day) || hour > 23 || min > 59 || sec > 60 {
         return false;
     }
@@ -245,9 +259,11 @@ mod tests {
     #[test]
     fn accepts_a_valid_record() {
         let s = schema();
-        s.validate(&obj(json!({"name": "Ada", "age": 36, "score": 1, "vip": true,
-            "born": "1815-12-10T00:00:00Z", "extra": {"a": [1]}, "nick": null})))
-            .unwrap();
+        s.validate(&obj(
+            json!({"name": "Ada", "age": 36, "score": 1, "vip": true,
+            "born": "1815-12-10T00:00:00Z", "extra": {"a": [1]}, "nick": null}),
+        ))
+        .unwrap();
     }
 
     #[test]
@@ -257,13 +273,21 @@ mod tests {
         assert_eq!(e.to_string(), "field 'name' must be string, got an int");
         let e = s.validate(&obj(json!({"name": "a"}))).unwrap_err();
         assert_eq!(e.to_string(), "required field 'age' is missing");
-        let e = s.validate(&obj(json!({"name": "a", "age": 1, "zzz": 1}))).unwrap_err();
+        let e = s
+            .validate(&obj(json!({"name": "a", "age": 1, "zzz": 1})))
+            .unwrap_err();
         assert_eq!(e.to_string(), "field 'zzz' is not in the schema");
-        let e = s.validate(&obj(json!({"name": null, "age": 1}))).unwrap_err();
+        let e = s
+            .validate(&obj(json!({"name": null, "age": 1})))
+            .unwrap_err();
         assert!(e.to_string().contains("got null"));
-        let e = s.validate(&obj(json!({"name": "a", "age": 1.5}))).unwrap_err();
+        let e = s
+            .validate(&obj(json!({"name": "a", "age": 1.5})))
+            .unwrap_err();
         assert!(e.to_string().contains("must be int"));
-        let e = s.validate(&obj(json!({"name": "a", "age": 1, "born": "yesterday"}))).unwrap_err();
+        let e = s
+            .validate(&obj(json!({"name": "a", "age": 1, "born": "yesterday"})))
+            .unwrap_err();
         assert!(e.to_string().contains("'born' must be timestamp?"));
     }
 

@@ -18,6 +18,19 @@
 //! token = { file = "secrets/order-service.token" }
 //! ```
 //!
+//! Moving to the distributed deployment changes only this file: the feed
+//! becomes JetStream (for the hub, which then serves its HTTP API in front of
+//! JetStream, and for the agent) and the store becomes the consumer's
+//! PostgreSQL:
+//!
+//! ```toml
+//! [hub]
+//! jetstream = { url = "nats://127.0.0.1:4222", replicas = 3 }
+//! [agent]
+//! jetstream = { url = "nats://127.0.0.1:4222", user = "order-service", password = { env = "NATS_PASSWORD" } }
+//! store = { postgres = "host=127.0.0.1 user=order_agent dbname=orders", schema = "spoke", readers = ["order_app"] }
+//! ```
+//!
 //! Raw TOML and the resolved config are separate stages: [`DeploymentConfig::load`]
 //! validates everything once, with the field path in each error, and resolves
 //! relative paths against the config file's folder. Secrets are read from the
@@ -50,12 +63,19 @@ impl SecretSource {
     /// Reads the secret; `what` names it in errors.
     pub fn read(&self, what: &str) -> Result<String, ConfigError> {
         let value = match self {
-            SecretSource::Env(var) => std::env::var(var).map_err(|_| ConfigError::new(what, format!("environment variable {var} is not set")))?,
-            SecretSource::File(path) => std::fs::read_to_string(path).map_err(|e| ConfigError::new(what, format!("cannot read {}: {e}", path.display())))?,
+            SecretSource::Env(var) => std::env::var(var).map_err(|_| {
+                ConfigError::new(what, format!("environment variable {var} is not set"))
+            })?,
+            SecretSource::File(path) => std::fs::read_to_string(path).map_err(|e| {
+                ConfigError::new(what, format!("cannot read {}: {e}", path.display()))
+            })?,
         };
         let value = value.trim().to_owned();
         if value.is_empty() {
-            return Err(ConfigError::new(what, format!("the token from {self:?} is empty")));
+            return Err(ConfigError::new(
+                what,
+                format!("the token from {self:?} is empty"),
+            ));
         }
         Ok(value)
     }
@@ -71,7 +91,10 @@ pub struct ConfigError {
 
 impl ConfigError {
     pub fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
-        ConfigError { path: path.into(), message: message.into() }
+        ConfigError {
+            path: path.into(),
+            message: message.into(),
+        }
     }
 }
 
@@ -90,6 +113,20 @@ struct RawHub {
     data_dir: Option<PathBuf>,
     #[serde(default)]
     tokens: BTreeMap<String, SecretSource>,
+    jetstream: Option<RawJetStream>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawJetStream {
+    url: String,
+    replicas: Option<usize>,
+    #[serde(default)]
+    memory: bool,
+    stream_prefix: Option<String>,
+    subject_prefix: Option<String>,
+    user: Option<String>,
+    password: Option<SecretSource>,
 }
 
 #[derive(Deserialize)]
@@ -99,14 +136,107 @@ struct RawAgent {
     listen: Option<String>,
     data_dir: Option<PathBuf>,
     hub: Option<String>,
+    jetstream: Option<RawJetStream>,
     store: Option<RawStore>,
     token: Option<SecretSource>,
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "lowercase")]
-enum RawStore {
-    Sqlite(PathBuf),
+#[serde(deny_unknown_fields)]
+struct RawStore {
+    sqlite: Option<PathBuf>,
+    postgres: Option<String>,
+    password: Option<SecretSource>,
+    schema: Option<String>,
+    #[serde(default)]
+    readers: Vec<String>,
+}
+
+/// A JetStream feed, resolved (the password is read when connecting).
+#[derive(Debug, Clone)]
+pub struct JetStreamConfig {
+    pub url: String,
+    pub replicas: usize,
+    pub memory: bool,
+    pub stream_prefix: Option<String>,
+    pub subject_prefix: Option<String>,
+    pub user: Option<String>,
+    pub password: Option<SecretSource>,
+}
+
+impl JetStreamConfig {
+    /// The connection options, with the password read from its source.
+    pub fn options(
+        &self,
+        path: &str,
+    ) -> Result<crate::feed::jetstream::JetStreamOptions, ConfigError> {
+        let mut o = crate::feed::jetstream::JetStreamOptions::new(&self.url);
+        o.replicas = self.replicas;
+        o.memory_storage = self.memory;
+        if let Some(p) = &self.stream_prefix {
+            o.stream_prefix = p.clone();
+        }
+        if let Some(p) = &self.subject_prefix {
+            o.subject_prefix = p.clone();
+        }
+        o.user = self.user.clone();
+        o.password = self
+            .password
+            .as_ref()
+            .map(|p| p.read(&format!("{path}.password")))
+            .transpose()?;
+        Ok(o)
+    }
+}
+
+fn jetstream(path: &str, raw: RawJetStream) -> Result<JetStreamConfig, ConfigError> {
+    if !raw.url.starts_with("nats://") && !raw.url.starts_with("tls://") {
+        return Err(ConfigError::new(
+            format!("{path}.url"),
+            format!("'{}' must start with nats:// or tls://", raw.url),
+        ));
+    }
+    let replicas = raw.replicas.unwrap_or(1);
+    if !(1..=5).contains(&replicas) {
+        return Err(ConfigError::new(
+            format!("{path}.replicas"),
+            format!("must be between 1 and 5, got {replicas}"),
+        ));
+    }
+    if raw.password.is_some() && raw.user.is_none() {
+        return Err(ConfigError::new(
+            format!("{path}.password"),
+            "given without a user",
+        ));
+    }
+    Ok(JetStreamConfig {
+        url: raw.url,
+        replicas,
+        memory: raw.memory,
+        stream_prefix: raw.stream_prefix,
+        subject_prefix: raw.subject_prefix,
+        user: raw.user,
+        password: raw.password,
+    })
+}
+
+/// Where a hub keeps its feeds.
+#[derive(Debug, Clone)]
+pub enum HubFeedConfig {
+    /// The embedded SQLite log in the hub's data directory.
+    Embedded,
+    /// JetStream; the hub serves its HTTP API in front of it.
+    JetStream(JetStreamConfig),
+}
+
+/// Where an agent reads its feeds.
+#[derive(Debug, Clone)]
+pub enum FeedConfig {
+    Hub {
+        url: String,
+        token: Option<SecretSource>,
+    },
+    JetStream(JetStreamConfig),
 }
 
 /// The hub role, resolved.
@@ -116,12 +246,49 @@ pub struct HubConfig {
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
     pub tokens: BTreeMap<String, SecretSource>,
+    pub feed: HubFeedConfig,
 }
 
 /// Where a consumer's copies live.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreConfig {
     Sqlite(PathBuf),
+    Postgres {
+        url: String,
+        password: Option<SecretSource>,
+        schema: String,
+        readers: Vec<String>,
+    },
+}
+
+impl StoreConfig {
+    /// The PostgreSQL connection options, with the password read from its source.
+    pub fn postgres_options(
+        &self,
+    ) -> Result<Option<crate::copy::postgres::PostgresOptions>, ConfigError> {
+        let StoreConfig::Postgres {
+            url,
+            password,
+            schema,
+            readers,
+        } = self
+        else {
+            return Ok(None);
+        };
+        let mut url = url.clone();
+        if let Some(p) = password {
+            let p = p.read("agent.store.password")?;
+            url = format!(
+                "{url} password='{}'",
+                p.replace('\\', "\\\\").replace('\'', "\\'")
+            );
+        }
+        Ok(Some(crate::copy::postgres::PostgresOptions {
+            url,
+            schema: schema.clone(),
+            readers: readers.clone(),
+        }))
+    }
 }
 
 /// The agent role, resolved.
@@ -131,9 +298,8 @@ pub struct AgentConfig {
     pub consumer: String,
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
-    pub hub: String,
+    pub feed: FeedConfig,
     pub store: StoreConfig,
-    pub token: Option<SecretSource>,
 }
 
 /// A whole deployment config file.
@@ -146,7 +312,12 @@ pub struct DeploymentConfig {
 
 fn listen(path: &str, v: Option<String>) -> Result<SocketAddr, ConfigError> {
     let v = v.ok_or_else(|| ConfigError::new(path, "missing (e.g. \"127.0.0.1:7070\")"))?;
-    v.parse().map_err(|_| ConfigError::new(path, format!("'{v}' is not an address such as 127.0.0.1:7070")))
+    v.parse().map_err(|_| {
+        ConfigError::new(
+            path,
+            format!("'{v}' is not an address such as 127.0.0.1:7070"),
+        )
+    })
 }
 
 /// Checks a hub URL: http(s), a host, no trailing junk.
@@ -154,7 +325,9 @@ pub fn check_url(path: &str, url: &str) -> Result<String, ConfigError> {
     let rest = url
         .strip_prefix("http://")
         .or_else(|| url.strip_prefix("https://"))
-        .ok_or_else(|| ConfigError::new(path, format!("'{url}' must start with http:// or https://")))?;
+        .ok_or_else(|| {
+            ConfigError::new(path, format!("'{url}' must start with http:// or https://"))
+        })?;
     if rest.trim_end_matches('/').is_empty() || rest.contains(char::is_whitespace) {
         return Err(ConfigError::new(path, format!("'{url}' has no host")));
     }
@@ -164,7 +337,8 @@ pub fn check_url(path: &str, url: &str) -> Result<String, ConfigError> {
 impl DeploymentConfig {
     pub fn load(file: &Path) -> Result<Self, ConfigError> {
         let shown = file.display().to_string();
-        let text = std::fs::read_to_string(file).map_err(|e| ConfigError::new(&shown, format!("cannot read: {e}")))?;
+        let text = std::fs::read_to_string(file)
+            .map_err(|e| ConfigError::new(&shown, format!("cannot read: {e}")))?;
         let base = file.parent().map(Path::to_path_buf).unwrap_or_default();
         Self::parse(&shown, &text, &base)
     }
@@ -172,24 +346,46 @@ impl DeploymentConfig {
     /// Parses config text; relative paths resolve against `base`.
     pub fn parse(file: &str, text: &str, base: &Path) -> Result<Self, ConfigError> {
         let raw: RawConfig = toml::from_str(text).map_err(|e| {
-            let line = e.span().map(|s| text[..s.start].matches('\n').count() + 1).unwrap_or(0);
-            ConfigError::new(format!("{file}:{line}"), e.message().trim().replace('\n', " "))
+            let line = e
+                .span()
+                .map(|s| text[..s.start].matches('\n').count() + 1)
+                .unwrap_or(0);
+            ConfigError::new(
+                format!("{file}:{line}"),
+                e.message().trim().replace('\n', " "),
+            )
         })?;
         let at = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
-        let manifest = raw.manifest.map(at).ok_or_else(|| ConfigError::new("manifest", "missing: the path of the manifest"))?;
+        let manifest = raw
+            .manifest
+            .map(at)
+            .ok_or_else(|| ConfigError::new("manifest", "missing: the path of the manifest"))?;
         let hub = raw
             .hub
             .map(|h| -> Result<HubConfig, ConfigError> {
                 for name in h.tokens.keys() {
                     if !spoke_core::manifest::is_service_name(name) {
-                        return Err(ConfigError::new(format!("hub.tokens.{name}"), "not a valid service name"));
+                        return Err(ConfigError::new(
+                            format!("hub.tokens.{name}"),
+                            "not a valid service name",
+                        ));
                     }
                 }
                 Ok(HubConfig {
                     manifest: manifest.clone(),
                     listen: listen("hub.listen", h.listen)?,
-                    data_dir: at(h.data_dir.ok_or_else(|| ConfigError::new("hub.data_dir", "missing: where the hub keeps its log"))?),
-                    tokens: h.tokens.into_iter().map(|(k, v)| (k, resolve_secret(v, &at))).collect(),
+                    data_dir: at(h.data_dir.ok_or_else(|| {
+                        ConfigError::new("hub.data_dir", "missing: where the hub keeps its log")
+                    })?),
+                    tokens: h
+                        .tokens
+                        .into_iter()
+                        .map(|(k, v)| (k, resolve_secret(v, &at)))
+                        .collect(),
+                    feed: match h.jetstream {
+                        None => HubFeedConfig::Embedded,
+                        Some(j) => HubFeedConfig::JetStream(jetstream("hub.jetstream", j)?),
+                    },
                 })
             })
             .transpose()?;
@@ -198,29 +394,60 @@ impl DeploymentConfig {
             .map(|a| -> Result<AgentConfig, ConfigError> {
                 let data_dir = at(a.data_dir.ok_or_else(|| ConfigError::new("agent.data_dir", "missing: where the agent keeps its state"))?);
                 let store = match a.store {
-                    Some(RawStore::Sqlite(p)) => StoreConfig::Sqlite(at(p)),
                     None => StoreConfig::Sqlite(data_dir.join("copies.db")),
+                    Some(RawStore { sqlite: Some(p), postgres: None, password: None, schema: None, readers }) if readers.is_empty() => StoreConfig::Sqlite(at(p)),
+                    Some(RawStore { sqlite: None, postgres: Some(url), password, schema, readers }) => {
+                        let schema = schema.unwrap_or_else(|| crate::copy::postgres::DEFAULT_SCHEMA.to_owned());
+                        if !spoke_core::manifest::is_identifier(&schema) {
+                            return Err(ConfigError::new("agent.store.schema", format!("'{schema}' must be a lowercase identifier")));
+                        }
+                        if let Some(r) = readers.iter().find(|r| !spoke_core::manifest::is_identifier(r)) {
+                            return Err(ConfigError::new("agent.store.readers", format!("role '{r}' must be a lowercase identifier")));
+                        }
+                        StoreConfig::Postgres { url, password: password.map(|p| resolve_secret(p, &at)), schema, readers }
+                    }
+                    Some(_) => return Err(ConfigError::new("agent.store", "give either sqlite = \"PATH\" or postgres = \"CONNECTION\" (with optional password, schema, readers)")),
+                };
+                let token = a.token.map(|t| resolve_secret(t, &at));
+                let feed = match (a.hub, a.jetstream) {
+                    (Some(hub), None) => FeedConfig::Hub { url: check_url("agent.hub", &hub)?, token },
+                    (None, Some(j)) => FeedConfig::JetStream(jetstream("agent.jetstream", j)?),
+                    (Some(_), Some(_)) => return Err(ConfigError::new("agent", "give either hub or jetstream, not both")),
+                    (None, None) => return Err(ConfigError::new("agent.hub", "missing: the hub's URL (or a jetstream = { url = … } table)")),
                 };
                 Ok(AgentConfig {
                     manifest: manifest.clone(),
                     consumer: a.consumer.ok_or_else(|| ConfigError::new("agent.consumer", "missing: the service whose copies this agent keeps"))?,
                     listen: listen("agent.listen", a.listen)?,
                     data_dir,
-                    hub: check_url("agent.hub", &a.hub.ok_or_else(|| ConfigError::new("agent.hub", "missing: the hub's URL"))?)?,
+                    feed,
                     store,
-                    token: a.token.map(|t| resolve_secret(t, &at)),
                 })
             })
             .transpose()?;
-        Ok(DeploymentConfig { file: PathBuf::from(file), hub, agent })
+        Ok(DeploymentConfig {
+            file: PathBuf::from(file),
+            hub,
+            agent,
+        })
     }
 
     pub fn hub(&self) -> Result<&HubConfig, ConfigError> {
-        self.hub.as_ref().ok_or_else(|| ConfigError::new("hub", format!("{} has no [hub] section", self.file.display())))
+        self.hub.as_ref().ok_or_else(|| {
+            ConfigError::new(
+                "hub",
+                format!("{} has no [hub] section", self.file.display()),
+            )
+        })
     }
 
     pub fn agent(&self) -> Result<&AgentConfig, ConfigError> {
-        self.agent.as_ref().ok_or_else(|| ConfigError::new("agent", format!("{} has no [agent] section", self.file.display())))
+        self.agent.as_ref().ok_or_else(|| {
+            ConfigError::new(
+                "agent",
+                format!("{} has no [agent] section", self.file.display()),
+            )
+        })
     }
 }
 
@@ -257,21 +484,95 @@ token = { file = "secrets/order.token" }
         assert_eq!(hub.manifest, Path::new("/etc/spoke/manifest.toml"));
         assert_eq!(hub.data_dir, Path::new("/etc/spoke/data/hub"));
         let agent = c.agent().unwrap();
-        assert_eq!(agent.hub, "http://127.0.0.1:7070");
-        assert_eq!(agent.store, StoreConfig::Sqlite("/etc/spoke/data/order/copies.db".into()));
-        assert_eq!(agent.token, Some(SecretSource::File("/etc/spoke/secrets/order.token".into())));
+        match &agent.feed {
+            FeedConfig::Hub { url, token } => {
+                assert_eq!(url, "http://127.0.0.1:7070");
+                assert_eq!(
+                    token,
+                    &Some(SecretSource::File("/etc/spoke/secrets/order.token".into()))
+                );
+            }
+            other => panic!("expected a hub feed, got {other:?}"),
+        }
+        assert_eq!(
+            agent.store,
+            StoreConfig::Sqlite("/etc/spoke/data/order/copies.db".into())
+        );
+    }
+
+    #[test]
+    fn switches_to_jetstream_and_postgres_by_config_alone() {
+        let text = r#"
+manifest = "m.toml"
+[hub]
+listen = "127.0.0.1:7070"
+data_dir = "d"
+jetstream = { url = "nats://127.0.0.1:4222", replicas = 3 }
+[agent]
+consumer = "order-service"
+listen = "127.0.0.1:7071"
+data_dir = "d2"
+jetstream = { url = "nats://127.0.0.1:4222", user = "order-service", password = { env = "X" } }
+store = { postgres = "host=127.0.0.1 dbname=orders", schema = "copies", readers = ["order_app"] }
+"#;
+        let c = DeploymentConfig::parse("spoke.toml", text, Path::new("/")).unwrap();
+        assert!(matches!(&c.hub().unwrap().feed, HubFeedConfig::JetStream(j) if j.replicas == 3));
+        let a = c.agent().unwrap();
+        assert!(
+            matches!(&a.feed, FeedConfig::JetStream(j) if j.user.as_deref() == Some("order-service"))
+        );
+        assert!(
+            matches!(&a.store, StoreConfig::Postgres { schema, readers, .. } if schema == "copies" && readers == &["order_app"])
+        );
+        let e = |t: &str| {
+            DeploymentConfig::parse("spoke.toml", t, Path::new("/"))
+                .unwrap_err()
+                .to_string()
+        };
+        assert_eq!(
+            e(&text.replace("replicas = 3", "replicas = 9")),
+            "hub.jetstream.replicas: must be between 1 and 5, got 9"
+        );
+        assert_eq!(
+            e(&text.replace("nats://127.0.0.1:4222\", user", "http://x\", user")),
+            "agent.jetstream.url: 'http://x' must start with nats:// or tls://"
+        );
+        assert_eq!(
+            e(&text.replace("schema = \"copies\"", "schema = \"Bad Name\"")),
+            "agent.store.schema: 'Bad Name' must be a lowercase identifier"
+        );
+        assert!(e(&text.replace(
+            "store = { postgres",
+            "hub = \"http://h\"\nstore = { postgres"
+        ))
+        .contains("either hub or jetstream"));
     }
 
     #[test]
     fn errors_name_the_field() {
-        let e = |text: &str| DeploymentConfig::parse("spoke.toml", text, Path::new("/")).unwrap_err().to_string();
+        let e = |text: &str| {
+            DeploymentConfig::parse("spoke.toml", text, Path::new("/"))
+                .unwrap_err()
+                .to_string()
+        };
         assert_eq!(e("[hub]\n"), "manifest: missing: the path of the manifest");
-        assert_eq!(e("manifest = \"m\"\n[hub]\nlisten = \"nowhere\"\ndata_dir = \"d\"\n"), "hub.listen: 'nowhere' is not an address such as 127.0.0.1:7070");
-        assert!(e("manifest = \"m\"\n[agent]\ncolour = 1\n").starts_with("spoke.toml:3: unknown field `colour`"));
+        assert_eq!(
+            e("manifest = \"m\"\n[hub]\nlisten = \"nowhere\"\ndata_dir = \"d\"\n"),
+            "hub.listen: 'nowhere' is not an address such as 127.0.0.1:7070"
+        );
+        assert!(e("manifest = \"m\"\n[agent]\ncolour = 1\n")
+            .starts_with("spoke.toml:3: unknown field `colour`"));
         let bad_hub = FULL.replace("http://127.0.0.1:7070/", "ftp://x");
-        assert_eq!(e(&bad_hub), "agent.hub: 'ftp://x' must start with http:// or https://");
-        let c = DeploymentConfig::parse("spoke.toml", "manifest = \"m\"\n", Path::new("/")).unwrap();
-        assert_eq!(c.agent().unwrap_err().to_string(), "agent: spoke.toml has no [agent] section");
+        assert_eq!(
+            e(&bad_hub),
+            "agent.hub: 'ftp://x' must start with http:// or https://"
+        );
+        let c =
+            DeploymentConfig::parse("spoke.toml", "manifest = \"m\"\n", Path::new("/")).unwrap();
+        assert_eq!(
+            c.agent().unwrap_err().to_string(),
+            "agent: spoke.toml has no [agent] section"
+        );
     }
 
     #[test]
@@ -279,7 +580,12 @@ token = { file = "secrets/order.token" }
         let c = DeploymentConfig::parse("spoke.toml", FULL, Path::new("/")).unwrap();
         let shown = format!("{c:?}");
         assert!(shown.contains("env:SPOKE_TEST_TOKEN"));
-        let e = SecretSource::Env("SPOKE_TEST_SURELY_UNSET_VAR".into()).read("hub.tokens.x").unwrap_err();
-        assert_eq!(e.to_string(), "hub.tokens.x: environment variable SPOKE_TEST_SURELY_UNSET_VAR is not set");
+        let e = SecretSource::Env("SPOKE_TEST_SURELY_UNSET_VAR".into())
+            .read("hub.tokens.x")
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "hub.tokens.x: environment variable SPOKE_TEST_SURELY_UNSET_VAR is not set"
+        );
     }
 }

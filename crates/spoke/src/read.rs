@@ -76,16 +76,32 @@ pub struct Copies {
 
 impl Copies {
     /// The copies `consumer` keeps according to `manifest`, read from `store`.
-    pub fn new(manifest: &Manifest, consumer: &str, store: Arc<dyn CopyStore>, clock: Clock) -> Self {
+    pub fn new(
+        manifest: &Manifest,
+        consumer: &str,
+        store: Arc<dyn CopyStore>,
+        clock: Clock,
+    ) -> Self {
         let copies = manifest
             .subscriptions_of(consumer)
             .filter(|s| s.strategy.follows_feed())
             .filter_map(|s| {
                 let ds = manifest.datasets.get(&s.dataset)?;
-                Some((s.dataset.clone(), CopyInfo { owner: ds.owner.clone(), strategy: s.strategy, budget: s.staleness_budget }))
+                Some((
+                    s.dataset.clone(),
+                    CopyInfo {
+                        owner: ds.owner.clone(),
+                        strategy: s.strategy,
+                        budget: s.staleness_budget,
+                    },
+                ))
             })
             .collect();
-        Copies { store, copies: Arc::new(copies), clock }
+        Copies {
+            store,
+            copies: Arc::new(copies),
+            clock,
+        }
     }
 
     pub fn datasets(&self) -> impl Iterator<Item = &str> {
@@ -93,7 +109,9 @@ impl Copies {
     }
 
     fn info(&self, dataset: &str) -> Result<&CopyInfo, ReadError> {
-        self.copies.get(dataset).ok_or_else(|| ReadError::NotACopy(dataset.to_owned()))
+        self.copies
+            .get(dataset)
+            .ok_or_else(|| ReadError::NotACopy(dataset.to_owned()))
     }
 
     /// The record for `key`, with the copy's freshness; `None` when absent.
@@ -104,7 +122,9 @@ impl Copies {
         };
         let cursor = self.store.cursor(dataset).await?;
         let now = self.clock.now_ms();
-        let f = Freshness { fresh_as_of_ms: cursor.fresh_as_of_ms };
+        let f = Freshness {
+            fresh_as_of_ms: cursor.fresh_as_of_ms,
+        };
         Ok(Some(Read {
             dataset: dataset.to_owned(),
             key: rec.key,
@@ -118,12 +138,19 @@ impl Copies {
     }
 
     /// The standing of one copy; `head` and `last_error` come from a running agent when there is one.
-    pub async fn status(&self, dataset: &str, head: Option<u64>, last_error: Option<String>) -> Result<CopyStatus, ReadError> {
+    pub async fn status(
+        &self,
+        dataset: &str,
+        head: Option<u64>,
+        last_error: Option<String>,
+    ) -> Result<CopyStatus, ReadError> {
         let info = self.info(dataset)?;
         let cursor = self.store.cursor(dataset).await?;
         let records = self.store.count(dataset).await?;
         let now = self.clock.now_ms();
-        let f = Freshness { fresh_as_of_ms: cursor.fresh_as_of_ms };
+        let f = Freshness {
+            fresh_as_of_ms: cursor.fresh_as_of_ms,
+        };
         Ok(CopyStatus {
             dataset: dataset.to_owned(),
             owner: info.owner.clone(),

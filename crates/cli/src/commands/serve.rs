@@ -6,10 +6,18 @@ use std::sync::Arc;
 
 use anyhow::{anyhow, Context};
 use spoke::agent::{http as agent_http, Agent};
-use spoke::config::{AgentConfig, DeploymentConfig, HubConfig, SecretSource, StoreConfig};
+use spoke::config::{
+    AgentConfig, DeploymentConfig, FeedConfig, HubConfig, HubFeedConfig, JetStreamConfig,
+    SecretSource, StoreConfig,
+};
+use spoke::copy::postgres::PostgresCopyStore;
 use spoke::copy::sqlite::SqliteCopyStore;
+use spoke::copy::CopyStore;
 use spoke::feed::http::HubClient;
+use spoke::feed::jetstream::JetStreamFeed;
 use spoke::feed::sqlite::SqliteFeed;
+use spoke::feed::{Feed, Publisher};
+use spoke::hub::FeedBackend;
 use spoke::hub::{self, Tokens};
 use spoke::outbox::relay::Relay;
 use spoke::outbox::sqlite::SqliteOutbox;
@@ -29,7 +37,9 @@ fn on_signal(trigger: spoke::shutdown::ShutdownTrigger) {
         let ctrl_c = tokio::signal::ctrl_c();
         #[cfg(unix)]
         {
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("SIGTERM handler");
             tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
         }
         #[cfg(not(unix))]
@@ -43,23 +53,58 @@ fn hub_config(args: HubArgs) -> anyhow::Result<HubConfig> {
         return Ok(DeploymentConfig::load(&config)?.hub()?.clone());
     }
     match (args.manifest, args.listen, args.data) {
-        (Some(manifest), Some(listen), Some(data_dir)) => Ok(HubConfig { manifest, listen, data_dir, tokens: BTreeMap::new() }),
-        _ => Err(anyhow!("give --config FILE, or --manifest M --listen ADDR --data DIR")),
+        (Some(manifest), Some(listen), Some(data_dir)) => Ok(HubConfig {
+            manifest,
+            listen,
+            data_dir,
+            tokens: BTreeMap::new(),
+            feed: match args.jetstream {
+                None => HubFeedConfig::Embedded,
+                Some(url) => HubFeedConfig::JetStream(jetstream_flag(url)),
+            },
+        }),
+        _ => Err(anyhow!(
+            "give --config FILE, or --manifest M --listen ADDR --data DIR"
+        )),
     }
 }
 
 pub fn hub(args: HubArgs) -> anyhow::Result<ExitCode> {
     let cfg = hub_config(args)?;
     let manifest = Arc::new(load_manifest(&cfg.manifest)?);
-    let tokens: BTreeMap<String, String> = cfg.tokens.iter().map(|(svc, src)| Ok((svc.clone(), src.read(&format!("hub.tokens.{svc}"))?))).collect::<anyhow::Result<_>>()?;
-    std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("creating {}", cfg.data_dir.display()))?;
+    let tokens: BTreeMap<String, String> = cfg
+        .tokens
+        .iter()
+        .map(|(svc, src)| Ok((svc.clone(), src.read(&format!("hub.tokens.{svc}"))?)))
+        .collect::<anyhow::Result<_>>()?;
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("creating {}", cfg.data_dir.display()))?;
     runtime()?.block_on(async move {
-        let feed = Arc::new(SqliteFeed::open(&cfg.data_dir.join("hub.db"), &manifest)?);
-        let listener = tokio::net::TcpListener::bind(cfg.listen).await.with_context(|| format!("binding {}", cfg.listen))?;
-        eprintln!("spoke hub listening on http://{} ({} datasets, data in {})", listener.local_addr()?, manifest.datasets.len(), cfg.data_dir.display());
+        let feed: Arc<dyn FeedBackend> = match &cfg.feed {
+            HubFeedConfig::Embedded => {
+                Arc::new(SqliteFeed::open(&cfg.data_dir.join("hub.db"), &manifest)?)
+            }
+            HubFeedConfig::JetStream(j) => {
+                Arc::new(JetStreamFeed::connect(j.options("hub.jetstream")?, &manifest).await?)
+            }
+        };
+        let listener = tokio::net::TcpListener::bind(cfg.listen)
+            .await
+            .with_context(|| format!("binding {}", cfg.listen))?;
+        eprintln!(
+            "spoke hub listening on http://{} ({} datasets, data in {})",
+            listener.local_addr()?,
+            manifest.datasets.len(),
+            cfg.data_dir.display()
+        );
         let (trigger, shutdown) = shutdown_channel();
         on_signal(trigger);
-        hub::serve(listener, hub::router(feed, manifest, Tokens::new(&tokens)), shutdown.signal()).await?;
+        hub::serve(
+            listener,
+            hub::router(feed, manifest, Tokens::new(&tokens)),
+            shutdown.signal(),
+        )
+        .await?;
         Ok(ExitCode::SUCCESS)
     })
 }
@@ -68,35 +113,98 @@ pub fn agent_config(args: AgentArgs) -> anyhow::Result<AgentConfig> {
     if let Some(config) = args.config {
         return Ok(DeploymentConfig::load(&config)?.agent()?.clone());
     }
-    match (args.manifest, args.consumer, args.hub, args.listen, args.data) {
-        (Some(manifest), Some(consumer), Some(hub), Some(listen), Some(data_dir)) => Ok(AgentConfig {
+    match (args.manifest, args.consumer, args.listen, args.data) {
+        (Some(manifest), Some(consumer), Some(listen), Some(data_dir)) => Ok(AgentConfig {
             manifest,
             consumer,
             listen,
-            hub: spoke::config::check_url("--hub", &hub)?,
-            store: StoreConfig::Sqlite(data_dir.join("copies.db")),
+            feed: match (args.hub, args.jetstream) {
+                (Some(hub), None) => FeedConfig::Hub { url: spoke::config::check_url("--hub", &hub)?, token: args.token_env.map(SecretSource::Env) },
+                (None, Some(url)) => FeedConfig::JetStream(jetstream_flag(url)),
+                _ => return Err(anyhow!("give exactly one of --hub URL or --jetstream URL")),
+            },
+            store: match args.postgres {
+                None => StoreConfig::Sqlite(data_dir.join("copies.db")),
+                Some(url) => StoreConfig::Postgres { url, password: None, schema: spoke::copy::postgres::DEFAULT_SCHEMA.to_owned(), readers: Vec::new() },
+            },
             data_dir,
-            token: args.token_env.map(SecretSource::Env),
         }),
-        _ => Err(anyhow!("give --config FILE, or --manifest M --consumer NAME --hub URL --listen ADDR --data DIR")),
+        _ => Err(anyhow!("give --config FILE, or --manifest M --consumer NAME (--hub URL | --jetstream URL) --listen ADDR --data DIR")),
     }
 }
 
 /// Runs an agent until `shutdown`; used by the CLI and by in-process wiring.
 pub async fn run_agent(cfg: AgentConfig, shutdown: Shutdown) -> anyhow::Result<()> {
     let manifest = Arc::new(load_manifest(&cfg.manifest)?);
-    let token = cfg.token.as_ref().map(|t| t.read("agent.token")).transpose()?;
-    std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("creating {}", cfg.data_dir.display()))?;
-    let StoreConfig::Sqlite(path) = &cfg.store;
-    let store = Arc::new(SqliteCopyStore::open(path)?);
-    let feed = Arc::new(HubClient::new(&cfg.hub, token));
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("creating {}", cfg.data_dir.display()))?;
+    let store = open_store(&cfg.store).await?;
+    let (feed, feed_name): (Arc<dyn Feed>, String) = match &cfg.feed {
+        FeedConfig::Hub { url, token } => (
+            Arc::new(HubClient::new(
+                url,
+                token.as_ref().map(|t| t.read("agent.token")).transpose()?,
+            )),
+            format!("hub {url}"),
+        ),
+        FeedConfig::JetStream(j) => (
+            Arc::new(JetStreamFeed::connect(j.options("agent.jetstream")?, &manifest).await?),
+            format!("jetstream {}", j.url),
+        ),
+    };
     let agent = Arc::new(Agent::new(manifest, &cfg.consumer, feed, store)?);
-    let listener = tokio::net::TcpListener::bind(cfg.listen).await.with_context(|| format!("binding {}", cfg.listen))?;
-    eprintln!("spoke agent for {} listening on http://{} (hub {}, copies in {})", cfg.consumer, listener.local_addr()?, cfg.hub, path.display());
-    let server = tokio::spawn(hub::serve(listener, agent_http::router(agent.clone()), shutdown.clone().signal()));
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .with_context(|| format!("binding {}", cfg.listen))?;
+    eprintln!(
+        "spoke agent for {} listening on http://{} ({feed_name}, copies in {})",
+        cfg.consumer,
+        listener.local_addr()?,
+        describe_store(&cfg.store)
+    );
+    let server = tokio::spawn(hub::serve(
+        listener,
+        agent_http::router(agent.clone()),
+        shutdown.clone().signal(),
+    ));
     agent.run(shutdown).await?;
     server.await??;
     Ok(())
+}
+
+/// Opens the copy store a config names.
+pub async fn open_store(cfg: &StoreConfig) -> anyhow::Result<Arc<dyn CopyStore>> {
+    Ok(match cfg {
+        StoreConfig::Sqlite(path) => Arc::new(SqliteCopyStore::open(path)?),
+        StoreConfig::Postgres { .. } => Arc::new(
+            PostgresCopyStore::open(
+                cfg.postgres_options()?
+                    .ok_or_else(|| anyhow!("not a postgres store"))?,
+            )
+            .await?,
+        ),
+    })
+}
+
+/// A store's location for messages, without secrets.
+pub fn describe_store(cfg: &StoreConfig) -> String {
+    match cfg {
+        StoreConfig::Sqlite(path) => path.display().to_string(),
+        StoreConfig::Postgres { schema, .. } => format!("postgres schema {schema}"),
+    }
+}
+
+/// JetStream settings from a bare `--jetstream URL` flag.
+fn jetstream_flag(url: String) -> JetStreamConfig {
+    JetStreamConfig {
+        url,
+        replicas: 1,
+        memory: false,
+        stream_prefix: None,
+        subject_prefix: None,
+        user: None,
+        password: None,
+    }
 }
 
 pub fn agent(args: AgentArgs) -> anyhow::Result<ExitCode> {
@@ -110,12 +218,42 @@ pub fn agent(args: AgentArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub fn relay(args: RelayArgs) -> anyhow::Result<ExitCode> {
-    let hub_url = spoke::config::check_url("--hub", &args.hub)?;
-    let token = args.token_env.map(|v| SecretSource::Env(v).read("--token-env")).transpose()?;
     runtime()?.block_on(async move {
         let source = Arc::new(SqliteOutbox::open(&args.outbox)?);
-        let publisher = Arc::new(HubClient::new(&hub_url, token));
-        eprintln!("spoke relay forwarding {} to {hub_url}", args.outbox.display());
+        let (publisher, target): (Arc<dyn Publisher>, String) =
+            match (args.hub, args.jetstream, args.manifest) {
+                (Some(hub), None, _) => {
+                    let url = spoke::config::check_url("--hub", &hub)?;
+                    let token = args
+                        .token_env
+                        .map(|v| SecretSource::Env(v).read("--token-env"))
+                        .transpose()?;
+                    (Arc::new(HubClient::new(&url, token)), url)
+                }
+                (None, Some(url), Some(manifest)) => {
+                    let manifest = load_manifest(&manifest)?;
+                    (
+                        Arc::new(
+                            JetStreamFeed::connect(
+                                jetstream_flag(url.clone()).options("--jetstream")?,
+                                &manifest,
+                            )
+                            .await?,
+                        ),
+                        url,
+                    )
+                }
+                (None, Some(_), None) => {
+                    return Err(anyhow!(
+                "--jetstream needs --manifest (the relay validates changes against the schemas)"
+            ))
+                }
+                _ => return Err(anyhow!("give exactly one of --hub URL or --jetstream URL")),
+            };
+        eprintln!(
+            "spoke relay forwarding {} to {target}",
+            args.outbox.display()
+        );
         let (trigger, shutdown) = shutdown_channel();
         on_signal(trigger);
         Relay::new(source, publisher).run(shutdown).await?;

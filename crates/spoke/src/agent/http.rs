@@ -17,23 +17,46 @@ use crate::feed::http::ErrorBody;
 use crate::read::{CopyStatus, ReadError};
 
 fn error(status: StatusCode, kind: &str, message: String) -> Response {
-    (status, Json(ErrorBody { error: message, kind: kind.to_owned(), index: None })).into_response()
+    (
+        status,
+        Json(ErrorBody {
+            error: message,
+            kind: kind.to_owned(),
+            index: None,
+        }),
+    )
+        .into_response()
 }
 
 fn read_error(e: ReadError) -> Response {
     match e {
-        ReadError::NotACopy(d) => error(StatusCode::NOT_FOUND, "unknown_copy", format!("{d} is not a copy this consumer keeps")),
-        ReadError::Store(e) => error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e.to_string()),
+        ReadError::NotACopy(d) => error(
+            StatusCode::NOT_FOUND,
+            "unknown_copy",
+            format!("{d} is not a copy this consumer keeps"),
+        ),
+        ReadError::Store(e) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            e.to_string(),
+        ),
     }
 }
 
-async fn record(State(agent): State<Arc<Agent>>, Path((dataset, key)): Path<(String, String)>) -> Response {
+async fn record(
+    State(agent): State<Arc<Agent>>,
+    Path((dataset, key)): Path<(String, String)>,
+) -> Response {
     if let Err(e) = validate_key(&key) {
         return error(StatusCode::BAD_REQUEST, "bad_request", format!("key: {e}"));
     }
     match agent.copies().get(&dataset, &key).await {
         Ok(Some(read)) => Json(read).into_response(),
-        Ok(None) => error(StatusCode::NOT_FOUND, "not_found", format!("no record '{key}' in the copy of {dataset}")),
+        Ok(None) => error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no record '{key}' in the copy of {dataset}"),
+        ),
         Err(e) => read_error(e),
     }
 }
@@ -45,14 +68,24 @@ pub async fn statuses(agent: &Agent) -> Result<Vec<CopyStatus>, ReadError> {
     let mut out = Vec::new();
     for dataset in copies.datasets() {
         let p = progress.get(dataset);
-        out.push(copies.status(dataset, p.and_then(|p| p.head()), p.and_then(|p| p.last_error())).await?);
+        out.push(
+            copies
+                .status(
+                    dataset,
+                    p.and_then(|p| p.head()),
+                    p.and_then(|p| p.last_error()),
+                )
+                .await?,
+        );
     }
     Ok(out)
 }
 
 async fn status(State(agent): State<Arc<Agent>>) -> Response {
     match statuses(&agent).await {
-        Ok(s) => Json(serde_json::json!({ "consumer": agent.consumer(), "copies": s })).into_response(),
+        Ok(s) => {
+            Json(serde_json::json!({ "consumer": agent.consumer(), "copies": s })).into_response()
+        }
         Err(e) => read_error(e),
     }
 }
@@ -73,10 +106,16 @@ async fn metrics(State(agent): State<Arc<Agent>>) -> Response {
         .map(|s| Sample {
             status: s,
             budget_ms: budgets.get(s.dataset.as_str()).copied().unwrap_or(0),
-            breaches: progress.get(&s.dataset).map_or(0, |p| p.budget_breaches.load(Ordering::Relaxed)),
+            breaches: progress
+                .get(&s.dataset)
+                .map_or(0, |p| p.budget_breaches.load(Ordering::Relaxed)),
         })
         .collect();
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], render(&samples)).into_response()
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        render(&samples),
+    )
+        .into_response()
 }
 
 /// The agent's router.
@@ -86,6 +125,13 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/status", get(status))
         .route("/metrics", get(metrics))
         .route("/v1/health", get(|| async { "ok" }))
-        .fallback(|| async { error(StatusCode::NOT_FOUND, "not_found", "no such endpoint; see /v1/copies/{dataset}/records/{key}, /v1/status, /metrics".into()) })
+        .fallback(|| async {
+            error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "no such endpoint; see /v1/copies/{dataset}/records/{key}, /v1/status, /metrics"
+                    .into(),
+            )
+        })
         .with_state(agent)
 }

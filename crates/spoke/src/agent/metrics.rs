@@ -27,23 +27,72 @@ pub struct Sample<'a> {
 /// Renders the Prometheus text exposition format.
 pub fn render(samples: &[Sample<'_>]) -> String {
     let mut out = String::new();
-    let mut family = |name: &str, kind: &str, help: &str, value: &dyn Fn(&Sample<'_>) -> Option<f64>| {
-        let _ = writeln!(out, "# HELP {name} {help}");
-        let _ = writeln!(out, "# TYPE {name} {kind}");
-        for s in samples {
-            if let Some(v) = value(s) {
-                let _ = writeln!(out, "{name}{{dataset=\"{}\"}} {v}", s.status.dataset);
+    let mut family =
+        |name: &str, kind: &str, help: &str, value: &dyn Fn(&Sample<'_>) -> Option<f64>| {
+            let _ = writeln!(out, "# HELP {name} {help}");
+            let _ = writeln!(out, "# TYPE {name} {kind}");
+            for s in samples {
+                if let Some(v) = value(s) {
+                    let _ = writeln!(out, "{name}{{dataset=\"{}\"}} {v}", s.status.dataset);
+                }
             }
-        }
-    };
-    family(APPLIED_TOTAL, "counter", "Changes that changed the copy (bootstrap included).", &|s| Some(s.status.applied_total as f64));
-    family(RECEIVED_TOTAL, "counter", "Feed entries received after bootstrap, applied or ignored as stale.", &|s| Some(s.status.received_total as f64));
-    family(FEED_LAG, "gauge", "Feed positions not yet applied (head minus position).", &|s| s.status.lag_positions.map(|l| l as f64));
-    family(STALENESS, "gauge", "Seconds since the copy last held everything the feed held.", &|s| s.status.staleness_ms.map(|ms| ms as f64 / 1000.0));
-    family(BUDGET_SECONDS, "gauge", "The subscription's staleness budget in seconds.", &|s| Some(s.budget_ms as f64 / 1000.0));
-    family(WITHIN_BUDGET, "gauge", "1 when staleness is within the budget, else 0.", &|s| Some(if s.status.within_budget { 1.0 } else { 0.0 }));
-    family(BUDGET_BREACHES, "counter", "Times the copy went over its staleness budget.", &|s| Some(s.breaches as f64));
-    family(RECORDS, "gauge", "Live records in the copy.", &|s| Some(s.status.records as f64));
-    family(COPY_ERROR, "gauge", "1 while the copy's last attempt failed, else 0.", &|s| Some(if s.status.last_error.is_some() { 1.0 } else { 0.0 }));
+        };
+    family(
+        APPLIED_TOTAL,
+        "counter",
+        "Changes that changed the copy (bootstrap included).",
+        &|s| Some(s.status.applied_total as f64),
+    );
+    family(
+        RECEIVED_TOTAL,
+        "counter",
+        "Feed entries received after bootstrap, applied or ignored as stale.",
+        &|s| Some(s.status.received_total as f64),
+    );
+    family(
+        FEED_LAG,
+        "gauge",
+        "Feed positions not yet applied (head minus position).",
+        &|s| s.status.lag_positions.map(|l| l as f64),
+    );
+    family(
+        STALENESS,
+        "gauge",
+        "Seconds since the copy last held everything the feed held.",
+        &|s| s.status.staleness_ms.map(|ms| ms as f64 / 1000.0),
+    );
+    family(
+        BUDGET_SECONDS,
+        "gauge",
+        "The subscription's staleness budget in seconds.",
+        &|s| Some(s.budget_ms as f64 / 1000.0),
+    );
+    family(
+        WITHIN_BUDGET,
+        "gauge",
+        "1 when staleness is within the budget, else 0.",
+        &|s| Some(if s.status.within_budget { 1.0 } else { 0.0 }),
+    );
+    family(
+        BUDGET_BREACHES,
+        "counter",
+        "Times the copy went over its staleness budget.",
+        &|s| Some(s.breaches as f64),
+    );
+    family(RECORDS, "gauge", "Live records in the copy.", &|s| {
+        Some(s.status.records as f64)
+    });
+    family(
+        COPY_ERROR,
+        "gauge",
+        "1 while the copy's last attempt failed, else 0.",
+        &|s| {
+            Some(if s.status.last_error.is_some() {
+                1.0
+            } else {
+                0.0
+            })
+        },
+    );
     out
 }

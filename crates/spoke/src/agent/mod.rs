@@ -82,7 +82,9 @@ impl CopyProgress {
     }
     /// Counts each move from within budget to over budget.
     pub fn check_budget(&self, budget: spoke_core::Duration, now_ms: u64) -> bool {
-        let f = spoke_core::Freshness { fresh_as_of_ms: self.fresh_as_of_ms.load(Ordering::Relaxed) };
+        let f = spoke_core::Freshness {
+            fresh_as_of_ms: self.fresh_as_of_ms.load(Ordering::Relaxed),
+        };
         let within = f.within(budget, now_ms);
         // A copy still starting up (never fresh) is reported as not within
         // budget, but only a copy that was fresh and fell behind is a breach.
@@ -126,16 +128,28 @@ pub enum AgentError {
     #[error("consumer '{0}' is not a service in the manifest")]
     UnknownConsumer(String),
     #[error("{consumer} subscribes to {dataset} with strategy '{strategy}', which this agent does not run yet (only events and cdc copies are kept by the agent)")]
-    UnsupportedStrategy { consumer: String, dataset: String, strategy: String },
+    UnsupportedStrategy {
+        consumer: String,
+        dataset: String,
+        strategy: String,
+    },
 }
 
 impl Agent {
-    pub fn new(manifest: Arc<Manifest>, consumer: &str, feed: Arc<dyn Feed>, store: Arc<dyn CopyStore>) -> Result<Self, AgentError> {
+    pub fn new(
+        manifest: Arc<Manifest>,
+        consumer: &str,
+        feed: Arc<dyn Feed>,
+        store: Arc<dyn CopyStore>,
+    ) -> Result<Self, AgentError> {
         if !manifest.services.contains_key(consumer) {
             return Err(AgentError::UnknownConsumer(consumer.to_owned()));
         }
         for s in manifest.subscriptions_of(consumer) {
-            if matches!(s.strategy, spoke_core::manifest::Strategy::Scheduled | spoke_core::manifest::Strategy::Ttl) {
+            if matches!(
+                s.strategy,
+                spoke_core::manifest::Strategy::Scheduled | spoke_core::manifest::Strategy::Ttl
+            ) {
                 return Err(AgentError::UnsupportedStrategy {
                     consumer: consumer.to_owned(),
                     dataset: s.dataset.clone(),
@@ -181,7 +195,12 @@ impl Agent {
 
     /// The read API over this agent's store.
     pub fn copies(&self) -> Copies {
-        Copies::new(&self.manifest, &self.consumer, self.store.clone(), self.clock.clone())
+        Copies::new(
+            &self.manifest,
+            &self.consumer,
+            self.store.clone(),
+            self.clock.clone(),
+        )
     }
 
     pub fn progress(&self) -> Arc<BTreeMap<String, Arc<CopyProgress>>> {
@@ -201,13 +220,21 @@ impl Agent {
     /// Creates every copy, then follows the feed until `shutdown` fires.
     pub async fn run(self: Arc<Self>, shutdown: Shutdown) -> Result<(), StoreError> {
         let mut tasks = JoinSet::new();
-        for sub in self.manifest.subscriptions_of(&self.consumer).filter(|s| s.strategy.follows_feed()) {
+        for sub in self
+            .manifest
+            .subscriptions_of(&self.consumer)
+            .filter(|s| s.strategy.follows_feed())
+        {
             let Some(spec) = self.spec(sub) else { continue };
             self.store.ensure_copy(&spec).await?;
             let follower = Follower {
                 agent: self.clone(),
                 spec,
-                horizon_ms: self.manifest.datasets.get(&sub.dataset).map_or(0, |d| d.tombstone_horizon.as_millis()),
+                horizon_ms: self
+                    .manifest
+                    .datasets
+                    .get(&sub.dataset)
+                    .map_or(0, |d| d.tombstone_horizon.as_millis()),
                 progress: self.progress[&sub.dataset].clone(),
             };
             let shutdown = shutdown.clone();
@@ -310,10 +337,19 @@ impl Follower {
     }
 
     async fn apply(&self, changes: &[Change], advance: Advance) -> Result<(), Failure> {
-        let out = self.agent.store.apply(self.dataset(), changes, advance).await.map_err(|e| self.store_failure(e))?;
-        self.progress.applied.fetch_add(out.applied, Ordering::Relaxed);
+        let out = self
+            .agent
+            .store
+            .apply(self.dataset(), changes, advance)
+            .await
+            .map_err(|e| self.store_failure(e))?;
+        self.progress
+            .applied
+            .fetch_add(out.applied, Ordering::Relaxed);
         if advance.from_feed {
-            self.progress.received.fetch_add(changes.len() as u64, Ordering::Relaxed);
+            self.progress
+                .received
+                .fetch_add(changes.len() as u64, Ordering::Relaxed);
         }
         if let (Some(obs), false) = (&self.agent.observer, changes.is_empty()) {
             obs(self.dataset(), changes);
@@ -333,8 +369,15 @@ impl Follower {
         let ds = self.dataset().to_owned();
         let opts = &self.agent.options;
         let feed = &self.agent.feed;
-        let cursor = self.agent.store.cursor(&ds).await.map_err(|e| self.store_failure(e))?;
-        self.progress.fresh_as_of_ms.store(cursor.fresh_as_of_ms, Ordering::Relaxed);
+        let cursor = self
+            .agent
+            .store
+            .cursor(&ds)
+            .await
+            .map_err(|e| self.store_failure(e))?;
+        self.progress
+            .fresh_as_of_ms
+            .store(cursor.fresh_as_of_ms, Ordering::Relaxed);
         let mut position = match cursor.position {
             Some(p) => p,
             None => self.bootstrap().await?,
@@ -342,7 +385,10 @@ impl Follower {
         let mut last_gc = std::time::Instant::now();
         loop {
             let sent_at = self.agent.clock.now_ms();
-            let batch = feed.read(&ds, position, opts.batch, opts.wait).await.map_err(|e| self.feed_failure(e))?;
+            let batch = feed
+                .read(&ds, position, opts.batch, opts.wait)
+                .await
+                .map_err(|e| self.feed_failure(e))?;
             if batch.head < position {
                 return Err(Failure::Definite(format!(
                     "the feed's head ({}) is behind this copy's position ({position}): the hub's log was reset or replaced; delete the copy so the agent bootstraps it again",
@@ -361,9 +407,21 @@ impl Follower {
             self.progress.head_known.store(1, Ordering::Relaxed);
             let new_position = batch.entries.last().map_or(position, |e| e.position);
             let fresh = (new_position >= batch.head).then_some(sent_at);
-            let changes: Vec<Change> = batch.entries.into_iter().map(|e| self.project(e.change)).collect();
+            let changes: Vec<Change> = batch
+                .entries
+                .into_iter()
+                .map(|e| self.project(e.change))
+                .collect();
             if !changes.is_empty() || fresh.is_some() {
-                self.apply(&changes, Advance { position: Some(new_position), fresh_as_of_ms: fresh, from_feed: true }).await?;
+                self.apply(
+                    &changes,
+                    Advance {
+                        position: Some(new_position),
+                        fresh_as_of_ms: fresh,
+                        from_feed: true,
+                    },
+                )
+                .await?;
             }
             if let Some(t) = fresh {
                 self.progress.fresh_as_of_ms.store(t, Ordering::Relaxed);
@@ -373,7 +431,12 @@ impl Follower {
             if last_gc.elapsed() >= opts.gc_every {
                 last_gc = std::time::Instant::now();
                 let now = self.agent.clock.now_ms();
-                match self.agent.store.gc_tombstones(&ds, now, self.horizon_ms).await {
+                match self
+                    .agent
+                    .store
+                    .gc_tombstones(&ds, now, self.horizon_ms)
+                    .await
+                {
                     Ok(n) if n > 0 => tracing::info!(dataset = %ds, "collected {n} tombstones"),
                     Ok(_) => {}
                     Err(e) => tracing::warn!(dataset = %ds, "tombstone collection failed: {e}"),
@@ -389,18 +452,39 @@ impl Follower {
         let mut start: Option<Position> = None;
         let mut copied = 0usize;
         loop {
-            let page = self.agent.feed.snapshot(&ds, after.as_deref(), self.agent.options.batch).await.map_err(|e| self.feed_failure(e))?;
+            let page = self
+                .agent
+                .feed
+                .snapshot(&ds, after.as_deref(), self.agent.options.batch)
+                .await
+                .map_err(|e| self.feed_failure(e))?;
             start.get_or_insert(page.head);
             copied += page.records.len();
             let changes: Vec<Change> = page.records.into_iter().map(|c| self.project(c)).collect();
-            self.apply(&changes, Advance { position: None, fresh_as_of_ms: None, from_feed: false }).await?;
+            self.apply(
+                &changes,
+                Advance {
+                    position: None,
+                    fresh_as_of_ms: None,
+                    from_feed: false,
+                },
+            )
+            .await?;
             match page.next_after_key {
                 Some(k) => after = Some(k),
                 None => break,
             }
         }
         let start = start.unwrap_or(0);
-        self.apply(&[], Advance { position: Some(start), fresh_as_of_ms: None, from_feed: false }).await?;
+        self.apply(
+            &[],
+            Advance {
+                position: Some(start),
+                fresh_as_of_ms: None,
+                from_feed: false,
+            },
+        )
+        .await?;
         tracing::info!(dataset = %ds, records = copied, position = start, "bootstrapped from snapshot");
         Ok(start)
     }

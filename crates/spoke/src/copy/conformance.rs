@@ -12,7 +12,15 @@ use crate::clock::Clock;
 
 pub fn schema() -> Schema {
     let mut s = Schema::default();
-    for (n, t) in [("n", "int"), ("label", "string?"), ("flag", "bool?"), ("score", "float?"), ("at", "timestamp?"), ("meta", "json?"), ("secret", "string?")] {
+    for (n, t) in [
+        ("n", "int"),
+        ("label", "string?"),
+        ("flag", "bool?"),
+        ("score", "float?"),
+        ("at", "timestamp?"),
+        ("meta", "json?"),
+        ("secret", "string?"),
+    ] {
         s.fields.insert(n.into(), t.parse().expect("type"));
     }
     s
@@ -21,7 +29,9 @@ pub fn schema() -> Schema {
 /// The copy every rule uses: dataset `items` owned by `owner-svc`, projecting
 /// everything but `secret`.
 pub fn spec() -> CopySpec {
-    let names: Vec<String> = ["n", "label", "flag", "score", "at", "meta"].map(String::from).to_vec();
+    let names: Vec<String> = ["n", "label", "flag", "score", "at", "meta"]
+        .map(String::from)
+        .to_vec();
     CopySpec {
         dataset: "items".into(),
         owner: "owner-svc".into(),
@@ -31,7 +41,9 @@ pub fn spec() -> CopySpec {
 }
 
 pub fn upsert(key: &str, version: Version, n: i64) -> Change {
-    let fields = spec().projection.apply(json!({ "n": n }).as_object().expect("object"));
+    let fields = spec()
+        .projection
+        .apply(json!({ "n": n }).as_object().expect("object"));
     Change {
         dataset: "items".into(),
         key: key.into(),
@@ -84,13 +96,31 @@ where
 async fn newer_versions_apply_and_others_are_ignored<T: CopyStore>(store: T) {
     store.ensure_copy(&spec()).await.expect("ensure");
     let out = store
-        .apply("items", &[upsert("a", 2, 20), upsert("a", 1, 10), upsert("a", 2, 99), upsert("b", 1, 1), upsert("a", 3, 30)], feed_advance(5, 7))
+        .apply(
+            "items",
+            &[
+                upsert("a", 2, 20),
+                upsert("a", 1, 10),
+                upsert("a", 2, 99),
+                upsert("b", 1, 1),
+                upsert("a", 3, 30),
+            ],
+            feed_advance(5, 7),
+        )
         .await
         .expect("apply");
     // Only the newest change per key can survive a batch: a3 and b1 apply;
     // a2 (superseded in the batch), a1 (older) and the duplicate a2 do not.
-    assert_eq!((out.applied, out.ignored), (2, 3), "older, equal and superseded versions are ignored");
-    let a = store.get("items", "a").await.expect("get").expect("a exists");
+    assert_eq!(
+        (out.applied, out.ignored),
+        (2, 3),
+        "older, equal and superseded versions are ignored"
+    );
+    let a = store
+        .get("items", "a")
+        .await
+        .expect("get")
+        .expect("a exists");
     assert_eq!((a.version, a.fields["n"].clone()), (3, json!(30)));
     assert_eq!(store.count("items").await.expect("count"), 2);
     assert!(store.get("items", "zzz").await.expect("get").is_none());
@@ -98,66 +128,183 @@ async fn newer_versions_apply_and_others_are_ignored<T: CopyStore>(store: T) {
 
 async fn tombstones_stop_resurrection<T: CopyStore>(store: T) {
     store.ensure_copy(&spec()).await.expect("ensure");
-    store.apply("items", &[upsert("a", 1, 1), delete("a", 3)], BOOTSTRAP).await.expect("apply");
-    let out = store.apply("items", &[upsert("a", 2, 2)], BOOTSTRAP).await.expect("apply");
-    assert_eq!(out.ignored, 1, "an upsert older than the tombstone is ignored");
-    assert!(store.get("items", "a").await.expect("get").is_none(), "the record stays deleted");
+    store
+        .apply("items", &[upsert("a", 1, 1), delete("a", 3)], BOOTSTRAP)
+        .await
+        .expect("apply");
+    let out = store
+        .apply("items", &[upsert("a", 2, 2)], BOOTSTRAP)
+        .await
+        .expect("apply");
+    assert_eq!(
+        out.ignored, 1,
+        "an upsert older than the tombstone is ignored"
+    );
+    assert!(
+        store.get("items", "a").await.expect("get").is_none(),
+        "the record stays deleted"
+    );
     let dump = store.dump("items").await.expect("dump");
     assert_eq!(dump["a"].0, 3);
     assert!(dump["a"].1, "the tombstone is kept");
-    assert_eq!(store.count("items").await.expect("count"), 0, "tombstones are not counted as records");
-    store.apply("items", &[upsert("a", 4, 4)], BOOTSTRAP).await.expect("apply");
-    assert_eq!(store.get("items", "a").await.expect("get").expect("back").version, 4, "a newer upsert revives it");
+    assert_eq!(
+        store.count("items").await.expect("count"),
+        0,
+        "tombstones are not counted as records"
+    );
+    store
+        .apply("items", &[upsert("a", 4, 4)], BOOTSTRAP)
+        .await
+        .expect("apply");
+    assert_eq!(
+        store
+            .get("items", "a")
+            .await
+            .expect("get")
+            .expect("back")
+            .version,
+        4,
+        "a newer upsert revives it"
+    );
 }
 
 async fn cursor_moves_with_the_batch<T: CopyStore>(store: T) {
     store.ensure_copy(&spec()).await.expect("ensure");
-    assert_eq!(store.cursor("items").await.expect("cursor"), Cursor::default(), "a new copy has no position");
-    store.apply("items", &[upsert("a", 1, 1), upsert("b", 1, 1)], BOOTSTRAP).await.expect("bootstrap");
-    let c = store.cursor("items").await.expect("cursor");
-    assert_eq!((c.position, c.received_total, c.applied_total), (None, 0, 2), "bootstrap pages do not move the position");
+    assert_eq!(
+        store.cursor("items").await.expect("cursor"),
+        Cursor::default(),
+        "a new copy has no position"
+    );
     store
-        .apply("items", &[], Advance { position: Some(10), fresh_as_of_ms: Some(500), from_feed: true })
+        .apply("items", &[upsert("a", 1, 1), upsert("b", 1, 1)], BOOTSTRAP)
+        .await
+        .expect("bootstrap");
+    let c = store.cursor("items").await.expect("cursor");
+    assert_eq!(
+        (c.position, c.received_total, c.applied_total),
+        (None, 0, 2),
+        "bootstrap pages do not move the position"
+    );
+    store
+        .apply(
+            "items",
+            &[],
+            Advance {
+                position: Some(10),
+                fresh_as_of_ms: Some(500),
+                from_feed: true,
+            },
+        )
         .await
         .expect("finish bootstrap");
-    store.apply("items", &[upsert("a", 2, 2), upsert("a", 1, 1)], feed_advance(12, 900)).await.expect("apply");
+    store
+        .apply(
+            "items",
+            &[upsert("a", 2, 2), upsert("a", 1, 1)],
+            feed_advance(12, 900),
+        )
+        .await
+        .expect("apply");
     let c = store.cursor("items").await.expect("cursor");
-    assert_eq!(c, Cursor { position: Some(12), fresh_as_of_ms: 900, received_total: 2, applied_total: 3 });
-    store.apply("items", &[], Advance { position: None, fresh_as_of_ms: Some(950), from_feed: true }).await.expect("mark fresh");
-    assert_eq!(store.cursor("items").await.expect("cursor").fresh_as_of_ms, 950);
-    assert_eq!(store.cursor("items").await.expect("cursor").position, Some(12));
+    assert_eq!(
+        c,
+        Cursor {
+            position: Some(12),
+            fresh_as_of_ms: 900,
+            received_total: 2,
+            applied_total: 3
+        }
+    );
+    store
+        .apply(
+            "items",
+            &[],
+            Advance {
+                position: None,
+                fresh_as_of_ms: Some(950),
+                from_feed: true,
+            },
+        )
+        .await
+        .expect("mark fresh");
+    assert_eq!(
+        store.cursor("items").await.expect("cursor").fresh_as_of_ms,
+        950
+    );
+    assert_eq!(
+        store.cursor("items").await.expect("cursor").position,
+        Some(12)
+    );
 }
 
 async fn field_types_round_trip<T: CopyStore>(store: T) {
     store.ensure_copy(&spec()).await.expect("ensure");
     let full = json!({"n": -7, "label": "Zoë 'quoted'", "flag": true, "score": 2.5, "at": "2026-11-28T14:00:00Z", "meta": {"tags": ["a", 1]}, "secret": "x"});
     let fields = spec().projection.apply(full.as_object().expect("object"));
-    let c = Change { fields, ..upsert("k", 1, 0) };
+    let c = Change {
+        fields,
+        ..upsert("k", 1, 0)
+    };
     store.apply("items", &[c], BOOTSTRAP).await.expect("apply");
     let got = store.get("items", "k").await.expect("get").expect("k");
     let mut want = full.as_object().cloned().unwrap_or_default();
     want.remove("secret");
-    assert_eq!(Value::Object(got.fields), Value::Object(want), "every type round-trips and unprojected fields are absent");
+    assert_eq!(
+        Value::Object(got.fields),
+        Value::Object(want),
+        "every type round-trips and unprojected fields are absent"
+    );
     let sparse = store.get("items", "k").await.expect("get");
     assert!(sparse.is_some());
-    store.apply("items", &[upsert("s", 1, 1)], BOOTSTRAP).await.expect("apply");
+    store
+        .apply("items", &[upsert("s", 1, 1)], BOOTSTRAP)
+        .await
+        .expect("apply");
     let s = store.get("items", "s").await.expect("get").expect("s");
-    assert_eq!(s.fields["label"], Value::Null, "absent optional fields read as null");
+    assert_eq!(
+        s.fields["label"],
+        Value::Null,
+        "absent optional fields read as null"
+    );
 }
 
 async fn tombstones_are_collected_after_the_horizon<T: CopyStore>(store: T) {
     store.ensure_copy(&spec()).await.expect("ensure");
     // The store's clock reads 1_000 when the delete is applied.
-    store.apply("items", &[delete("gone", 1), upsert("kept", 1, 1)], BOOTSTRAP).await.expect("apply");
-    assert_eq!(store.gc_tombstones("items", 1_500, 1_000).await.expect("gc"), 0, "within the horizon");
-    assert_eq!(store.gc_tombstones("items", 2_500, 1_000).await.expect("gc"), 1, "past the horizon");
+    store
+        .apply(
+            "items",
+            &[delete("gone", 1), upsert("kept", 1, 1)],
+            BOOTSTRAP,
+        )
+        .await
+        .expect("apply");
+    assert_eq!(
+        store
+            .gc_tombstones("items", 1_500, 1_000)
+            .await
+            .expect("gc"),
+        0,
+        "within the horizon"
+    );
+    assert_eq!(
+        store
+            .gc_tombstones("items", 2_500, 1_000)
+            .await
+            .expect("gc"),
+        1,
+        "past the horizon"
+    );
     let dump = store.dump("items").await.expect("dump");
     assert_eq!(dump.keys().collect::<Vec<_>>(), vec!["kept"]);
 }
 
 async fn unknown_copies_are_errors<T: CopyStore>(store: T) {
     let e = store.cursor("nope").await.expect_err("unknown copy");
-    assert!(matches!(e, StoreError::UnknownCopy(ref d) if d == "nope"), "{e:?}");
+    assert!(
+        matches!(e, StoreError::UnknownCopy(ref d) if d == "nope"),
+        "{e:?}"
+    );
     let e = store.get("nope", "k").await.expect_err("unknown copy");
     assert!(matches!(e, StoreError::UnknownCopy(_)), "{e:?}");
 }

@@ -9,7 +9,9 @@ use serde_json::{Map, Value};
 use spoke_core::duration::Duration;
 use spoke_core::{Change, MemoryCopy, Version};
 
-use super::{newest_per_key, Advance, ApplyOutcome, CopyRecord, CopySpec, CopyStore, Cursor, StoreError};
+use super::{
+    newest_per_key, Advance, ApplyOutcome, CopyRecord, CopySpec, CopyStore, Cursor, StoreError,
+};
 use crate::clock::Clock;
 
 #[derive(Default)]
@@ -23,26 +25,43 @@ impl MemoryCopyStore {
         Self::default()
     }
     pub fn with_clock(clock: Clock) -> Self {
-        MemoryCopyStore { clock, copies: Mutex::default() }
+        MemoryCopyStore {
+            clock,
+            copies: Mutex::default(),
+        }
     }
 }
 
 #[async_trait]
 impl CopyStore for MemoryCopyStore {
     async fn ensure_copy(&self, spec: &CopySpec) -> Result<(), StoreError> {
-        self.copies.lock().expect("memory store").entry(spec.dataset.clone()).or_default();
+        self.copies
+            .lock()
+            .expect("memory store")
+            .entry(spec.dataset.clone())
+            .or_default();
         Ok(())
     }
 
     async fn cursor(&self, dataset: &str) -> Result<Cursor, StoreError> {
         let copies = self.copies.lock().expect("memory store");
-        copies.get(dataset).map(|c| c.1).ok_or_else(|| StoreError::UnknownCopy(dataset.to_owned()))
+        copies
+            .get(dataset)
+            .map(|c| c.1)
+            .ok_or_else(|| StoreError::UnknownCopy(dataset.to_owned()))
     }
 
-    async fn apply(&self, dataset: &str, changes: &[Change], advance: Advance) -> Result<ApplyOutcome, StoreError> {
+    async fn apply(
+        &self,
+        dataset: &str,
+        changes: &[Change],
+        advance: Advance,
+    ) -> Result<ApplyOutcome, StoreError> {
         let now = self.clock.now_ms();
         let mut copies = self.copies.lock().expect("memory store");
-        let (copy, cursor) = copies.get_mut(dataset).ok_or_else(|| StoreError::UnknownCopy(dataset.to_owned()))?;
+        let (copy, cursor) = copies
+            .get_mut(dataset)
+            .ok_or_else(|| StoreError::UnknownCopy(dataset.to_owned()))?;
         let mut out = ApplyOutcome::default();
         for c in newest_per_key(changes) {
             if copy.apply(c, now) {
@@ -65,7 +84,9 @@ impl CopyStore for MemoryCopyStore {
 
     async fn get(&self, dataset: &str, key: &str) -> Result<Option<CopyRecord>, StoreError> {
         let copies = self.copies.lock().expect("memory store");
-        let (copy, _) = copies.get(dataset).ok_or_else(|| StoreError::UnknownCopy(dataset.to_owned()))?;
+        let (copy, _) = copies
+            .get(dataset)
+            .ok_or_else(|| StoreError::UnknownCopy(dataset.to_owned()))?;
         Ok(copy.get(key).map(|r| CopyRecord {
             key: key.to_owned(),
             version: r.version,
@@ -75,20 +96,38 @@ impl CopyStore for MemoryCopyStore {
 
     async fn count(&self, dataset: &str) -> Result<u64, StoreError> {
         let copies = self.copies.lock().expect("memory store");
-        let (copy, _) = copies.get(dataset).ok_or_else(|| StoreError::UnknownCopy(dataset.to_owned()))?;
+        let (copy, _) = copies
+            .get(dataset)
+            .ok_or_else(|| StoreError::UnknownCopy(dataset.to_owned()))?;
         Ok(copy.live().len() as u64)
     }
 
-    async fn gc_tombstones(&self, dataset: &str, now_ms: u64, horizon_ms: u64) -> Result<u64, StoreError> {
+    async fn gc_tombstones(
+        &self,
+        dataset: &str,
+        now_ms: u64,
+        horizon_ms: u64,
+    ) -> Result<u64, StoreError> {
         let mut copies = self.copies.lock().expect("memory store");
-        let (copy, _) = copies.get_mut(dataset).ok_or_else(|| StoreError::UnknownCopy(dataset.to_owned()))?;
+        let (copy, _) = copies
+            .get_mut(dataset)
+            .ok_or_else(|| StoreError::UnknownCopy(dataset.to_owned()))?;
         Ok(copy.gc_tombstones(now_ms, Duration::from_millis(horizon_ms)) as u64)
     }
 
-    async fn dump(&self, dataset: &str) -> Result<BTreeMap<String, (Version, bool, Map<String, Value>)>, StoreError> {
+    async fn dump(
+        &self,
+        dataset: &str,
+    ) -> Result<BTreeMap<String, (Version, bool, Map<String, Value>)>, StoreError> {
         let copies = self.copies.lock().expect("memory store");
-        let (copy, _) = copies.get(dataset).ok_or_else(|| StoreError::UnknownCopy(dataset.to_owned()))?;
-        Ok(copy.states().iter().map(|(k, r)| (k.clone(), (r.version, r.is_deleted(), r.fields.clone()))).collect())
+        let (copy, _) = copies
+            .get(dataset)
+            .ok_or_else(|| StoreError::UnknownCopy(dataset.to_owned()))?;
+        Ok(copy
+            .states()
+            .iter()
+            .map(|(k, r)| (k.clone(), (r.version, r.is_deleted(), r.fields.clone())))
+            .collect())
     }
 }
 
@@ -98,6 +137,7 @@ mod tests {
 
     #[tokio::test]
     async fn passes_the_copy_store_conformance_suite() {
-        super::super::conformance::run(|clock| async move { MemoryCopyStore::with_clock(clock) }).await;
+        super::super::conformance::run(|clock| async move { MemoryCopyStore::with_clock(clock) })
+            .await;
     }
 }

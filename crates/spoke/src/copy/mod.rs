@@ -101,7 +101,8 @@ pub enum StoreError {
 /// survive, so stores apply just these (one row per key also lets a store
 /// use one set-based statement); the others count as ignored.
 pub fn newest_per_key(changes: &[Change]) -> Vec<&Change> {
-    let mut index: std::collections::HashMap<&str, usize> = std::collections::HashMap::with_capacity(changes.len());
+    let mut index: std::collections::HashMap<&str, usize> =
+        std::collections::HashMap::with_capacity(changes.len());
     let mut out: Vec<&Change> = Vec::with_capacity(changes.len());
     for c in changes {
         match index.get(c.key.as_str()) {
@@ -126,7 +127,12 @@ pub trait CopyStore: Send + Sync {
     async fn cursor(&self, dataset: &str) -> Result<Cursor, StoreError>;
 
     /// Applies projected changes and moves the cursor, atomically.
-    async fn apply(&self, dataset: &str, changes: &[Change], advance: Advance) -> Result<ApplyOutcome, StoreError>;
+    async fn apply(
+        &self,
+        dataset: &str,
+        changes: &[Change],
+        advance: Advance,
+    ) -> Result<ApplyOutcome, StoreError>;
 
     /// Reads one live record.
     async fn get(&self, dataset: &str, key: &str) -> Result<Option<CopyRecord>, StoreError>;
@@ -135,9 +141,17 @@ pub trait CopyStore: Send + Sync {
     async fn count(&self, dataset: &str) -> Result<u64, StoreError>;
 
     /// Drops tombstones written before `now_ms - horizon_ms`; returns how many.
-    async fn gc_tombstones(&self, dataset: &str, now_ms: u64, horizon_ms: u64) -> Result<u64, StoreError>;
+    async fn gc_tombstones(
+        &self,
+        dataset: &str,
+        now_ms: u64,
+        horizon_ms: u64,
+    ) -> Result<u64, StoreError>;
 
     /// Every live record and tombstone, for tests and small comparisons:
     /// key → (version, deleted, fields).
-    async fn dump(&self, dataset: &str) -> Result<std::collections::BTreeMap<String, (Version, bool, Map<String, Value>)>, StoreError>;
+    async fn dump(
+        &self,
+        dataset: &str,
+    ) -> Result<std::collections::BTreeMap<String, (Version, bool, Map<String, Value>)>, StoreError>;
 }

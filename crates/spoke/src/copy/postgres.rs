@@ -41,7 +41,9 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, NoTls, Row};
 
 use super::sqlite::read_only_message;
-use super::{newest_per_key, Advance, ApplyOutcome, CopyRecord, CopySpec, CopyStore, Cursor, StoreError};
+use super::{
+    newest_per_key, Advance, ApplyOutcome, CopyRecord, CopySpec, CopyStore, Cursor, StoreError,
+};
 use crate::clock::Clock;
 
 /// Default schema for copies in the consumer's database.
@@ -67,8 +69,18 @@ fn unavailable(e: impl std::fmt::Display) -> StoreError {
 fn classify(e: tokio_postgres::Error) -> StoreError {
     match e.code() {
         None => unavailable(e),
-        Some(code) if code.code().starts_with("08") || code.code().starts_with("57") || code.code().starts_with("53") => unavailable(e),
-        Some(_) => StoreError::Layout(format!("postgres: {}", e.as_db_error().map_or_else(|| e.to_string(), |d| d.message().to_owned()))),
+        Some(code)
+            if code.code().starts_with("08")
+                || code.code().starts_with("57")
+                || code.code().starts_with("53") =>
+        {
+            unavailable(e)
+        }
+        Some(_) => StoreError::Layout(format!(
+            "postgres: {}",
+            e.as_db_error()
+                .map_or_else(|| e.to_string(), |d| d.message().to_owned())
+        )),
     }
 }
 
@@ -119,20 +131,39 @@ impl Layout {
     fn new(schema: &str, dataset: &str, columns: Vec<(String, FieldSpec)>) -> Self {
         let base = format!("\"{schema}\".\"_spoke_copy_{dataset}\"");
         let names: String = columns.iter().map(|(n, _)| format!(", \"{n}\"")).collect();
-        let params: String = columns.iter().enumerate().map(|(i, (_, s))| format!(", {}", array_param(s.ty, i + 4))).collect();
-        let sets: String = columns.iter().map(|(n, _)| format!(", \"{n}\" = excluded.\"{n}\"")).collect();
+        let params: String = columns
+            .iter()
+            .enumerate()
+            .map(|(i, (_, s))| format!(", {}", array_param(s.ty, i + 4)))
+            .collect();
+        let sets: String = columns
+            .iter()
+            .map(|(n, _)| format!(", \"{n}\" = excluded.\"{n}\""))
+            .collect();
         let upsert = format!(
             "INSERT INTO {base} AS t (_spoke_key, _spoke_version, _spoke_deleted_at{names})
              SELECT * FROM unnest($1::text[], $2::int8[], $3::int8[]{params})
              ON CONFLICT (_spoke_key) DO UPDATE SET _spoke_version = excluded._spoke_version, _spoke_deleted_at = excluded._spoke_deleted_at{sets}
              WHERE excluded._spoke_version > t._spoke_version"
         );
-        let cols: String = columns.iter().map(|(n, s)| format!(", {}", select_expr(n, s.ty))).collect();
-        let select = format!("SELECT _spoke_key, _spoke_version, _spoke_deleted_at{cols} FROM {base}");
-        Layout { base, columns, upsert, select }
+        let cols: String = columns
+            .iter()
+            .map(|(n, s)| format!(", {}", select_expr(n, s.ty)))
+            .collect();
+        let select =
+            format!("SELECT _spoke_key, _spoke_version, _spoke_deleted_at{cols} FROM {base}");
+        Layout {
+            base,
+            columns,
+            upsert,
+            select,
+        }
     }
 
-    fn record(&self, row: &Row) -> Result<(String, Version, bool, Map<String, Value>), tokio_postgres::Error> {
+    fn record(
+        &self,
+        row: &Row,
+    ) -> Result<(String, Version, bool, Map<String, Value>), tokio_postgres::Error> {
         let key: String = row.try_get(0)?;
         let version = row.try_get::<_, i64>(1)? as Version;
         let deleted = row.try_get::<_, Option<i64>>(2)?.is_some();
@@ -141,7 +172,9 @@ impl Layout {
             for (i, (name, spec)) in self.columns.iter().enumerate() {
                 let i = i + 3;
                 let v = match spec.ty {
-                    FieldType::String | FieldType::Timestamp => row.try_get::<_, Option<String>>(i)?.map(Value::String),
+                    FieldType::String | FieldType::Timestamp => {
+                        row.try_get::<_, Option<String>>(i)?.map(Value::String)
+                    }
                     FieldType::Int => row.try_get::<_, Option<i64>>(i)?.map(Value::from),
                     FieldType::Float => row.try_get::<_, Option<f64>>(i)?.map(Value::from),
                     FieldType::Bool => row.try_get::<_, Option<bool>>(i)?.map(Value::Bool),
@@ -165,7 +198,9 @@ enum Column {
 impl Column {
     fn new(ty: FieldType, cap: usize) -> Self {
         match ty {
-            FieldType::String | FieldType::Timestamp | FieldType::Json => Column::Text(Vec::with_capacity(cap)),
+            FieldType::String | FieldType::Timestamp | FieldType::Json => {
+                Column::Text(Vec::with_capacity(cap))
+            }
             FieldType::Int => Column::Int(Vec::with_capacity(cap)),
             FieldType::Float => Column::Float(Vec::with_capacity(cap)),
             FieldType::Bool => Column::Bool(Vec::with_capacity(cap)),
@@ -205,7 +240,9 @@ pub struct PostgresCopyStore {
 }
 
 async fn connect(url: &str) -> Result<Client, StoreError> {
-    let (client, conn) = tokio_postgres::connect(url, NoTls).await.map_err(unavailable)?;
+    let (client, conn) = tokio_postgres::connect(url, NoTls)
+        .await
+        .map_err(unavailable)?;
     tokio::spawn(async move {
         if let Err(e) = conn.await {
             tracing::debug!("postgres connection ended: {e}");
@@ -220,13 +257,21 @@ impl PostgresCopyStore {
         Self::open_with_clock(options, Clock::System).await
     }
 
-    pub async fn open_with_clock(options: PostgresOptions, clock: Clock) -> Result<Self, StoreError> {
+    pub async fn open_with_clock(
+        options: PostgresOptions,
+        clock: Clock,
+    ) -> Result<Self, StoreError> {
         if !is_identifier(&options.schema) {
-            return Err(StoreError::Layout(format!("schema name '{}' must be a lowercase identifier", options.schema)));
+            return Err(StoreError::Layout(format!(
+                "schema name '{}' must be a lowercase identifier",
+                options.schema
+            )));
         }
         for r in &options.readers {
             if !is_identifier(r) {
-                return Err(StoreError::Layout(format!("reader role '{r}' must be a lowercase identifier")));
+                return Err(StoreError::Layout(format!(
+                    "reader role '{r}' must be a lowercase identifier"
+                )));
             }
         }
         let writer = connect(&options.url).await?;
@@ -244,7 +289,11 @@ impl PostgresCopyStore {
     }
 
     /// Runs `f` with a live client, reconnecting first if the last one failed.
-    async fn with_client<R>(&self, which: &tokio::sync::Mutex<Option<Client>>, f: impl AsyncFnOnce(&mut Client) -> Result<R, tokio_postgres::Error>) -> Result<R, StoreError> {
+    async fn with_client<R>(
+        &self,
+        which: &tokio::sync::Mutex<Option<Client>>,
+        f: impl AsyncFnOnce(&mut Client) -> Result<R, tokio_postgres::Error>,
+    ) -> Result<R, StoreError> {
         let mut slot = which.lock().await;
         if slot.as_ref().is_none_or(Client::is_closed) {
             *slot = Some(connect(&self.options.url).await?);
@@ -266,19 +315,29 @@ impl PostgresCopyStore {
         if let Some(l) = self.layouts.lock().expect("layouts").get(dataset) {
             return Ok(l.clone());
         }
-        let sql = format!("SELECT fields FROM \"{}\"._spoke_copies WHERE dataset = $1", self.options.schema);
+        let sql = format!(
+            "SELECT fields FROM \"{}\"._spoke_copies WHERE dataset = $1",
+            self.options.schema
+        );
         let ds = dataset.to_owned();
         let fields: Option<String> = self
-            .with_client(&self.reader, async |c| c.query_opt(&sql, &[&ds]).await.map(|r| r.map(|r| r.get(0))))
+            .with_client(&self.reader, async |c| {
+                c.query_opt(&sql, &[&ds]).await.map(|r| r.map(|r| r.get(0)))
+            })
             .await
             .map_err(|e| match e {
                 StoreError::Layout(_) => StoreError::UnknownCopy(dataset.to_owned()),
                 other => other,
             })?;
         let fields = fields.ok_or_else(|| StoreError::UnknownCopy(dataset.to_owned()))?;
-        let columns: Vec<(String, FieldSpec)> = serde_json::from_str(&fields).map_err(|e| StoreError::Layout(format!("copy {dataset}: unreadable field list: {e}")))?;
+        let columns: Vec<(String, FieldSpec)> = serde_json::from_str(&fields).map_err(|e| {
+            StoreError::Layout(format!("copy {dataset}: unreadable field list: {e}"))
+        })?;
         let layout = Arc::new(Layout::new(&self.options.schema, dataset, columns));
-        self.layouts.lock().expect("layouts").insert(dataset.to_owned(), layout.clone());
+        self.layouts
+            .lock()
+            .expect("layouts")
+            .insert(dataset.to_owned(), layout.clone());
         Ok(layout)
     }
 }
@@ -366,10 +425,13 @@ impl CopyStore for PostgresCopyStore {
     async fn cursor(&self, dataset: &str) -> Result<Cursor, StoreError> {
         let sql = format!("SELECT position, fresh_as_of_ms, received_total, applied_total FROM \"{}\"._spoke_copies WHERE dataset = $1", self.options.schema);
         let ds = dataset.to_owned();
-        let row = self.with_client(&self.reader, async |c| c.query_opt(&sql, &[&ds]).await).await.map_err(|e| match e {
-            StoreError::Layout(_) => StoreError::UnknownCopy(dataset.to_owned()),
-            other => other,
-        })?;
+        let row = self
+            .with_client(&self.reader, async |c| c.query_opt(&sql, &[&ds]).await)
+            .await
+            .map_err(|e| match e {
+                StoreError::Layout(_) => StoreError::UnknownCopy(dataset.to_owned()),
+                other => other,
+            })?;
         let row = row.ok_or_else(|| StoreError::UnknownCopy(dataset.to_owned()))?;
         Ok(Cursor {
             position: row.get::<_, Option<i64>>(0).map(|p| p as u64),
@@ -379,7 +441,12 @@ impl CopyStore for PostgresCopyStore {
         })
     }
 
-    async fn apply(&self, dataset: &str, changes: &[Change], advance: Advance) -> Result<ApplyOutcome, StoreError> {
+    async fn apply(
+        &self,
+        dataset: &str,
+        changes: &[Change],
+        advance: Advance,
+    ) -> Result<ApplyOutcome, StoreError> {
         let layout = self.layout(dataset).await?;
         let now = self.clock.now_ms() as i64;
         let newest = newest_per_key(changes);
@@ -387,13 +454,24 @@ impl CopyStore for PostgresCopyStore {
         let mut keys = Vec::with_capacity(n);
         let mut versions = Vec::with_capacity(n);
         let mut deleted_at: Vec<Option<i64>> = Vec::with_capacity(n);
-        let mut columns: Vec<Column> = layout.columns.iter().map(|(_, s)| Column::new(s.ty, n)).collect();
+        let mut columns: Vec<Column> = layout
+            .columns
+            .iter()
+            .map(|(_, s)| Column::new(s.ty, n))
+            .collect();
         for c in &newest {
             keys.push(c.key.as_str());
             versions.push(c.version as i64);
             deleted_at.push((c.op == Op::Delete).then_some(now));
             for ((name, spec), col) in layout.columns.iter().zip(columns.iter_mut()) {
-                col.push(spec.ty, if c.op == Op::Upsert { c.fields.get(name) } else { None });
+                col.push(
+                    spec.ty,
+                    if c.op == Op::Upsert {
+                        c.fields.get(name)
+                    } else {
+                        None
+                    },
+                );
             }
         }
         let mut params: Vec<&(dyn ToSql + Sync)> = vec![&keys, &versions, &deleted_at];
@@ -403,7 +481,11 @@ impl CopyStore for PostgresCopyStore {
                 received_total = received_total + $3, applied_total = applied_total + $4 WHERE dataset = $5",
             self.options.schema
         );
-        let received: i64 = if advance.from_feed { changes.len() as i64 } else { 0 };
+        let received: i64 = if advance.from_feed {
+            changes.len() as i64
+        } else {
+            0
+        };
         let position = advance.position.map(|p| p as i64);
         let fresh = advance.fresh_as_of_ms.map(|f| f as i64);
         let ds = dataset.to_owned();
@@ -411,35 +493,68 @@ impl CopyStore for PostgresCopyStore {
             .with_client(&self.writer, async |c| {
                 let tx = c.transaction().await?;
                 tx.batch_execute("SET LOCAL spoke.agent = 'on'").await?;
-                let applied = if n > 0 { tx.execute(&layout.upsert, &params).await? } else { 0 };
-                tx.execute(&cursor_sql, &[&position, &fresh, &received, &(applied as i64), &ds]).await?;
+                let applied = if n > 0 {
+                    tx.execute(&layout.upsert, &params).await?
+                } else {
+                    0
+                };
+                tx.execute(
+                    &cursor_sql,
+                    &[&position, &fresh, &received, &(applied as i64), &ds],
+                )
+                .await?;
                 tx.commit().await?;
                 Ok(applied)
             })
             .await?;
-        Ok(ApplyOutcome { applied, ignored: changes.len() as u64 - applied })
+        Ok(ApplyOutcome {
+            applied,
+            ignored: changes.len() as u64 - applied,
+        })
     }
 
     async fn get(&self, dataset: &str, key: &str) -> Result<Option<CopyRecord>, StoreError> {
         let layout = self.layout(dataset).await?;
-        let sql = format!("{} WHERE _spoke_key = $1 AND _spoke_deleted_at IS NULL", layout.select);
+        let sql = format!(
+            "{} WHERE _spoke_key = $1 AND _spoke_deleted_at IS NULL",
+            layout.select
+        );
         let key = key.to_owned();
-        let row = self.with_client(&self.reader, async |c| c.query_opt(&sql, &[&key]).await).await?;
+        let row = self
+            .with_client(&self.reader, async |c| c.query_opt(&sql, &[&key]).await)
+            .await?;
         let Some(row) = row else { return Ok(None) };
         let (key, version, _, fields) = layout.record(&row).map_err(classify)?;
-        Ok(Some(CopyRecord { key, version, fields }))
+        Ok(Some(CopyRecord {
+            key,
+            version,
+            fields,
+        }))
     }
 
     async fn count(&self, dataset: &str) -> Result<u64, StoreError> {
         let layout = self.layout(dataset).await?;
-        let sql = format!("SELECT count(*) FROM {} WHERE _spoke_deleted_at IS NULL", layout.base);
-        let row = self.with_client(&self.reader, async |c| c.query_one(&sql, &[]).await).await?;
+        let sql = format!(
+            "SELECT count(*) FROM {} WHERE _spoke_deleted_at IS NULL",
+            layout.base
+        );
+        let row = self
+            .with_client(&self.reader, async |c| c.query_one(&sql, &[]).await)
+            .await?;
         Ok(row.get::<_, i64>(0) as u64)
     }
 
-    async fn gc_tombstones(&self, dataset: &str, now_ms: u64, horizon_ms: u64) -> Result<u64, StoreError> {
+    async fn gc_tombstones(
+        &self,
+        dataset: &str,
+        now_ms: u64,
+        horizon_ms: u64,
+    ) -> Result<u64, StoreError> {
         let layout = self.layout(dataset).await?;
-        let sql = format!("DELETE FROM {} WHERE _spoke_deleted_at IS NOT NULL AND _spoke_deleted_at < $1", layout.base);
+        let sql = format!(
+            "DELETE FROM {} WHERE _spoke_deleted_at IS NOT NULL AND _spoke_deleted_at < $1",
+            layout.base
+        );
         let cutoff = now_ms.saturating_sub(horizon_ms) as i64;
         self.with_client(&self.writer, async |c| {
             let tx = c.transaction().await?;
@@ -451,10 +566,15 @@ impl CopyStore for PostgresCopyStore {
         .await
     }
 
-    async fn dump(&self, dataset: &str) -> Result<BTreeMap<String, (Version, bool, Map<String, Value>)>, StoreError> {
+    async fn dump(
+        &self,
+        dataset: &str,
+    ) -> Result<BTreeMap<String, (Version, bool, Map<String, Value>)>, StoreError> {
         let layout = self.layout(dataset).await?;
         let sql = layout.select.clone();
-        let rows = self.with_client(&self.reader, async |c| c.query(&sql, &[]).await).await?;
+        let rows = self
+            .with_client(&self.reader, async |c| c.query(&sql, &[]).await)
+            .await?;
         let mut out = BTreeMap::new();
         for row in rows {
             let (k, v, d, f) = layout.record(&row).map_err(classify)?;
@@ -471,12 +591,23 @@ mod tests {
     use crate::testing::{postgres_exec, postgres_or_skip, unique_name};
 
     async fn store(url: &str, schema: &str, clock: Clock) -> PostgresCopyStore {
-        PostgresCopyStore::open_with_clock(PostgresOptions { url: url.to_owned(), schema: schema.to_owned(), readers: vec![] }, clock).await.unwrap()
+        PostgresCopyStore::open_with_clock(
+            PostgresOptions {
+                url: url.to_owned(),
+                schema: schema.to_owned(),
+                readers: vec![],
+            },
+            clock,
+        )
+        .await
+        .unwrap()
     }
 
     #[tokio::test]
     async fn passes_the_copy_store_conformance_suite() {
-        let Some(url) = postgres_or_skip("postgres conformance").await else { return };
+        let Some(url) = postgres_or_skip("postgres conformance").await else {
+            return;
+        };
         let schemas = Mutex::new(Vec::new());
         conformance::run(|clock| {
             let schema = unique_name("spoke_t");
@@ -492,21 +623,54 @@ mod tests {
 
     #[tokio::test]
     async fn writes_are_refused_for_app_roles_and_unmarked_sessions() {
-        let Some(url) = postgres_or_skip("postgres read-only").await else { return };
+        let Some(url) = postgres_or_skip("postgres read-only").await else {
+            return;
+        };
         let schema = unique_name("spoke_t");
         let role = unique_name("spoke_app");
         postgres_exec(&url, &format!("CREATE ROLE \"{role}\" LOGIN")).await;
-        let store = PostgresCopyStore::open(PostgresOptions { url: url.clone(), schema: schema.clone(), readers: vec![role.clone()] }).await.unwrap();
+        let store = PostgresCopyStore::open(PostgresOptions {
+            url: url.clone(),
+            schema: schema.clone(),
+            readers: vec![role.clone()],
+        })
+        .await
+        .unwrap();
         store.ensure_copy(&conformance::spec()).await.unwrap();
-        store.apply("items", &[conformance::upsert("a", 1, 1)], conformance::feed_advance(1, 1)).await.unwrap();
+        store
+            .apply(
+                "items",
+                &[conformance::upsert("a", 1, 1)],
+                conformance::feed_advance(1, 1),
+            )
+            .await
+            .unwrap();
 
         // The application role reads, and may not write.
-        let (app, conn) = tokio_postgres::connect(&format!("{url} user={role}"), NoTls).await.unwrap();
+        let (app, conn) = tokio_postgres::connect(&format!("{url} user={role}"), NoTls)
+            .await
+            .unwrap();
         tokio::spawn(conn);
-        let n: i64 = app.query_one(&format!("SELECT n FROM \"{schema}\".items WHERE id = 'a'"), &[]).await.unwrap().get(0);
+        let n: i64 = app
+            .query_one(
+                &format!("SELECT n FROM \"{schema}\".items WHERE id = 'a'"),
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
         assert_eq!(n, 1);
-        let e = app.execute(&format!("UPDATE \"{schema}\".items SET n = 5"), &[]).await.unwrap_err();
-        assert!(e.as_db_error().unwrap().message().contains("permission denied"), "{e:?}");
+        let e = app
+            .execute(&format!("UPDATE \"{schema}\".items SET n = 5"), &[])
+            .await
+            .unwrap_err();
+        assert!(
+            e.as_db_error()
+                .unwrap()
+                .message()
+                .contains("permission denied"),
+            "{e:?}"
+        );
 
         // A privileged session without the agent's mark hits the trigger.
         let (admin, conn) = tokio_postgres::connect(&url, NoTls).await.unwrap();
@@ -521,8 +685,18 @@ mod tests {
             let msg = e.as_db_error().unwrap().message().to_owned();
             assert!(msg.contains("items is a read-only copy of dataset items owned by owner-svc"), "{sql}: {msg}");
         }
-        assert_eq!(store.get("items", "a").await.unwrap().unwrap().version, 1, "nothing changed");
+        assert_eq!(
+            store.get("items", "a").await.unwrap().unwrap().version,
+            1,
+            "nothing changed"
+        );
         drop(store);
-        postgres_exec(&url, &format!("DROP SCHEMA \"{schema}\" CASCADE; DROP OWNED BY \"{role}\"; DROP ROLE \"{role}\"")).await;
+        postgres_exec(
+            &url,
+            &format!(
+                "DROP SCHEMA \"{schema}\" CASCADE; DROP OWNED BY \"{role}\"; DROP ROLE \"{role}\""
+            ),
+        )
+        .await;
     }
 }

@@ -37,7 +37,9 @@ use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use serde_json::{Map, Value};
 use spoke_core::{Change, FieldSpec, FieldType, Op, Version};
 
-use super::{newest_per_key, Advance, ApplyOutcome, CopyRecord, CopySpec, CopyStore, Cursor, StoreError};
+use super::{
+    newest_per_key, Advance, ApplyOutcome, CopyRecord, CopySpec, CopyStore, Cursor, StoreError,
+};
 use crate::clock::Clock;
 
 const META_SQL: &str = "
@@ -77,7 +79,10 @@ impl Layout {
         let base = format!("\"_spoke_copy_{dataset}\"");
         let names: Vec<String> = columns.iter().map(|(n, _)| format!("\"{n}\"")).collect();
         let placeholders: Vec<String> = (0..columns.len()).map(|i| format!("?{}", i + 3)).collect();
-        let sets: Vec<String> = names.iter().map(|n| format!("{n} = excluded.{n}")).collect();
+        let sets: Vec<String> = names
+            .iter()
+            .map(|n| format!("{n} = excluded.{n}"))
+            .collect();
         let nulls: Vec<String> = names.iter().map(|n| format!("{n} = NULL")).collect();
         let comma = |v: &[String]| v.iter().map(|s| format!(", {s}")).collect::<String>();
         let upsert = format!(
@@ -94,16 +99,30 @@ impl Layout {
              WHERE excluded._spoke_version > {base}._spoke_version",
             comma(&nulls),
         );
-        let select = format!("SELECT _spoke_key, _spoke_version, _spoke_deleted_at{} FROM {base}", comma(&names));
-        Layout { base, columns, upsert, delete, select }
+        let select = format!(
+            "SELECT _spoke_key, _spoke_version, _spoke_deleted_at{} FROM {base}",
+            comma(&names)
+        );
+        Layout {
+            base,
+            columns,
+            upsert,
+            delete,
+            select,
+        }
     }
 
     fn from_json(dataset: &str, fields: &str) -> Result<Self, StoreError> {
-        let cols: Vec<(String, FieldSpec)> = serde_json::from_str(fields).map_err(|e| StoreError::Layout(format!("copy {dataset}: unreadable field list: {e}")))?;
+        let cols: Vec<(String, FieldSpec)> = serde_json::from_str(fields).map_err(|e| {
+            StoreError::Layout(format!("copy {dataset}: unreadable field list: {e}"))
+        })?;
         Ok(Layout::new(dataset, cols))
     }
 
-    fn row_to_record(&self, row: &rusqlite::Row<'_>) -> rusqlite::Result<(String, Version, bool, Map<String, Value>)> {
+    fn row_to_record(
+        &self,
+        row: &rusqlite::Row<'_>,
+    ) -> rusqlite::Result<(String, Version, bool, Map<String, Value>)> {
         let key: String = row.get(0)?;
         let version = row.get::<_, i64>(1)? as Version;
         let deleted = row.get::<_, Option<i64>>(2)?.is_some();
@@ -132,7 +151,10 @@ fn to_sql(ty: FieldType, v: Option<&Value>) -> SqlValue {
         (_, Some(Value::String(s))) => SqlValue::Text(s.clone()),
         (_, Some(Value::Bool(b))) => SqlValue::Integer(i64::from(*b)),
         (FieldType::Float, Some(Value::Number(n))) => SqlValue::Real(n.as_f64().unwrap_or(0.0)),
-        (_, Some(Value::Number(n))) => n.as_i64().map_or_else(|| SqlValue::Real(n.as_f64().unwrap_or(0.0)), SqlValue::Integer),
+        (_, Some(Value::Number(n))) => n.as_i64().map_or_else(
+            || SqlValue::Real(n.as_f64().unwrap_or(0.0)),
+            SqlValue::Integer,
+        ),
         (_, Some(other)) => SqlValue::Text(other.to_string()),
     }
 }
@@ -141,7 +163,9 @@ fn from_sql(ty: FieldType, v: SqlValue) -> Value {
     match (ty, v) {
         (_, SqlValue::Null) => Value::Null,
         (FieldType::Bool, SqlValue::Integer(i)) => Value::Bool(i != 0),
-        (FieldType::Json, SqlValue::Text(s)) => serde_json::from_str(&s).unwrap_or(Value::String(s)),
+        (FieldType::Json, SqlValue::Text(s)) => {
+            serde_json::from_str(&s).unwrap_or(Value::String(s))
+        }
         (_, SqlValue::Integer(i)) => Value::from(i),
         (_, SqlValue::Real(f)) => Value::from(f),
         (_, SqlValue::Text(s)) => Value::String(s),
@@ -164,7 +188,10 @@ pub struct SqliteCopyStore {
 
 fn open_conn(path: &Path, read_only: bool) -> rusqlite::Result<Connection> {
     let conn = if read_only {
-        Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)?
+        Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?
     } else {
         Connection::open(path)?
     };
@@ -212,10 +239,16 @@ impl SqliteCopyStore {
     }
 
     fn writer(&self) -> Result<Arc<Mutex<Connection>>, StoreError> {
-        self.writer.clone().ok_or_else(|| StoreError::Unavailable(format!("{} was opened read-only", self.path.display())))
+        self.writer.clone().ok_or_else(|| {
+            StoreError::Unavailable(format!("{} was opened read-only", self.path.display()))
+        })
     }
 
-    async fn read<R: Send + 'static>(&self, dataset: &str, f: impl FnOnce(&Connection, &Layout) -> Result<R, StoreError> + Send + 'static) -> Result<R, StoreError> {
+    async fn read<R: Send + 'static>(
+        &self,
+        dataset: &str,
+        f: impl FnOnce(&Connection, &Layout) -> Result<R, StoreError> + Send + 'static,
+    ) -> Result<R, StoreError> {
         let reader = self.reader.clone();
         let layouts = self.layouts.clone();
         let dataset = dataset.to_owned();
@@ -230,17 +263,28 @@ impl SqliteCopyStore {
 }
 
 /// The layout of `dataset`'s copy, cached after the first look-up.
-fn layout_of(cache: &Mutex<HashMap<String, Arc<Layout>>>, conn: &Connection, dataset: &str) -> Result<Arc<Layout>, StoreError> {
+fn layout_of(
+    cache: &Mutex<HashMap<String, Arc<Layout>>>,
+    conn: &Connection,
+    dataset: &str,
+) -> Result<Arc<Layout>, StoreError> {
     if let Some(l) = cache.lock().expect("layouts").get(dataset) {
         return Ok(l.clone());
     }
     let fields: Option<String> = conn
-        .query_row("SELECT fields FROM _spoke_copies WHERE dataset = ?1", [dataset], |r| r.get(0))
+        .query_row(
+            "SELECT fields FROM _spoke_copies WHERE dataset = ?1",
+            [dataset],
+            |r| r.get(0),
+        )
         .optional()
         .map_err(unavailable)?;
     let fields = fields.ok_or_else(|| StoreError::UnknownCopy(dataset.to_owned()))?;
     let layout = Arc::new(Layout::from_json(dataset, &fields)?);
-    cache.lock().expect("layouts").insert(dataset.to_owned(), layout.clone());
+    cache
+        .lock()
+        .expect("layouts")
+        .insert(dataset.to_owned(), layout.clone());
     Ok(layout)
 }
 
@@ -319,7 +363,12 @@ impl CopyStore for SqliteCopyStore {
         .await
     }
 
-    async fn apply(&self, dataset: &str, changes: &[Change], advance: Advance) -> Result<ApplyOutcome, StoreError> {
+    async fn apply(
+        &self,
+        dataset: &str,
+        changes: &[Change],
+        advance: Advance,
+    ) -> Result<ApplyOutcome, StoreError> {
         let writer = self.writer()?;
         let layout = {
             let conn = writer.lock().expect("copy writer");
@@ -339,24 +388,46 @@ impl CopyStore for SqliteCopyStore {
     async fn get(&self, dataset: &str, key: &str) -> Result<Option<CopyRecord>, StoreError> {
         let key = key.to_owned();
         self.read(dataset, move |conn, layout| {
-            let sql = format!("{} WHERE _spoke_key = ?1 AND _spoke_deleted_at IS NULL", layout.select);
+            let sql = format!(
+                "{} WHERE _spoke_key = ?1 AND _spoke_deleted_at IS NULL",
+                layout.select
+            );
             let mut stmt = conn.prepare_cached(&sql).map_err(unavailable)?;
-            let rec = stmt.query_row([&key], |r| layout.row_to_record(r)).optional().map_err(unavailable)?;
-            Ok(rec.map(|(key, version, _, fields)| CopyRecord { key, version, fields }))
+            let rec = stmt
+                .query_row([&key], |r| layout.row_to_record(r))
+                .optional()
+                .map_err(unavailable)?;
+            Ok(rec.map(|(key, version, _, fields)| CopyRecord {
+                key,
+                version,
+                fields,
+            }))
         })
         .await
     }
 
     async fn count(&self, dataset: &str) -> Result<u64, StoreError> {
         self.read(dataset, move |conn, layout| {
-            conn.query_row(&format!("SELECT COUNT(*) FROM {} WHERE _spoke_deleted_at IS NULL", layout.base), [], |r| r.get::<_, i64>(0))
-                .map(|n| n as u64)
-                .map_err(unavailable)
+            conn.query_row(
+                &format!(
+                    "SELECT COUNT(*) FROM {} WHERE _spoke_deleted_at IS NULL",
+                    layout.base
+                ),
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .map(|n| n as u64)
+            .map_err(unavailable)
         })
         .await
     }
 
-    async fn gc_tombstones(&self, dataset: &str, now_ms: u64, horizon_ms: u64) -> Result<u64, StoreError> {
+    async fn gc_tombstones(
+        &self,
+        dataset: &str,
+        now_ms: u64,
+        horizon_ms: u64,
+    ) -> Result<u64, StoreError> {
         let writer = self.writer()?;
         let layout = {
             let conn = writer.lock().expect("copy writer");
@@ -367,7 +438,10 @@ impl CopyStore for SqliteCopyStore {
             let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
             tx.execute("UPDATE _spoke_guard SET agent_writing = 1 WHERE id = 1", [])?;
             let n = tx.execute(
-                &format!("DELETE FROM {} WHERE _spoke_deleted_at IS NOT NULL AND _spoke_deleted_at < ?1", layout.base),
+                &format!(
+                    "DELETE FROM {} WHERE _spoke_deleted_at IS NOT NULL AND _spoke_deleted_at < ?1",
+                    layout.base
+                ),
                 [now_ms.saturating_sub(horizon_ms) as i64],
             )?;
             tx.execute("UPDATE _spoke_guard SET agent_writing = 0 WHERE id = 1", [])?;
@@ -379,10 +453,15 @@ impl CopyStore for SqliteCopyStore {
         .map_err(|e: rusqlite::Error| unavailable(e))
     }
 
-    async fn dump(&self, dataset: &str) -> Result<BTreeMap<String, (Version, bool, Map<String, Value>)>, StoreError> {
+    async fn dump(
+        &self,
+        dataset: &str,
+    ) -> Result<BTreeMap<String, (Version, bool, Map<String, Value>)>, StoreError> {
         self.read(dataset, move |conn, layout| {
             let mut stmt = conn.prepare(&layout.select).map_err(unavailable)?;
-            let rows = stmt.query_map([], |r| layout.row_to_record(r)).map_err(unavailable)?;
+            let rows = stmt
+                .query_map([], |r| layout.row_to_record(r))
+                .map_err(unavailable)?;
             let mut out = BTreeMap::new();
             for row in rows {
                 let (k, v, d, f) = row.map_err(unavailable)?;
@@ -395,7 +474,14 @@ impl CopyStore for SqliteCopyStore {
 }
 
 /// One apply transaction: records, cursor and counters together.
-fn apply_batch(conn: &mut Connection, dataset: &str, layout: &Layout, changes: &[Change], advance: Advance, now_ms: u64) -> rusqlite::Result<ApplyOutcome> {
+fn apply_batch(
+    conn: &mut Connection,
+    dataset: &str,
+    layout: &Layout,
+    changes: &[Change],
+    advance: Advance,
+    now_ms: u64,
+) -> rusqlite::Result<ApplyOutcome> {
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     tx.execute("UPDATE _spoke_guard SET agent_writing = 1 WHERE id = 1", [])?;
     let mut out = ApplyOutcome::default();
@@ -422,7 +508,11 @@ fn apply_batch(conn: &mut Connection, dataset: &str, layout: &Layout, changes: &
         }
     }
     out.ignored = changes.len() as u64 - out.applied;
-    let received = if advance.from_feed { changes.len() as i64 } else { 0 };
+    let received = if advance.from_feed {
+        changes.len() as i64
+    } else {
+        0
+    };
     tx.execute(
         "UPDATE _spoke_copies SET position = COALESCE(?1, position), fresh_as_of_ms = COALESCE(?2, fresh_as_of_ms),
             received_total = received_total + ?3, applied_total = applied_total + ?4 WHERE dataset = ?5",
@@ -457,7 +547,14 @@ mod tests {
         let store = SqliteCopyStore::open(&path).unwrap();
         let spec = conformance::spec();
         store.ensure_copy(&spec).await.unwrap();
-        store.apply("items", &[conformance::upsert("a", 1, 1)], conformance::feed_advance(1, 1)).await.unwrap();
+        store
+            .apply(
+                "items",
+                &[conformance::upsert("a", 1, 1)],
+                conformance::feed_advance(1, 1),
+            )
+            .await
+            .unwrap();
 
         let other = Connection::open(&path).unwrap();
         let expected = "items is a read-only copy of dataset items owned by owner-svc";
@@ -473,11 +570,22 @@ mod tests {
             assert!(err.contains(expected), "{sql}: {err}");
         }
         // The copy is unchanged, and a service can still read and JOIN it.
-        let n: i64 = other.query_row("SELECT n FROM items WHERE id = 'a'", [], |r| r.get(0)).unwrap();
+        let n: i64 = other
+            .query_row("SELECT n FROM items WHERE id = 'a'", [], |r| r.get(0))
+            .unwrap();
         assert_eq!(n, 1);
         // The agent can still write after the refusals.
-        store.apply("items", &[conformance::upsert("a", 2, 2)], conformance::feed_advance(2, 1)).await.unwrap();
-        let n: i64 = other.query_row("SELECT n FROM items WHERE id = 'a'", [], |r| r.get(0)).unwrap();
+        store
+            .apply(
+                "items",
+                &[conformance::upsert("a", 2, 2)],
+                conformance::feed_advance(2, 1),
+            )
+            .await
+            .unwrap();
+        let n: i64 = other
+            .query_row("SELECT n FROM items WHERE id = 'a'", [], |r| r.get(0))
+            .unwrap();
         assert_eq!(n, 2);
     }
 

@@ -55,17 +55,28 @@ where
 
 async fn positions_start_at_one_and_are_dense<T: Feed + Publisher>(feed: T) {
     let r = feed
-        .publish("items", vec![ChangeInput::upsert("a", 1, fields(1)), ChangeInput::upsert("b", 1, fields(2))])
+        .publish(
+            "items",
+            vec![
+                ChangeInput::upsert("a", 1, fields(1)),
+                ChangeInput::upsert("b", 1, fields(2)),
+            ],
+        )
         .await
         .expect("publish");
     assert_eq!(r.positions, vec![Some(1), Some(2)], "positions start at 1");
     assert_eq!(r.head, 2);
-    let r = feed.publish("items", vec![ChangeInput::delete("a", 2)]).await.expect("publish");
+    let r = feed
+        .publish("items", vec![ChangeInput::delete("a", 2)])
+        .await
+        .expect("publish");
     assert_eq!(r.positions, vec![Some(3)], "positions are dense");
 }
 
 async fn stale_and_duplicate_changes_are_ignored<T: Feed + Publisher>(feed: T) {
-    feed.publish("items", vec![ChangeInput::upsert("a", 5, fields(5))]).await.expect("publish");
+    feed.publish("items", vec![ChangeInput::upsert("a", 5, fields(5))])
+        .await
+        .expect("publish");
     let r = feed
         .publish(
             "items",
@@ -78,17 +89,33 @@ async fn stale_and_duplicate_changes_are_ignored<T: Feed + Publisher>(feed: T) {
         )
         .await
         .expect("a retried batch is not an error");
-    assert_eq!(r.positions, vec![None, None, Some(2), None], "only the newer version is appended");
+    assert_eq!(
+        r.positions,
+        vec![None, None, Some(2), None],
+        "only the newer version is appended"
+    );
     assert_eq!(r.ignored, 3);
-    let b = feed.read("items", 0, 100, Duration::ZERO).await.expect("read");
+    let b = feed
+        .read("items", 0, 100, Duration::ZERO)
+        .await
+        .expect("read");
     assert_eq!(b.entries.len(), 2, "ignored changes are not in the log");
     assert_eq!(b.entries[1].change.fields["n"], json!(6));
 }
 
 async fn an_invalid_change_rejects_the_whole_batch<T: Feed + Publisher>(feed: T) {
-    let bad_type = json!({ "n": "not a number" }).as_object().cloned().unwrap_or_default();
+    let bad_type = json!({ "n": "not a number" })
+        .as_object()
+        .cloned()
+        .unwrap_or_default();
     let e = feed
-        .publish("items", vec![ChangeInput::upsert("ok", 1, fields(1)), ChangeInput::upsert("bad", 1, bad_type)])
+        .publish(
+            "items",
+            vec![
+                ChangeInput::upsert("ok", 1, fields(1)),
+                ChangeInput::upsert("bad", 1, bad_type),
+            ],
+        )
         .await
         .expect_err("a wrongly typed field fails the batch");
     match e {
@@ -98,38 +125,79 @@ async fn an_invalid_change_rejects_the_whole_batch<T: Feed + Publisher>(feed: T)
         }
         other => panic!("expected Invalid, got {other:?}"),
     }
-    let e = feed.publish("items", vec![ChangeInput::upsert("k", 0, fields(1))]).await.expect_err("version 0");
+    let e = feed
+        .publish("items", vec![ChangeInput::upsert("k", 0, fields(1))])
+        .await
+        .expect_err("version 0");
     assert!(matches!(e, FeedError::Invalid { index: 0, .. }), "{e:?}");
-    let e = feed.publish("items", vec![ChangeInput::upsert("", 1, fields(1))]).await.expect_err("empty key");
+    let e = feed
+        .publish("items", vec![ChangeInput::upsert("", 1, fields(1))])
+        .await
+        .expect_err("empty key");
     assert!(matches!(e, FeedError::Invalid { index: 0, .. }), "{e:?}");
-    let b = feed.read("items", 0, 100, Duration::ZERO).await.expect("read");
+    let b = feed
+        .read("items", 0, 100, Duration::ZERO)
+        .await
+        .expect("read");
     assert!(b.entries.is_empty() && b.head == 0, "nothing was appended");
     let snap = feed.snapshot("items", None, 100).await.expect("snapshot");
-    assert!(snap.records.is_empty(), "nothing reached the compacted state");
+    assert!(
+        snap.records.is_empty(),
+        "nothing reached the compacted state"
+    );
 }
 
 async fn unknown_dataset_is_an_error<T: Feed + Publisher>(feed: T) {
-    let e = feed.publish("nope", vec![]).await.expect_err("unknown dataset");
+    let e = feed
+        .publish("nope", vec![])
+        .await
+        .expect_err("unknown dataset");
     assert_eq!(e, FeedError::UnknownDataset("nope".into()));
-    let e = feed.read("nope", 0, 1, Duration::ZERO).await.expect_err("unknown dataset");
+    let e = feed
+        .read("nope", 0, 1, Duration::ZERO)
+        .await
+        .expect_err("unknown dataset");
     assert_eq!(e, FeedError::UnknownDataset("nope".into()));
 }
 
 async fn reads_are_ordered_limited_and_carry_the_head<T: Feed + Publisher>(feed: T) {
-    let empty = feed.read("items", 0, 10, Duration::from_millis(20)).await.expect("read");
+    let empty = feed
+        .read("items", 0, 10, Duration::from_millis(20))
+        .await
+        .expect("read");
     assert!(empty.entries.is_empty());
     assert_eq!(empty.head, 0);
-    assert!(empty.hub_time_ms > 0, "an empty answer carries the feed's clock");
-    let batch: Vec<_> = (1..=25).map(|i| ChangeInput::upsert(format!("k{i:02}"), 1, fields(i))).collect();
+    assert!(
+        empty.hub_time_ms > 0,
+        "an empty answer carries the feed's clock"
+    );
+    let batch: Vec<_> = (1..=25)
+        .map(|i| ChangeInput::upsert(format!("k{i:02}"), 1, fields(i)))
+        .collect();
     feed.publish("items", batch).await.expect("publish");
-    let b = feed.read("items", 0, 10, Duration::ZERO).await.expect("read");
-    assert_eq!(b.entries.iter().map(|e| e.position).collect::<Vec<_>>(), (1..=10).collect::<Vec<_>>());
+    let b = feed
+        .read("items", 0, 10, Duration::ZERO)
+        .await
+        .expect("read");
+    assert_eq!(
+        b.entries.iter().map(|e| e.position).collect::<Vec<_>>(),
+        (1..=10).collect::<Vec<_>>()
+    );
     assert_eq!(b.head, 25, "head is the last appended position");
-    let b = feed.read("items", 20, 10, Duration::ZERO).await.expect("read");
-    assert_eq!(b.entries.iter().map(|e| e.position).collect::<Vec<_>>(), (21..=25).collect::<Vec<_>>());
+    let b = feed
+        .read("items", 20, 10, Duration::ZERO)
+        .await
+        .expect("read");
+    assert_eq!(
+        b.entries.iter().map(|e| e.position).collect::<Vec<_>>(),
+        (21..=25).collect::<Vec<_>>()
+    );
     assert_eq!(b.entries[0].change.key, "k21");
     assert_eq!(b.entries[0].change.owner, "owner-svc");
-    let b = feed.read("items", 25, 10, Duration::ZERO).await.expect("read at head");
+    let b = feed
+        .read("items", 25, 10, Duration::ZERO)
+        .await
+        .expect("read at head");
     assert!(b.entries.is_empty() && b.head == 25);
 }
 
@@ -139,47 +207,82 @@ async fn long_poll_wakes_on_publish<T: Feed + Publisher + 'static>(feed: T) {
         let feed = feed.clone();
         tokio::spawn(async move {
             let start = Instant::now();
-            let b = feed.read("items", 0, 10, Duration::from_secs(20)).await.expect("read");
+            let b = feed
+                .read("items", 0, 10, Duration::from_secs(20))
+                .await
+                .expect("read");
             (b, start.elapsed())
         })
     };
     tokio::time::sleep(Duration::from_millis(100)).await;
-    feed.publish("items", vec![ChangeInput::upsert("x", 1, fields(1))]).await.expect("publish");
+    feed.publish("items", vec![ChangeInput::upsert("x", 1, fields(1))])
+        .await
+        .expect("publish");
     let (b, waited) = reader.await.expect("reader task");
     assert_eq!(b.entries.len(), 1, "the waiting read returns the new entry");
-    assert!(waited < Duration::from_secs(10), "the read woke on publish instead of timing out ({waited:?})");
+    assert!(
+        waited < Duration::from_secs(10),
+        "the read woke on publish instead of timing out ({waited:?})"
+    );
 }
 
 async fn snapshot_pages_hold_the_latest_state_with_tombstones<T: Feed + Publisher>(feed: T) {
-    let batch: Vec<_> = (0..30).map(|i| ChangeInput::upsert(format!("k{i:02}"), 1, fields(i))).collect();
+    let batch: Vec<_> = (0..30)
+        .map(|i| ChangeInput::upsert(format!("k{i:02}"), 1, fields(i)))
+        .collect();
     feed.publish("items", batch).await.expect("publish");
-    feed.publish("items", vec![ChangeInput::upsert("k05", 2, fields(500)), ChangeInput::delete("k07", 2)])
-        .await
-        .expect("publish");
+    feed.publish(
+        "items",
+        vec![
+            ChangeInput::upsert("k05", 2, fields(500)),
+            ChangeInput::delete("k07", 2),
+        ],
+    )
+    .await
+    .expect("publish");
 
     // The compacted state may trail the log (JetStream maintains it
     // asynchronously), but a snapshot plus a replay from its head converges
     // at every instant: that is the contract bootstrap relies on.
     let mut expected = MemoryCopy::new();
-    for e in feed.read("items", 0, 1000, Duration::ZERO).await.expect("read").entries {
+    for e in feed
+        .read("items", 0, 1000, Duration::ZERO)
+        .await
+        .expect("read")
+        .entries
+    {
         expected.apply(&e.change, 0);
     }
     let (copy, head) = snapshot_then_replay(&feed).await;
-    assert_eq!(copy.live(), expected.live(), "snapshot + replay from its head equals the log's result");
+    assert_eq!(
+        copy.live(),
+        expected.live(),
+        "snapshot + replay from its head equals the log's result"
+    );
 
     // And the compacted state catches up with the log.
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut head = head;
     while head < 32 {
-        assert!(Instant::now() < deadline, "the snapshot head never reached the log head (stuck at {head})");
+        assert!(
+            Instant::now() < deadline,
+            "the snapshot head never reached the log head (stuck at {head})"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
-        head = feed.snapshot("items", None, 1).await.expect("snapshot").head;
+        head = feed
+            .snapshot("items", None, 1)
+            .await
+            .expect("snapshot")
+            .head;
     }
     let mut all = Vec::new();
     let mut after: Option<String> = None;
     let mut pages = 0;
     loop {
-        let page = feed.snapshot("items", after.as_deref(), 7).await.expect("snapshot");
+        let page = feed
+            .snapshot("items", after.as_deref(), 7)
+            .await
+            .expect("snapshot");
         assert!(page.records.len() <= 7, "a page respects the limit");
         pages += 1;
         all.extend(page.records);
@@ -189,13 +292,24 @@ async fn snapshot_pages_hold_the_latest_state_with_tombstones<T: Feed + Publishe
         }
         assert!(pages < 100, "snapshot paging terminates");
     }
-    assert!(pages >= 5, "30 records in pages of 7 take at least 5 pages, took {pages}");
+    assert!(
+        pages >= 5,
+        "30 records in pages of 7 take at least 5 pages, took {pages}"
+    );
     let mut keys: Vec<_> = all.iter().map(|c| c.key.clone()).collect();
     keys.sort();
     keys.dedup();
-    assert_eq!((keys.len(), all.len()), (30, 30), "exactly one record per key");
+    assert_eq!(
+        (keys.len(), all.len()),
+        (30, 30),
+        "exactly one record per key"
+    );
     let k05 = all.iter().find(|c| c.key == "k05").expect("k05");
-    assert_eq!((k05.version, k05.fields["n"].clone()), (2, json!(500)), "latest version");
+    assert_eq!(
+        (k05.version, k05.fields["n"].clone()),
+        (2, json!(500)),
+        "latest version"
+    );
     let k07 = all.iter().find(|c| c.key == "k07").expect("k07");
     assert_eq!(k07.op, Op::Delete, "tombstones are part of the snapshot");
     let schema = feed.schema("items").await.expect("schema");
@@ -209,7 +323,10 @@ pub async fn snapshot_then_replay<T: Feed>(feed: &T) -> (MemoryCopy, u64) {
     let mut after: Option<String> = None;
     let mut head = None;
     loop {
-        let page = feed.snapshot("items", after.as_deref(), 7).await.expect("snapshot");
+        let page = feed
+            .snapshot("items", after.as_deref(), 7)
+            .await
+            .expect("snapshot");
         head.get_or_insert(page.head);
         for c in &page.records {
             copy.apply(c, 0);
@@ -222,7 +339,10 @@ pub async fn snapshot_then_replay<T: Feed>(feed: &T) -> (MemoryCopy, u64) {
     let head = head.unwrap_or(0);
     let mut position = head;
     loop {
-        let b = feed.read("items", position, 1000, Duration::ZERO).await.expect("replay");
+        let b = feed
+            .read("items", position, 1000, Duration::ZERO)
+            .await
+            .expect("replay");
         for e in &b.entries {
             copy.apply(&e.change, 0);
             position = e.position;

@@ -11,7 +11,9 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use spoke_core::Schema;
 
-use super::{ChangeInput, Feed, FeedBatch, FeedError, Position, PublishReceipt, Publisher, SnapshotPage};
+use super::{
+    ChangeInput, Feed, FeedBatch, FeedError, Position, PublishReceipt, Publisher, SnapshotPage,
+};
 
 /// The error body every hub and agent endpoint returns.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -37,13 +39,28 @@ impl ErrorBody {
             FeedError::Invalid { message, .. } => message.clone(),
             other => other.to_string(),
         };
-        (status, ErrorBody { error, kind: kind.to_owned(), index })
+        (
+            status,
+            ErrorBody {
+                error,
+                kind: kind.to_owned(),
+                index,
+            },
+        )
     }
 
     fn into_feed_error(self, status: u16) -> FeedError {
         match self.kind.as_str() {
-            "unknown_dataset" => FeedError::UnknownDataset(self.error.trim_start_matches("unknown dataset ").trim_matches('\'').to_owned()),
-            "invalid" => FeedError::Invalid { index: self.index.unwrap_or(0), message: self.error },
+            "unknown_dataset" => FeedError::UnknownDataset(
+                self.error
+                    .trim_start_matches("unknown dataset ")
+                    .trim_matches('\'')
+                    .to_owned(),
+            ),
+            "invalid" => FeedError::Invalid {
+                index: self.index.unwrap_or(0),
+                message: self.error,
+            },
             "bad_request" | "too_large" => FeedError::BadRequest(self.error),
             "unauthorized" => FeedError::Unauthorized(self.error),
             "forbidden" => FeedError::Forbidden(self.error),
@@ -64,7 +81,10 @@ pub struct HubClient {
 impl std::fmt::Debug for HubClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // The token is a secret: never print it.
-        f.debug_struct("HubClient").field("base", &self.base).field("token", &self.token.as_ref().map(|_| "***")).finish()
+        f.debug_struct("HubClient")
+            .field("base", &self.base)
+            .field("token", &self.token.as_ref().map(|_| "***"))
+            .finish()
     }
 }
 
@@ -92,53 +112,107 @@ impl HubClient {
         format!("{}/v1/datasets/{}/{}", self.base, dataset, what)
     }
 
-    async fn send<T: for<'de> Deserialize<'de>>(&self, req: reqwest::RequestBuilder) -> Result<T, FeedError> {
+    async fn send<T: for<'de> Deserialize<'de>>(
+        &self,
+        req: reqwest::RequestBuilder,
+    ) -> Result<T, FeedError> {
         let req = match &self.token {
             Some(t) => req.bearer_auth(t),
             None => req,
         };
-        let resp = req.send().await.map_err(|e| FeedError::Unavailable(format!("hub {}: {e}", self.base)))?;
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| FeedError::Unavailable(format!("hub {}: {e}", self.base)))?;
         let status = resp.status().as_u16();
-        let bytes = resp.bytes().await.map_err(|e| FeedError::Unavailable(format!("hub {}: {e}", self.base)))?;
+        let bytes = resp
+            .bytes()
+            .await
+            .map_err(|e| FeedError::Unavailable(format!("hub {}: {e}", self.base)))?;
         if (200..300).contains(&status) {
-            return serde_json::from_slice(&bytes).map_err(|e| FeedError::Unavailable(format!("hub {} sent an unreadable answer: {e}", self.base)));
+            return serde_json::from_slice(&bytes).map_err(|e| {
+                FeedError::Unavailable(format!("hub {} sent an unreadable answer: {e}", self.base))
+            });
         }
         match serde_json::from_slice::<ErrorBody>(&bytes) {
             Ok(body) => Err(body.into_feed_error(status)),
-            Err(_) if status >= 500 => Err(FeedError::Unavailable(format!("hub {} answered {status}", self.base))),
-            Err(_) => Err(FeedError::BadRequest(format!("hub {} answered {status}: {}", self.base, String::from_utf8_lossy(&bytes)))),
+            Err(_) if status >= 500 => Err(FeedError::Unavailable(format!(
+                "hub {} answered {status}",
+                self.base
+            ))),
+            Err(_) => Err(FeedError::BadRequest(format!(
+                "hub {} answered {status}: {}",
+                self.base,
+                String::from_utf8_lossy(&bytes)
+            ))),
         }
     }
 }
 
 #[async_trait]
 impl Publisher for HubClient {
-    async fn publish(&self, dataset: &str, changes: Vec<ChangeInput>) -> Result<PublishReceipt, FeedError> {
-        self.send(self.http.post(self.url(dataset, "changes")).json(&changes).timeout(Duration::from_secs(30))).await
+    async fn publish(
+        &self,
+        dataset: &str,
+        changes: Vec<ChangeInput>,
+    ) -> Result<PublishReceipt, FeedError> {
+        self.send(
+            self.http
+                .post(self.url(dataset, "changes"))
+                .json(&changes)
+                .timeout(Duration::from_secs(30)),
+        )
+        .await
     }
 }
 
 #[async_trait]
 impl Feed for HubClient {
-    async fn read(&self, dataset: &str, after: Position, limit: usize, wait: Duration) -> Result<FeedBatch, FeedError> {
+    async fn read(
+        &self,
+        dataset: &str,
+        after: Position,
+        limit: usize,
+        wait: Duration,
+    ) -> Result<FeedBatch, FeedError> {
         let wait_ms = wait.as_millis().to_string();
         let req = self
             .http
             .get(self.url(dataset, "changes"))
-            .query(&[("after", after.to_string()), ("limit", limit.to_string()), ("wait_ms", wait_ms)])
+            .query(&[
+                ("after", after.to_string()),
+                ("limit", limit.to_string()),
+                ("wait_ms", wait_ms),
+            ])
             .timeout(wait + Duration::from_secs(30));
         self.send(req).await
     }
 
-    async fn snapshot(&self, dataset: &str, after_key: Option<&str>, limit: usize) -> Result<SnapshotPage, FeedError> {
+    async fn snapshot(
+        &self,
+        dataset: &str,
+        after_key: Option<&str>,
+        limit: usize,
+    ) -> Result<SnapshotPage, FeedError> {
         let mut query = vec![("limit", limit.to_string())];
         if let Some(k) = after_key {
             query.push(("after_key", k.to_owned()));
         }
-        self.send(self.http.get(self.url(dataset, "snapshot")).query(&query).timeout(Duration::from_secs(60))).await
+        self.send(
+            self.http
+                .get(self.url(dataset, "snapshot"))
+                .query(&query)
+                .timeout(Duration::from_secs(60)),
+        )
+        .await
     }
 
     async fn schema(&self, dataset: &str) -> Result<Schema, FeedError> {
-        self.send(self.http.get(self.url(dataset, "schema")).timeout(Duration::from_secs(30))).await
+        self.send(
+            self.http
+                .get(self.url(dataset, "schema"))
+                .timeout(Duration::from_secs(30)),
+        )
+        .await
     }
 }

@@ -50,7 +50,9 @@ use std::time::Duration;
 use async_nats::header::{NATS_EXPECTED_LAST_SUBJECT_SEQUENCE, NATS_MESSAGE_ID};
 use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
 use async_nats::jetstream::context::PublishErrorKind;
-use async_nats::jetstream::stream::{Config as StreamConfig, LastRawMessageErrorKind, Source, StorageType};
+use async_nats::jetstream::stream::{
+    Config as StreamConfig, LastRawMessageErrorKind, Source, StorageType,
+};
 use async_nats::jetstream::Context;
 use async_nats::HeaderMap;
 use async_trait::async_trait;
@@ -58,7 +60,10 @@ use futures_util::StreamExt;
 use spoke_core::{Change, Manifest, Schema, Version};
 use tokio::sync::{mpsc, Mutex};
 
-use super::{check_after_key, Catalog, ChangeInput, Feed, FeedBatch, FeedEntry, FeedError, Position, PublishReceipt, Publisher, SnapshotPage, MAX_PAGE};
+use super::{
+    check_after_key, Catalog, ChangeInput, Feed, FeedBatch, FeedEntry, FeedError, Position,
+    PublishReceipt, Publisher, SnapshotPage, MAX_PAGE,
+};
 use crate::clock::Clock;
 use crate::copy::newest_per_key;
 
@@ -113,7 +118,11 @@ impl JetStreamOptions {
         format!("{}.{dataset}.log.*", self.subject_prefix)
     }
     pub fn key_subject(&self, dataset: &str, key: &str) -> String {
-        format!("{}.{dataset}.log.{}", self.subject_prefix, base64url(key.as_bytes()))
+        format!(
+            "{}.{dataset}.log.{}",
+            self.subject_prefix,
+            base64url(key.as_bytes())
+        )
     }
 }
 
@@ -122,7 +131,11 @@ fn base64url(bytes: &[u8]) -> String {
     const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
     let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
     for chunk in bytes.chunks(3) {
-        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
         let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
         for i in 0..=chunk.len() {
             out.push(A[((n >> (18 - 6 * i)) & 63) as usize] as char);
@@ -158,18 +171,32 @@ pub struct JetStreamFeed {
 
 impl JetStreamFeed {
     /// Connects and creates (or checks) the streams of every dataset.
-    pub async fn connect(options: JetStreamOptions, manifest: &Manifest) -> Result<Self, FeedError> {
-        let mut connect = async_nats::ConnectOptions::new().retry_on_initial_connect().connection_timeout(Duration::from_secs(5));
+    pub async fn connect(
+        options: JetStreamOptions,
+        manifest: &Manifest,
+    ) -> Result<Self, FeedError> {
+        let mut connect = async_nats::ConnectOptions::new()
+            .retry_on_initial_connect()
+            .connection_timeout(Duration::from_secs(5));
         if let (Some(u), Some(p)) = (&options.user, &options.password) {
             connect = connect.user_and_password(u.clone(), p.clone());
         }
-        let client = tokio::time::timeout(Duration::from_secs(10), connect.connect(options.url.as_str()))
-            .await
-            .map_err(|_| unavailable(format!("could not connect to {} within 10s", options.url)))?
-            .map_err(|e| unavailable(format!("{}: {e}", options.url)))?;
+        let client = tokio::time::timeout(
+            Duration::from_secs(10),
+            connect.connect(options.url.as_str()),
+        )
+        .await
+        .map_err(|_| unavailable(format!("could not connect to {} within 10s", options.url)))?
+        .map_err(|e| unavailable(format!("{}: {e}", options.url)))?;
         let js = async_nats::jetstream::new(client);
         let catalog = Catalog::new(manifest);
-        let feed = JetStreamFeed { catalog, options, js, clock: Clock::System, tails: Mutex::new(HashMap::new()) };
+        let feed = JetStreamFeed {
+            catalog,
+            options,
+            js,
+            clock: Clock::System,
+            tails: Mutex::new(HashMap::new()),
+        };
         for ds in feed.catalog.names().map(str::to_owned).collect::<Vec<_>>() {
             feed.ensure_streams(&ds).await?;
         }
@@ -183,7 +210,11 @@ impl JetStreamFeed {
 
     async fn ensure_streams(&self, dataset: &str) -> Result<(), FeedError> {
         let o = &self.options;
-        let storage = if o.memory_storage { StorageType::Memory } else { StorageType::File };
+        let storage = if o.memory_storage {
+            StorageType::Memory
+        } else {
+            StorageType::File
+        };
         let log = StreamConfig {
             name: o.log_stream(dataset),
             subjects: vec![o.log_subjects(dataset)],
@@ -192,17 +223,25 @@ impl JetStreamFeed {
             duplicate_window: o.duplicate_window,
             ..Default::default()
         };
-        self.js.get_or_create_stream(log).await.map_err(|e| unavailable(format!("creating stream {}: {e}", o.log_stream(dataset))))?;
+        self.js
+            .get_or_create_stream(log)
+            .await
+            .map_err(|e| unavailable(format!("creating stream {}: {e}", o.log_stream(dataset))))?;
         let state = StreamConfig {
             name: o.state_stream(dataset),
             storage,
             num_replicas: o.replicas,
             max_messages_per_subject: 1,
             duplicate_window: o.duplicate_window,
-            sources: Some(vec![Source { name: o.log_stream(dataset), ..Default::default() }]),
+            sources: Some(vec![Source {
+                name: o.log_stream(dataset),
+                ..Default::default()
+            }]),
             ..Default::default()
         };
-        self.js.get_or_create_stream(state).await.map_err(|e| unavailable(format!("creating stream {}: {e}", o.state_stream(dataset))))?;
+        self.js.get_or_create_stream(state).await.map_err(|e| {
+            unavailable(format!("creating stream {}: {e}", o.state_stream(dataset)))
+        })?;
         Ok(())
     }
 
@@ -212,10 +251,18 @@ impl JetStreamFeed {
     }
 
     /// Version and subject sequence of the latest change for `subject`.
-    async fn latest(&self, log: &async_nats::jetstream::stream::Stream, subject: &str) -> Result<Option<(Version, u64)>, FeedError> {
+    async fn latest(
+        &self,
+        log: &async_nats::jetstream::stream::Stream,
+        subject: &str,
+    ) -> Result<Option<(Version, u64)>, FeedError> {
         match log.get_last_raw_message_by_subject(subject).await {
             Ok(m) => {
-                let v = m.headers.get(VERSION_HEADER).and_then(|v| v.as_str().parse().ok()).unwrap_or(0);
+                let v = m
+                    .headers
+                    .get(VERSION_HEADER)
+                    .and_then(|v| v.as_str().parse().ok())
+                    .unwrap_or(0);
                 Ok(Some((v, m.sequence)))
             }
             Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
@@ -224,7 +271,11 @@ impl JetStreamFeed {
     }
 
     /// Appends one change unless the log already holds its version or newer.
-    async fn publish_one(&self, log: &async_nats::jetstream::stream::Stream, c: &Change) -> Result<Option<Position>, FeedError> {
+    async fn publish_one(
+        &self,
+        log: &async_nats::jetstream::stream::Stream,
+        c: &Change,
+    ) -> Result<Option<Position>, FeedError> {
         let subject = self.options.key_subject(&c.dataset, &c.key);
         let payload = serde_json::to_vec(c).map_err(unavailable)?;
         for _ in 0..16 {
@@ -233,10 +284,21 @@ impl JetStreamFeed {
                 return Ok(None);
             }
             let mut headers = HeaderMap::new();
-            headers.insert(NATS_MESSAGE_ID, format!("{}/{}/{}", c.dataset, c.key, c.version).as_str());
-            headers.insert(NATS_EXPECTED_LAST_SUBJECT_SEQUENCE, last.map_or(0, |(_, s)| s).to_string().as_str());
+            headers.insert(
+                NATS_MESSAGE_ID,
+                format!("{}/{}/{}", c.dataset, c.key, c.version).as_str(),
+            );
+            headers.insert(
+                NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
+                last.map_or(0, |(_, s)| s).to_string().as_str(),
+            );
             headers.insert(VERSION_HEADER, c.version.to_string().as_str());
-            let ack = self.js.publish_with_headers(subject.clone(), headers, payload.clone().into()).await.map_err(unavailable)?.await;
+            let ack = self
+                .js
+                .publish_with_headers(subject.clone(), headers, payload.clone().into())
+                .await
+                .map_err(unavailable)?
+                .await;
             match ack {
                 Ok(a) if a.duplicate => return Ok(None),
                 Ok(a) => return Ok(Some(a.sequence)),
@@ -244,7 +306,10 @@ impl JetStreamFeed {
                 Err(e) => return Err(unavailable(e)),
             }
         }
-        Err(unavailable(format!("key '{}' kept changing under concurrent publishers", c.key)))
+        Err(unavailable(format!(
+            "key '{}' kept changing under concurrent publishers",
+            c.key
+        )))
     }
 
     fn start_tail(&self, dataset: &str, next: Position) -> Tail {
@@ -255,14 +320,20 @@ impl JetStreamFeed {
             let run = async {
                 let s = js.get_stream(&stream).await.map_err(|e| e.to_string())?;
                 let consumer = s
-                    .create_consumer(pull::OrderedConfig { deliver_policy: DeliverPolicy::ByStartSequence { start_sequence: next }, ..Default::default() })
+                    .create_consumer(pull::OrderedConfig {
+                        deliver_policy: DeliverPolicy::ByStartSequence {
+                            start_sequence: next,
+                        },
+                        ..Default::default()
+                    })
                     .await
                     .map_err(|e| e.to_string())?;
                 let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;
                 while let Some(m) = messages.next().await {
                     let m = m.map_err(|e| e.to_string())?;
                     let position = m.info().map_err(|e| e.to_string())?.stream_sequence;
-                    let change: Change = serde_json::from_slice(&m.payload).map_err(|e| format!("log message {position} is not a change: {e}"))?;
+                    let change: Change = serde_json::from_slice(&m.payload)
+                        .map_err(|e| format!("log message {position} is not a change: {e}"))?;
                     if tx.send(Ok(FeedEntry { position, change })).await.is_err() {
                         return Ok(());
                     }
@@ -279,7 +350,12 @@ impl JetStreamFeed {
 
 /// Moves one buffered entry into `entries` if it is the next position;
 /// records why not otherwise. Returns whether to keep draining.
-fn take(item: Option<Result<FeedEntry, String>>, tail: &mut Tail, entries: &mut Vec<FeedEntry>, failure: &mut Option<String>) -> bool {
+fn take(
+    item: Option<Result<FeedEntry, String>>,
+    tail: &mut Tail,
+    entries: &mut Vec<FeedEntry>,
+    failure: &mut Option<String>,
+) -> bool {
     match item {
         Some(Ok(e)) if e.position == tail.next => {
             tail.next += 1;
@@ -287,7 +363,10 @@ fn take(item: Option<Result<FeedEntry, String>>, tail: &mut Tail, entries: &mut 
             true
         }
         Some(Ok(e)) => {
-            *failure = Some(format!("log consumer skipped from {} to {}", tail.next, e.position));
+            *failure = Some(format!(
+                "log consumer skipped from {} to {}",
+                tail.next, e.position
+            ));
             false
         }
         Some(Err(e)) => {
@@ -300,11 +379,22 @@ fn take(item: Option<Result<FeedEntry, String>>, tail: &mut Tail, entries: &mut 
 
 #[async_trait]
 impl Publisher for JetStreamFeed {
-    async fn publish(&self, dataset: &str, changes: Vec<ChangeInput>) -> Result<PublishReceipt, FeedError> {
-        let changes = self.catalog.prepare(dataset, changes, self.clock.now_ms())?;
-        let log = self.js.get_stream(self.options.log_stream(dataset)).await.map_err(unavailable)?;
+    async fn publish(
+        &self,
+        dataset: &str,
+        changes: Vec<ChangeInput>,
+    ) -> Result<PublishReceipt, FeedError> {
+        let changes = self
+            .catalog
+            .prepare(dataset, changes, self.clock.now_ms())?;
+        let log = self
+            .js
+            .get_stream(self.options.log_stream(dataset))
+            .await
+            .map_err(unavailable)?;
         let newest = newest_per_key(&changes);
-        let results = futures_util::future::join_all(newest.iter().map(|c| self.publish_one(&log, c))).await;
+        let results =
+            futures_util::future::join_all(newest.iter().map(|c| self.publish_one(&log, c))).await;
         let mut by_key: HashMap<(&str, Version), Position> = HashMap::new();
         for (c, r) in newest.iter().zip(results) {
             if let Some(p) = r? {
@@ -317,34 +407,62 @@ impl Publisher for JetStreamFeed {
             positions.push(by_key.remove(&(c.key.as_str(), c.version)));
         }
         let ignored = positions.iter().filter(|p| p.is_none()).count();
-        let head = self.last_sequence(&self.options.log_stream(dataset)).await?;
-        Ok(PublishReceipt { positions, ignored, head })
+        let head = self
+            .last_sequence(&self.options.log_stream(dataset))
+            .await?;
+        Ok(PublishReceipt {
+            positions,
+            ignored,
+            head,
+        })
     }
 }
 
 #[async_trait]
 impl Feed for JetStreamFeed {
-    async fn read(&self, dataset: &str, after: Position, limit: usize, wait: Duration) -> Result<FeedBatch, FeedError> {
+    async fn read(
+        &self,
+        dataset: &str,
+        after: Position,
+        limit: usize,
+        wait: Duration,
+    ) -> Result<FeedBatch, FeedError> {
         self.catalog.get(dataset)?;
         let limit = limit.clamp(1, MAX_PAGE);
         let mut tails = self.tails.lock().await;
-        let restart = tails.get(dataset).is_none_or(|t| t.next != after + 1 || t.task.is_finished());
+        let restart = tails
+            .get(dataset)
+            .is_none_or(|t| t.next != after + 1 || t.task.is_finished());
         if restart {
             tails.insert(dataset.to_owned(), self.start_tail(dataset, after + 1));
         }
-        let tail = tails.get_mut(dataset).ok_or_else(|| unavailable("tail vanished"))?;
+        let tail = tails
+            .get_mut(dataset)
+            .ok_or_else(|| unavailable("tail vanished"))?;
         let mut entries = Vec::new();
         let mut failure = None;
-        while entries.len() < limit && take(tail.rx.try_recv().ok(), tail, &mut entries, &mut failure) {}
+        while entries.len() < limit
+            && take(tail.rx.try_recv().ok(), tail, &mut entries, &mut failure)
+        {}
         if entries.is_empty() && failure.is_none() {
             // When the log already holds entries past `after`, the consumer
             // only needs a moment to deliver them: wait for that even if the
             // caller asked not to wait at the head.
-            let behind = self.last_sequence(&self.options.log_stream(dataset)).await? > after;
-            let wait = if behind { wait.max(DELIVERY_GRACE) } else { wait };
+            let behind = self
+                .last_sequence(&self.options.log_stream(dataset))
+                .await?
+                > after;
+            let wait = if behind {
+                wait.max(DELIVERY_GRACE)
+            } else {
+                wait
+            };
             if let Ok(item) = tokio::time::timeout(wait, tail.rx.recv()).await {
                 if take(item, tail, &mut entries, &mut failure) {
-                    while entries.len() < limit && take(tail.rx.try_recv().ok(), tail, &mut entries, &mut failure) {}
+                    while entries.len() < limit
+                        && take(tail.rx.try_recv().ok(), tail, &mut entries, &mut failure)
+                    {
+                    }
                 }
             }
         }
@@ -355,28 +473,53 @@ impl Feed for JetStreamFeed {
             }
         }
         drop(tails);
-        let head = self.last_sequence(&self.options.log_stream(dataset)).await?;
-        Ok(FeedBatch { entries, head, hub_time_ms: self.clock.now_ms() })
+        let head = self
+            .last_sequence(&self.options.log_stream(dataset))
+            .await?;
+        Ok(FeedBatch {
+            entries,
+            head,
+            hub_time_ms: self.clock.now_ms(),
+        })
     }
 
-    async fn snapshot(&self, dataset: &str, after: Option<&str>, limit: usize) -> Result<SnapshotPage, FeedError> {
+    async fn snapshot(
+        &self,
+        dataset: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<SnapshotPage, FeedError> {
         self.catalog.get(dataset)?;
         check_after_key(after)?;
         let start = match after {
             None => 1,
-            Some(c) => c.parse::<u64>().map_err(|_| FeedError::BadRequest(format!("snapshot cursor '{c}' is not one this feed issued")))? + 1,
+            Some(c) => {
+                c.parse::<u64>().map_err(|_| {
+                    FeedError::BadRequest(format!(
+                        "snapshot cursor '{c}' is not one this feed issued"
+                    ))
+                })? + 1
+            }
         };
         let limit = limit.clamp(1, MAX_PAGE);
         let stream_name = self.options.state_stream(dataset);
         let (state, last, head) = loop {
-            let state = self.js.get_stream(&stream_name).await.map_err(unavailable)?;
+            let state = self
+                .js
+                .get_stream(&stream_name)
+                .await
+                .map_err(unavailable)?;
             let last = state.cached_info().state.last_sequence;
             if last == 0 {
                 break (state, 0, 0);
             }
             match state.get_raw_message(last).await {
                 Ok(m) => {
-                    let origin = m.headers.get(SOURCE_HEADER).map(|v| v.as_str().to_owned()).unwrap_or_default();
+                    let origin = m
+                        .headers
+                        .get(SOURCE_HEADER)
+                        .map(|v| v.as_str().to_owned())
+                        .unwrap_or_default();
                     let head = origin.split_whitespace().skip(1).find_map(|t| t.parse::<u64>().ok()).ok_or_else(|| unavailable(format!("state message {last} lacks a readable {SOURCE_HEADER} header ('{origin}')")))?;
                     break (state, last, head);
                 }
@@ -389,7 +532,9 @@ impl Feed for JetStreamFeed {
         if last >= start {
             let consumer = state
                 .create_consumer(pull::Config {
-                    deliver_policy: DeliverPolicy::ByStartSequence { start_sequence: start },
+                    deliver_policy: DeliverPolicy::ByStartSequence {
+                        start_sequence: start,
+                    },
                     ack_policy: AckPolicy::None,
                     inactive_threshold: Duration::from_secs(30),
                     ..Default::default()
@@ -397,7 +542,12 @@ impl Feed for JetStreamFeed {
                 .await
                 .map_err(unavailable)?;
             'pages: while records.len() < limit && last_seen < last {
-                let mut batch = consumer.fetch().max_messages(limit - records.len()).messages().await.map_err(unavailable)?;
+                let mut batch = consumer
+                    .fetch()
+                    .max_messages(limit - records.len())
+                    .messages()
+                    .await
+                    .map_err(unavailable)?;
                 let mut got = 0;
                 while let Some(m) = batch.next().await {
                     let m = m.map_err(unavailable)?;
@@ -407,7 +557,9 @@ impl Feed for JetStreamFeed {
                     if last_seen > last {
                         break 'pages;
                     }
-                    let change: Change = serde_json::from_slice(&m.payload).map_err(|e| unavailable(format!("state message {last_seen} is not a change: {e}")))?;
+                    let change: Change = serde_json::from_slice(&m.payload).map_err(|e| {
+                        unavailable(format!("state message {last_seen} is not a change: {e}"))
+                    })?;
                     records.push(change);
                 }
                 if got == 0 {
@@ -416,8 +568,14 @@ impl Feed for JetStreamFeed {
             }
             let _ = state.delete_consumer(&consumer.cached_info().name).await;
         }
-        let next_after_key = (last_seen < last && !records.is_empty()).then(|| last_seen.to_string());
-        Ok(SnapshotPage { records, next_after_key, head, hub_time_ms: self.clock.now_ms() })
+        let next_after_key =
+            (last_seen < last && !records.is_empty()).then(|| last_seen.to_string());
+        Ok(SnapshotPage {
+            records,
+            next_after_key,
+            head,
+            hub_time_ms: self.clock.now_ms(),
+        })
     }
 
     async fn schema(&self, dataset: &str) -> Result<Schema, FeedError> {
@@ -454,7 +612,9 @@ mod server_tests {
 
     #[tokio::test]
     async fn passes_the_feed_conformance_suite() {
-        let Some(url) = nats_or_skip("jetstream conformance").await else { return };
+        let Some(url) = nats_or_skip("jetstream conformance").await else {
+            return;
+        };
         let prefix = unique_name("spokefc");
         let n = std::sync::atomic::AtomicUsize::new(0);
         super::super::conformance::run(|m| {

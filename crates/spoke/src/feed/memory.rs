@@ -8,7 +8,10 @@ use async_trait::async_trait;
 use spoke_core::{decide, Change, Decision, Manifest, Schema};
 use tokio::sync::watch;
 
-use super::{check_after_key, Catalog, ChangeInput, Feed, FeedBatch, FeedEntry, FeedError, Position, PublishReceipt, Publisher, SnapshotPage, MAX_PAGE};
+use super::{
+    check_after_key, Catalog, ChangeInput, Feed, FeedBatch, FeedEntry, FeedError, Position,
+    PublishReceipt, Publisher, SnapshotPage, MAX_PAGE,
+};
 use crate::clock::Clock;
 
 #[derive(Default)]
@@ -31,7 +34,10 @@ impl MemoryFeed {
 
     pub fn with_clock(manifest: &Manifest, clock: Clock) -> Self {
         let catalog = Catalog::new(manifest);
-        let heads = catalog.names().map(|n| (n.to_owned(), watch::channel(0).0)).collect();
+        let heads = catalog
+            .names()
+            .map(|n| (n.to_owned(), watch::channel(0).0))
+            .collect();
         MemoryFeed {
             catalog,
             clock,
@@ -41,14 +47,22 @@ impl MemoryFeed {
     }
 
     fn head_tx(&self, dataset: &str) -> Result<&watch::Sender<Position>, FeedError> {
-        self.heads.get(dataset).ok_or_else(|| FeedError::UnknownDataset(dataset.to_owned()))
+        self.heads
+            .get(dataset)
+            .ok_or_else(|| FeedError::UnknownDataset(dataset.to_owned()))
     }
 }
 
 #[async_trait]
 impl Publisher for MemoryFeed {
-    async fn publish(&self, dataset: &str, changes: Vec<ChangeInput>) -> Result<PublishReceipt, FeedError> {
-        let changes = self.catalog.prepare(dataset, changes, self.clock.now_ms())?;
+    async fn publish(
+        &self,
+        dataset: &str,
+        changes: Vec<ChangeInput>,
+    ) -> Result<PublishReceipt, FeedError> {
+        let changes = self
+            .catalog
+            .prepare(dataset, changes, self.clock.now_ms())?;
         let head_tx = self.head_tx(dataset)?;
         let mut logs = self.logs.lock().expect("memory feed lock");
         let log = logs.entry(dataset.to_owned()).or_default();
@@ -67,13 +81,23 @@ impl Publisher for MemoryFeed {
         }
         let head = log.entries.len() as Position;
         head_tx.send_replace(head);
-        Ok(PublishReceipt { positions, ignored, head })
+        Ok(PublishReceipt {
+            positions,
+            ignored,
+            head,
+        })
     }
 }
 
 #[async_trait]
 impl Feed for MemoryFeed {
-    async fn read(&self, dataset: &str, after: Position, limit: usize, wait: std::time::Duration) -> Result<FeedBatch, FeedError> {
+    async fn read(
+        &self,
+        dataset: &str,
+        after: Position,
+        limit: usize,
+        wait: std::time::Duration,
+    ) -> Result<FeedBatch, FeedError> {
         let mut rx = self.head_tx(dataset)?.subscribe();
         if *rx.borrow_and_update() <= after {
             // Wait for a newer head or the timeout; either way answer below.
@@ -83,8 +107,12 @@ impl Feed for MemoryFeed {
         let (entries, head) = match logs.get(dataset) {
             None => (Vec::new(), 0),
             Some(log) => {
-                let start = usize::try_from(after).unwrap_or(usize::MAX).min(log.entries.len());
-                let end = start.saturating_add(limit.min(MAX_PAGE)).min(log.entries.len());
+                let start = usize::try_from(after)
+                    .unwrap_or(usize::MAX)
+                    .min(log.entries.len());
+                let end = start
+                    .saturating_add(limit.min(MAX_PAGE))
+                    .min(log.entries.len());
                 let entries = log.entries[start..end]
                     .iter()
                     .enumerate()
@@ -103,7 +131,12 @@ impl Feed for MemoryFeed {
         })
     }
 
-    async fn snapshot(&self, dataset: &str, after_key: Option<&str>, limit: usize) -> Result<SnapshotPage, FeedError> {
+    async fn snapshot(
+        &self,
+        dataset: &str,
+        after_key: Option<&str>,
+        limit: usize,
+    ) -> Result<SnapshotPage, FeedError> {
         self.catalog.get(dataset)?;
         check_after_key(after_key)?;
         let limit = limit.clamp(1, MAX_PAGE);
@@ -117,7 +150,9 @@ impl Feed for MemoryFeed {
             });
         };
         let range = match after_key {
-            Some(k) => log.state.range::<str, _>((std::ops::Bound::Excluded(k), std::ops::Bound::Unbounded)),
+            Some(k) => log
+                .state
+                .range::<str, _>((std::ops::Bound::Excluded(k), std::ops::Bound::Unbounded)),
             None => log.state.range::<str, _>(..),
         };
         let records: Vec<Change> = range.take(limit + 1).map(|(_, c)| c.clone()).collect();

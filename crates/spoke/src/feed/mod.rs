@@ -157,7 +157,11 @@ impl FeedError {
 #[async_trait]
 pub trait Publisher: Send + Sync {
     /// Appends a batch to `dataset` (all-or-nothing; stale changes ignored).
-    async fn publish(&self, dataset: &str, changes: Vec<ChangeInput>) -> Result<PublishReceipt, FeedError>;
+    async fn publish(
+        &self,
+        dataset: &str,
+        changes: Vec<ChangeInput>,
+    ) -> Result<PublishReceipt, FeedError>;
 }
 
 /// The consumer's side of a feed.
@@ -165,10 +169,21 @@ pub trait Publisher: Send + Sync {
 pub trait Feed: Send + Sync {
     /// Entries after `after`, at most `limit`; when there are none yet, waits
     /// up to `wait` for one before answering (empty, with the head).
-    async fn read(&self, dataset: &str, after: Position, limit: usize, wait: std::time::Duration) -> Result<FeedBatch, FeedError>;
+    async fn read(
+        &self,
+        dataset: &str,
+        after: Position,
+        limit: usize,
+        wait: std::time::Duration,
+    ) -> Result<FeedBatch, FeedError>;
 
     /// A page of the compacted state with keys greater than `after_key`.
-    async fn snapshot(&self, dataset: &str, after_key: Option<&str>, limit: usize) -> Result<SnapshotPage, FeedError>;
+    async fn snapshot(
+        &self,
+        dataset: &str,
+        after_key: Option<&str>,
+        limit: usize,
+    ) -> Result<SnapshotPage, FeedError>;
 
     /// The dataset's current schema.
     async fn schema(&self, dataset: &str) -> Result<Schema, FeedError>;
@@ -200,7 +215,12 @@ impl Catalog {
     /// Validates a whole batch and turns it into changes, or fails on the
     /// first bad change without side effects. Shared by every backend so they
     /// reject exactly the same input.
-    pub fn prepare(&self, dataset: &str, inputs: Vec<ChangeInput>, now_ms: u64) -> Result<Vec<Change>, FeedError> {
+    pub fn prepare(
+        &self,
+        dataset: &str,
+        inputs: Vec<ChangeInput>,
+        now_ms: u64,
+    ) -> Result<Vec<Change>, FeedError> {
         let ds = self.get(dataset)?;
         if inputs.len() > MAX_BATCH {
             return Err(FeedError::BadRequest(format!(
@@ -222,10 +242,12 @@ impl Catalog {
                     ts: input.ts.unwrap_or(now_ms),
                     schema_version: ds.schema.version,
                 };
-                change.validate(&ds.schema).map_err(|e| FeedError::Invalid {
-                    index,
-                    message: e.to_string(),
-                })?;
+                change
+                    .validate(&ds.schema)
+                    .map_err(|e| FeedError::Invalid {
+                        index,
+                        message: e.to_string(),
+                    })?;
                 Ok(change)
             })
             .collect()

@@ -23,7 +23,10 @@ use rusqlite::{params, Connection, OptionalExtension};
 use spoke_core::{decide, Change, Decision, Manifest, Op, Schema};
 use tokio::sync::watch;
 
-use super::{check_after_key, Catalog, ChangeInput, Feed, FeedBatch, FeedEntry, FeedError, Position, PublishReceipt, Publisher, SnapshotPage, MAX_PAGE};
+use super::{
+    check_after_key, Catalog, ChangeInput, Feed, FeedBatch, FeedEntry, FeedError, Position,
+    PublishReceipt, Publisher, SnapshotPage, MAX_PAGE,
+};
 use crate::clock::Clock;
 
 const SCHEMA_SQL: &str = "
@@ -81,7 +84,11 @@ fn row_to_change(dataset: &str, row: &rusqlite::Row<'_>) -> rusqlite::Result<Cha
         dataset: dataset.to_owned(),
         key: row.get("key")?,
         version: row.get::<_, i64>("version")? as u64,
-        op: if op == "delete" { Op::Delete } else { Op::Upsert },
+        op: if op == "delete" {
+            Op::Delete
+        } else {
+            Op::Upsert
+        },
         fields: serde_json::from_str(&fields).unwrap_or_default(),
         owner: row.get("owner")?,
         ts: row.get::<_, i64>("ts")? as u64,
@@ -95,16 +102,25 @@ impl SqliteFeed {
         Self::open_with_clock(path, manifest, Clock::System)
     }
 
-    pub fn open_with_clock(path: &Path, manifest: &Manifest, clock: Clock) -> Result<Self, FeedError> {
+    pub fn open_with_clock(
+        path: &Path,
+        manifest: &Manifest,
+        clock: Clock,
+    ) -> Result<Self, FeedError> {
         let catalog = Catalog::new(manifest);
         let conn = open(path).map_err(unavailable)?;
         conn.execute_batch(SCHEMA_SQL).map_err(unavailable)?;
         let mut heads = HashMap::new();
         for name in catalog.names() {
             let head: Option<i64> = conn
-                .query_row("SELECT MAX(pos) FROM log WHERE dataset = ?1", [name], |r| r.get(0))
+                .query_row("SELECT MAX(pos) FROM log WHERE dataset = ?1", [name], |r| {
+                    r.get(0)
+                })
                 .map_err(unavailable)?;
-            heads.insert(name.to_owned(), watch::channel(head.unwrap_or(0) as Position).0);
+            heads.insert(
+                name.to_owned(),
+                watch::channel(head.unwrap_or(0) as Position).0,
+            );
         }
         Ok(SqliteFeed {
             catalog,
@@ -117,11 +133,16 @@ impl SqliteFeed {
     }
 
     fn head_tx(&self, dataset: &str) -> Result<&watch::Sender<Position>, FeedError> {
-        self.heads.get(dataset).ok_or_else(|| FeedError::UnknownDataset(dataset.to_owned()))
+        self.heads
+            .get(dataset)
+            .ok_or_else(|| FeedError::UnknownDataset(dataset.to_owned()))
     }
 
     /// Runs `f` on a pooled read connection in the blocking pool.
-    async fn with_reader<R: Send + 'static>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<R> + Send + 'static) -> Result<R, FeedError> {
+    async fn with_reader<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<R> + Send + 'static,
+    ) -> Result<R, FeedError> {
         let readers = self.readers.clone();
         let path = self.path.clone();
         tokio::task::spawn_blocking(move || {
@@ -142,8 +163,14 @@ impl SqliteFeed {
 
 #[async_trait]
 impl Publisher for SqliteFeed {
-    async fn publish(&self, dataset: &str, changes: Vec<ChangeInput>) -> Result<PublishReceipt, FeedError> {
-        let changes = self.catalog.prepare(dataset, changes, self.clock.now_ms())?;
+    async fn publish(
+        &self,
+        dataset: &str,
+        changes: Vec<ChangeInput>,
+    ) -> Result<PublishReceipt, FeedError> {
+        let changes = self
+            .catalog
+            .prepare(dataset, changes, self.clock.now_ms())?;
         let head_tx = self.head_tx(dataset)?.clone();
         let writer = self.writer.clone();
         let dataset = dataset.to_owned();
@@ -191,7 +218,13 @@ impl Publisher for SqliteFeed {
 
 #[async_trait]
 impl Feed for SqliteFeed {
-    async fn read(&self, dataset: &str, after: Position, limit: usize, wait: std::time::Duration) -> Result<FeedBatch, FeedError> {
+    async fn read(
+        &self,
+        dataset: &str,
+        after: Position,
+        limit: usize,
+        wait: std::time::Duration,
+    ) -> Result<FeedBatch, FeedError> {
         let mut rx = self.head_tx(dataset)?.subscribe();
         if *rx.borrow_and_update() <= after {
             let _ = tokio::time::timeout(wait, rx.wait_for(|h| *h > after)).await;
@@ -218,7 +251,12 @@ impl Feed for SqliteFeed {
         })
     }
 
-    async fn snapshot(&self, dataset: &str, after_key: Option<&str>, limit: usize) -> Result<SnapshotPage, FeedError> {
+    async fn snapshot(
+        &self,
+        dataset: &str,
+        after_key: Option<&str>,
+        limit: usize,
+    ) -> Result<SnapshotPage, FeedError> {
         let head = *self.head_tx(dataset)?.borrow();
         check_after_key(after_key)?;
         let limit = limit.clamp(1, MAX_PAGE);
@@ -276,13 +314,37 @@ mod tests {
         {
             let feed = SqliteFeed::open(&path, &m).unwrap();
             let f = serde_json::json!({"n": 1}).as_object().cloned().unwrap();
-            feed.publish("items", vec![ChangeInput::upsert("a", 1, f.clone()), ChangeInput::upsert("b", 1, f)]).await.unwrap();
+            feed.publish(
+                "items",
+                vec![
+                    ChangeInput::upsert("a", 1, f.clone()),
+                    ChangeInput::upsert("b", 1, f),
+                ],
+            )
+            .await
+            .unwrap();
         }
         let feed = SqliteFeed::open(&path, &m).unwrap();
-        let b = feed.read("items", 0, 10, std::time::Duration::ZERO).await.unwrap();
+        let b = feed
+            .read("items", 0, 10, std::time::Duration::ZERO)
+            .await
+            .unwrap();
         assert_eq!(b.head, 2, "head is recovered from the log");
         let f = serde_json::json!({"n": 2}).as_object().cloned().unwrap();
-        let r = feed.publish("items", vec![ChangeInput::upsert("a", 1, f.clone()), ChangeInput::upsert("a", 2, f)]).await.unwrap();
-        assert_eq!(r.positions, vec![None, Some(3)], "versions are recovered too");
+        let r = feed
+            .publish(
+                "items",
+                vec![
+                    ChangeInput::upsert("a", 1, f.clone()),
+                    ChangeInput::upsert("a", 2, f),
+                ],
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            r.positions,
+            vec![None, Some(3)],
+            "versions are recovered too"
+        );
     }
 }

@@ -59,7 +59,9 @@ impl std::fmt::Debug for Tokens {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let mut services: Vec<_> = self.by_hash.values().collect();
         services.sort();
-        f.debug_struct("Tokens").field("services", &services).finish()
+        f.debug_struct("Tokens")
+            .field("services", &services)
+            .finish()
     }
 }
 
@@ -67,7 +69,10 @@ impl Tokens {
     /// From service → plaintext token.
     pub fn new(tokens: &BTreeMap<String, String>) -> Self {
         Tokens {
-            by_hash: tokens.iter().map(|(svc, tok)| (*blake3::hash(tok.as_bytes()).as_bytes(), svc.clone())).collect(),
+            by_hash: tokens
+                .iter()
+                .map(|(svc, tok)| (*blake3::hash(tok.as_bytes()).as_bytes(), svc.clone()))
+                .collect(),
         }
     }
 
@@ -82,12 +87,16 @@ impl Tokens {
         }
         let value = headers
             .get(axum::http::header::AUTHORIZATION)
-            .ok_or_else(|| FeedError::Unauthorized("missing Authorization: Bearer <token>".into()))?;
+            .ok_or_else(|| {
+                FeedError::Unauthorized("missing Authorization: Bearer <token>".into())
+            })?;
         let token = value
             .to_str()
             .ok()
             .and_then(|v| v.strip_prefix("Bearer "))
-            .ok_or_else(|| FeedError::Unauthorized("Authorization must be 'Bearer <token>'".into()))?;
+            .ok_or_else(|| {
+                FeedError::Unauthorized("Authorization must be 'Bearer <token>'".into())
+            })?;
         self.by_hash
             .get(blake3::hash(token.trim().as_bytes()).as_bytes())
             .map(|s| Caller::Service(s.clone()))
@@ -126,8 +135,18 @@ impl Hub {
         match caller {
             Caller::Open => Ok(()),
             Caller::Service(s) if s == owner => Ok(()),
-            Caller::Service(s) if self.manifest.subscriptions.iter().any(|sub| sub.consumer == *s && sub.dataset == dataset) => Ok(()),
-            Caller::Service(s) => Err(FeedError::Forbidden(format!("service {s} does not subscribe to dataset {dataset}"))),
+            Caller::Service(s)
+                if self
+                    .manifest
+                    .subscriptions
+                    .iter()
+                    .any(|sub| sub.consumer == *s && sub.dataset == dataset) =>
+            {
+                Ok(())
+            }
+            Caller::Service(s) => Err(FeedError::Forbidden(format!(
+                "service {s} does not subscribe to dataset {dataset}"
+            ))),
         }
     }
 }
@@ -167,10 +186,18 @@ struct SnapshotParams {
 }
 
 fn query_error(e: QueryRejection) -> ApiError {
-    ApiError(FeedError::BadRequest(format!("query string: {}", e.body_text())))
+    ApiError(FeedError::BadRequest(format!(
+        "query string: {}",
+        e.body_text()
+    )))
 }
 
-async fn publish(State(hub): State<Arc<Hub>>, Path(dataset): Path<String>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+async fn publish(
+    State(hub): State<Arc<Hub>>,
+    Path(dataset): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
     let caller = hub.tokens.authenticate(&headers)?;
     hub.may_publish(&caller, &dataset)?;
     let body = body.map_err(|e| {
@@ -180,42 +207,75 @@ async fn publish(State(hub): State<Arc<Hub>>, Path(dataset): Path<String>, heade
             FeedError::BadRequest(format!("body: {}", e.body_text()))
         }
     })?;
-    let changes: Vec<ChangeInput> = serde_json::from_slice(&body).map_err(|e| FeedError::BadRequest(format!("body must be a JSON array of changes {{key, version, op, fields}}: {e}")))?;
+    let changes: Vec<ChangeInput> = serde_json::from_slice(&body).map_err(|e| {
+        FeedError::BadRequest(format!(
+            "body must be a JSON array of changes {{key, version, op, fields}}: {e}"
+        ))
+    })?;
     let receipt = hub.feed.publish(&dataset, changes).await?;
     Ok(Json(receipt).into_response())
 }
 
-async fn read(State(hub): State<Arc<Hub>>, Path(dataset): Path<String>, headers: HeaderMap, q: Result<Query<ReadParams>, QueryRejection>) -> Result<Response, ApiError> {
+async fn read(
+    State(hub): State<Arc<Hub>>,
+    Path(dataset): Path<String>,
+    headers: HeaderMap,
+    q: Result<Query<ReadParams>, QueryRejection>,
+) -> Result<Response, ApiError> {
     let caller = hub.tokens.authenticate(&headers)?;
     hub.may_read(&caller, &dataset)?;
     let Query(q) = q.map_err(query_error)?;
     let limit = q.limit.unwrap_or(DEFAULT_LIMIT);
     if limit == 0 || limit > crate::feed::MAX_PAGE {
-        return Err(FeedError::BadRequest(format!("limit must be between 1 and {}", crate::feed::MAX_PAGE)).into());
+        return Err(FeedError::BadRequest(format!(
+            "limit must be between 1 and {}",
+            crate::feed::MAX_PAGE
+        ))
+        .into());
     }
     let wait = Duration::from_millis(q.wait_ms).min(MAX_WAIT);
     Ok(Json(hub.feed.read(&dataset, q.after, limit, wait).await?).into_response())
 }
 
-async fn snapshot(State(hub): State<Arc<Hub>>, Path(dataset): Path<String>, headers: HeaderMap, q: Result<Query<SnapshotParams>, QueryRejection>) -> Result<Response, ApiError> {
+async fn snapshot(
+    State(hub): State<Arc<Hub>>,
+    Path(dataset): Path<String>,
+    headers: HeaderMap,
+    q: Result<Query<SnapshotParams>, QueryRejection>,
+) -> Result<Response, ApiError> {
     let caller = hub.tokens.authenticate(&headers)?;
     hub.may_read(&caller, &dataset)?;
     let Query(q) = q.map_err(query_error)?;
     let limit = q.limit.unwrap_or(DEFAULT_LIMIT);
     if limit == 0 || limit > crate::feed::MAX_PAGE {
-        return Err(FeedError::BadRequest(format!("limit must be between 1 and {}", crate::feed::MAX_PAGE)).into());
+        return Err(FeedError::BadRequest(format!(
+            "limit must be between 1 and {}",
+            crate::feed::MAX_PAGE
+        ))
+        .into());
     }
-    Ok(Json(hub.feed.snapshot(&dataset, q.after_key.as_deref(), limit).await?).into_response())
+    Ok(Json(
+        hub.feed
+            .snapshot(&dataset, q.after_key.as_deref(), limit)
+            .await?,
+    )
+    .into_response())
 }
 
-async fn schema(State(hub): State<Arc<Hub>>, Path(dataset): Path<String>, headers: HeaderMap) -> Result<Response, ApiError> {
+async fn schema(
+    State(hub): State<Arc<Hub>>,
+    Path(dataset): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
     let caller = hub.tokens.authenticate(&headers)?;
     hub.may_read(&caller, &dataset)?;
     Ok(Json(hub.feed.schema(&dataset).await?).into_response())
 }
 
 async fn fallback() -> ApiError {
-    ApiError(FeedError::BadRequest("no such endpoint; see /v1/datasets/{dataset}/changes|snapshot|schema".into()))
+    ApiError(FeedError::BadRequest(
+        "no such endpoint; see /v1/datasets/{dataset}/changes|snapshot|schema".into(),
+    ))
 }
 
 /// The hub's router over `feed`.
@@ -223,7 +283,11 @@ pub fn router(feed: Arc<dyn FeedBackend>, manifest: Arc<Manifest>, tokens: Token
     if tokens.is_empty() {
         tracing::warn!("hub runs without tokens: any caller may publish to any dataset (configure [hub.tokens] to enforce ownership)");
     }
-    let hub = Arc::new(Hub { feed, manifest, tokens });
+    let hub = Arc::new(Hub {
+        feed,
+        manifest,
+        tokens,
+    });
     Router::new()
         .route("/v1/datasets/{dataset}/changes", get(read).post(publish))
         .route("/v1/datasets/{dataset}/snapshot", get(snapshot))
@@ -235,6 +299,12 @@ pub fn router(feed: Arc<dyn FeedBackend>, manifest: Arc<Manifest>, tokens: Token
 }
 
 /// Serves `router` on `listener` until `shutdown` resolves.
-pub async fn serve(listener: tokio::net::TcpListener, router: Router, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
-    axum::serve(listener, router).with_graceful_shutdown(shutdown).await
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown)
+        .await
 }

@@ -74,7 +74,13 @@ pub struct Relay {
 
 impl Relay {
     pub fn new(source: Arc<dyn Source>, publisher: Arc<dyn Publisher>) -> Self {
-        Relay { source, publisher, options: RelayOptions::default(), nudge: Arc::new(Notify::new()), stats: Arc::default() }
+        Relay {
+            source,
+            publisher,
+            options: RelayOptions::default(),
+            nudge: Arc::new(Notify::new()),
+            stats: Arc::default(),
+        }
     }
 
     pub fn with_options(mut self, options: RelayOptions) -> Self {
@@ -138,10 +144,14 @@ impl Relay {
 
     /// Forwards one batch; returns how many rows it acknowledged.
     async fn step(&self) -> Result<usize, Step> {
-        let pending = self.source.pending(self.options.batch).await.map_err(|e| match e {
-            SourceError::Unavailable(m) => Step::Transient(m),
-            corrupt => Step::Definite(corrupt.into()),
-        })?;
+        let pending = self
+            .source
+            .pending(self.options.batch)
+            .await
+            .map_err(|e| match e {
+                SourceError::Unavailable(m) => Step::Transient(m),
+                corrupt => Step::Definite(corrupt.into()),
+            })?;
         let Some(last) = pending.last().map(|p| p.id) else {
             return Ok(0);
         };
@@ -150,8 +160,12 @@ impl Relay {
             let changes = run.iter().map(|p| p.change.clone()).collect();
             match self.publisher.publish(&dataset, changes).await {
                 Ok(receipt) => {
-                    self.stats.forwarded.fetch_add((run.len() - receipt.ignored) as u64, Ordering::Relaxed);
-                    self.stats.ignored.fetch_add(receipt.ignored as u64, Ordering::Relaxed);
+                    self.stats
+                        .forwarded
+                        .fetch_add((run.len() - receipt.ignored) as u64, Ordering::Relaxed);
+                    self.stats
+                        .ignored
+                        .fetch_add(receipt.ignored as u64, Ordering::Relaxed);
                 }
                 Err(e) if e.is_transient() => return Err(Step::Transient(e.to_string())),
                 Err(e) => {
@@ -159,11 +173,19 @@ impl Relay {
                         FeedError::Invalid { index, .. } => run.get(*index).unwrap_or(&run[0]),
                         _ => &run[0],
                     };
-                    return Err(Step::Definite(RelayError::Rejected { id: row.id, dataset, key: row.change.key.clone(), source: e }));
+                    return Err(Step::Definite(RelayError::Rejected {
+                        id: row.id,
+                        dataset,
+                        key: row.change.key.clone(),
+                        source: e,
+                    }));
                 }
             }
         }
-        self.source.ack(last).await.map_err(|e| Step::Transient(e.to_string()))?;
+        self.source
+            .ack(last)
+            .await
+            .map_err(|e| Step::Transient(e.to_string()))?;
         Ok(pending.len())
     }
 }
@@ -209,7 +231,14 @@ mod tests {
                 self.fail.fetch_sub(1, Ordering::SeqCst);
                 return Err(SourceError::Unavailable("disk busy".into()));
             }
-            Ok(self.rows.lock().unwrap().iter().take(max).cloned().collect())
+            Ok(self
+                .rows
+                .lock()
+                .unwrap()
+                .iter()
+                .take(max)
+                .cloned()
+                .collect())
         }
         async fn ack(&self, upto: u64) -> Result<(), SourceError> {
             self.rows.lock().unwrap().retain(|p| p.id > upto);
@@ -218,27 +247,58 @@ mod tests {
     }
 
     fn row(id: u64, key: &str, version: u64) -> Pending {
-        Pending { id, dataset: "items".into(), change: ChangeInput::upsert(key, version, json!({"n": id}).as_object().cloned().unwrap()) }
+        Pending {
+            id,
+            dataset: "items".into(),
+            change: ChangeInput::upsert(
+                key,
+                version,
+                json!({"n": id}).as_object().cloned().unwrap(),
+            ),
+        }
     }
 
     #[tokio::test]
     async fn forwards_in_order_after_transient_failures() {
         let feed = Arc::new(MemoryFeed::new(&manifest()));
-        let source = Arc::new(Flaky { rows: Mutex::new(vec![row(1, "a", 1), row(2, "a", 2), row(3, "b", 1)]), fail: AtomicU64::new(2) });
-        let relay = Relay::new(source.clone(), feed.clone()).with_options(RelayOptions { backoff_min: Duration::from_millis(1), ..Default::default() });
+        let source = Arc::new(Flaky {
+            rows: Mutex::new(vec![row(1, "a", 1), row(2, "a", 2), row(3, "b", 1)]),
+            fail: AtomicU64::new(2),
+        });
+        let relay = Relay::new(source.clone(), feed.clone()).with_options(RelayOptions {
+            backoff_min: Duration::from_millis(1),
+            ..Default::default()
+        });
         let stats = relay.stats();
         let (trigger, shutdown) = shutdown_channel();
         let task = tokio::spawn(relay.run(shutdown));
-        let batch = feed.read("items", 0, 10, Duration::from_secs(10)).await.unwrap();
+        let batch = feed
+            .read("items", 0, 10, Duration::from_secs(10))
+            .await
+            .unwrap();
         let mut entries = batch.entries;
         while entries.len() < 3 {
-            entries.extend(feed.read("items", entries.len() as u64, 10, Duration::from_secs(10)).await.unwrap().entries);
+            entries.extend(
+                feed.read("items", entries.len() as u64, 10, Duration::from_secs(10))
+                    .await
+                    .unwrap()
+                    .entries,
+            );
         }
         trigger.fire();
         task.await.unwrap().unwrap();
-        assert_eq!(entries.iter().map(|e| (e.change.key.as_str(), e.change.version)).collect::<Vec<_>>(), vec![("a", 1), ("a", 2), ("b", 1)]);
+        assert_eq!(
+            entries
+                .iter()
+                .map(|e| (e.change.key.as_str(), e.change.version))
+                .collect::<Vec<_>>(),
+            vec![("a", 1), ("a", 2), ("b", 1)]
+        );
         assert!(stats.retries.load(Ordering::SeqCst) >= 2);
-        assert!(source.rows.lock().unwrap().is_empty(), "everything was acknowledged");
+        assert!(
+            source.rows.lock().unwrap().is_empty(),
+            "everything was acknowledged"
+        );
     }
 
     #[tokio::test]
@@ -246,11 +306,28 @@ mod tests {
         let feed = Arc::new(MemoryFeed::new(&manifest()));
         let mut bad = row(2, "b", 1);
         bad.change.fields = json!({"n": "text"}).as_object().cloned().unwrap();
-        let source = Arc::new(Flaky { rows: Mutex::new(vec![row(1, "a", 1), bad]), fail: AtomicU64::new(0) });
+        let source = Arc::new(Flaky {
+            rows: Mutex::new(vec![row(1, "a", 1), bad]),
+            fail: AtomicU64::new(0),
+        });
         let (_trigger, shutdown) = shutdown_channel();
-        let e = Relay::new(source.clone(), feed.clone()).run(shutdown).await.unwrap_err().to_string();
-        assert!(e.contains("outbox row 2") && e.contains("key b") && e.contains("must be int"), "{e}");
+        let e = Relay::new(source.clone(), feed.clone())
+            .run(shutdown)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("outbox row 2") && e.contains("key b") && e.contains("must be int"),
+            "{e}"
+        );
         assert_eq!(source.rows.lock().unwrap().len(), 2, "nothing acknowledged");
-        assert_eq!(feed.read("items", 0, 10, Duration::ZERO).await.unwrap().head, 0, "the batch was all-or-nothing");
+        assert_eq!(
+            feed.read("items", 0, 10, Duration::ZERO)
+                .await
+                .unwrap()
+                .head,
+            0,
+            "the batch was all-or-nothing"
+        );
     }
 }

@@ -46,8 +46,16 @@ fn bump(conn: &Connection, dataset: &str, key: &str) -> rusqlite::Result<Version
     )
 }
 
-fn insert(conn: &Connection, dataset: &str, key: &str, version: Version, op: Op, fields: &Map<String, Value>) -> rusqlite::Result<()> {
-    let fields = serde_json::to_string(fields).map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+fn insert(
+    conn: &Connection,
+    dataset: &str,
+    key: &str,
+    version: Version,
+    op: Op,
+    fields: &Map<String, Value>,
+) -> rusqlite::Result<()> {
+    let fields = serde_json::to_string(fields)
+        .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
     conn.execute(
         "INSERT INTO spoke_outbox (dataset, key, version, op, fields, ts) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
         params![dataset, key, version as i64, op.as_str(), fields, crate::clock::now_ms() as i64],
@@ -57,7 +65,12 @@ fn insert(conn: &Connection, dataset: &str, key: &str, version: Version, op: Op,
 
 /// Records an upsert of `key`'s full state in the caller's transaction;
 /// returns the new version.
-pub fn upsert(tx: &Connection, dataset: &str, key: &str, fields: &Map<String, Value>) -> rusqlite::Result<Version> {
+pub fn upsert(
+    tx: &Connection,
+    dataset: &str,
+    key: &str,
+    fields: &Map<String, Value>,
+) -> rusqlite::Result<Version> {
     let v = bump(tx, dataset, key)?;
     insert(tx, dataset, key, v, Op::Upsert, fields)?;
     Ok(v)
@@ -77,18 +90,28 @@ pub struct SqliteOutbox {
 
 impl SqliteOutbox {
     pub fn open(path: &Path) -> Result<Self, SourceError> {
-        let conn = Connection::open(path).map_err(|e| SourceError::Unavailable(format!("{}: {e}", path.display())))?;
-        conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(|e| SourceError::Unavailable(e.to_string()))?;
-        conn.pragma_update(None, "journal_mode", "WAL").map_err(|e| SourceError::Unavailable(e.to_string()))?;
+        let conn = Connection::open(path)
+            .map_err(|e| SourceError::Unavailable(format!("{}: {e}", path.display())))?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))
+            .map_err(|e| SourceError::Unavailable(e.to_string()))?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(|e| SourceError::Unavailable(e.to_string()))?;
         install(&conn).map_err(|e| SourceError::Unavailable(e.to_string()))?;
-        Ok(SqliteOutbox { conn: Arc::new(Mutex::new(conn)) })
+        Ok(SqliteOutbox {
+            conn: Arc::new(Mutex::new(conn)),
+        })
     }
 
     /// Rows not yet acknowledged.
     pub async fn backlog(&self) -> Result<u64, SourceError> {
         let conn = self.conn.clone();
         tokio::task::spawn_blocking(move || {
-            conn.lock().expect("outbox").query_row("SELECT COUNT(*) FROM spoke_outbox", [], |r| r.get::<_, i64>(0)).map(|n| n as u64)
+            conn.lock()
+                .expect("outbox")
+                .query_row("SELECT COUNT(*) FROM spoke_outbox", [], |r| {
+                    r.get::<_, i64>(0)
+                })
+                .map(|n| n as u64)
         })
         .await
         .map_err(|e| SourceError::Unavailable(e.to_string()))?
@@ -115,13 +138,28 @@ impl Source for SqliteOutbox {
                 let op = match op.as_str() {
                     "upsert" => Op::Upsert,
                     "delete" => Op::Delete,
-                    other => return Err(SourceError::Corrupt { id, message: format!("unknown op '{other}'") }),
+                    other => {
+                        return Err(SourceError::Corrupt {
+                            id,
+                            message: format!("unknown op '{other}'"),
+                        })
+                    }
                 };
-                let fields: Map<String, Value> = serde_json::from_str(&fields).map_err(|e| SourceError::Corrupt { id, message: format!("fields are not a JSON object: {e}") })?;
+                let fields: Map<String, Value> =
+                    serde_json::from_str(&fields).map_err(|e| SourceError::Corrupt {
+                        id,
+                        message: format!("fields are not a JSON object: {e}"),
+                    })?;
                 Ok(Pending {
                     id,
                     dataset,
-                    change: ChangeInput { key, version: version as Version, op, fields, ts: Some(ts as u64) },
+                    change: ChangeInput {
+                        key,
+                        version: version as Version,
+                        op,
+                        fields,
+                        ts: Some(ts as u64),
+                    },
                 })
             })
             .collect()
@@ -129,10 +167,14 @@ impl Source for SqliteOutbox {
 
     async fn ack(&self, upto: u64) -> Result<(), SourceError> {
         let conn = self.conn.clone();
-        tokio::task::spawn_blocking(move || conn.lock().expect("outbox").execute("DELETE FROM spoke_outbox WHERE id <= ?1", [upto as i64]))
-            .await
-            .map_err(|e| SourceError::Unavailable(e.to_string()))?
-            .map_err(|e| SourceError::Unavailable(e.to_string()))?;
+        tokio::task::spawn_blocking(move || {
+            conn.lock()
+                .expect("outbox")
+                .execute("DELETE FROM spoke_outbox WHERE id <= ?1", [upto as i64])
+        })
+        .await
+        .map_err(|e| SourceError::Unavailable(e.to_string()))?
+        .map_err(|e| SourceError::Unavailable(e.to_string()))?;
         Ok(())
     }
 }
@@ -161,12 +203,21 @@ mod tests {
         }
         let outbox = SqliteOutbox::open(&path).unwrap();
         let p = outbox.pending(10).await.unwrap();
-        assert_eq!(p.iter().map(|p| (p.change.key.as_str(), p.change.version)).collect::<Vec<_>>(), vec![("c1", 1), ("c1", 2), ("c2", 1)]);
+        assert_eq!(
+            p.iter()
+                .map(|p| (p.change.key.as_str(), p.change.version))
+                .collect::<Vec<_>>(),
+            vec![("c1", 1), ("c1", 2), ("c2", 1)]
+        );
         outbox.ack(p[1].id).await.unwrap();
         let p = outbox.pending(10).await.unwrap();
         assert_eq!(p.len(), 1, "ack removes a prefix");
         let tx = conn.transaction().unwrap();
-        assert_eq!(delete(&tx, "customers", "c1").unwrap(), 3, "the rolled-back version is reused");
+        assert_eq!(
+            delete(&tx, "customers", "c1").unwrap(),
+            3,
+            "the rolled-back version is reused"
+        );
         tx.commit().unwrap();
     }
 }
