@@ -124,3 +124,132 @@ pub async fn nats_delete_streams(url: &str, prefix: &str) {
         let _ = js.delete_stream(&n).await;
     }
 }
+
+/// A port that was free a moment ago on 127.0.0.1.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// Where the nats-server binary is (`SPOKE_NATS_SERVER`, else on PATH or /usr/sbin).
+pub fn nats_server_bin() -> Option<std::path::PathBuf> {
+    if let Ok(p) = std::env::var("SPOKE_NATS_SERVER") {
+        return Some(p.into());
+    }
+    let path = std::env::var("PATH").unwrap_or_default();
+    std::env::split_paths(&format!("{path}:/usr/sbin:/usr/local/bin"))
+        .map(|d| d.join("nats-server"))
+        .find(|p| p.is_file())
+}
+
+/// A private nats-server process with JetStream, for tests that restart,
+/// kill or reconfigure the server. Killed when dropped.
+pub struct NatsServer {
+    pub port: u16,
+    pub cluster_port: Option<u16>,
+    pub store_dir: std::path::PathBuf,
+    config_path: std::path::PathBuf,
+    child: Option<std::process::Child>,
+}
+
+impl NatsServer {
+    /// Writes `config` (extra nats-server configuration, e.g. an
+    /// `authorization` block or a `cluster` block) and starts the server on
+    /// `port` with its JetStream store in `store_dir`.
+    pub fn start(
+        port: u16,
+        store_dir: &std::path::Path,
+        name: &str,
+        extra: &str,
+        cluster_port: Option<u16>,
+    ) -> Option<NatsServer> {
+        let Some(bin) = nats_server_bin() else {
+            assert!(
+                !in_ci(),
+                "nats-server is required under CI=true but was not found (set SPOKE_NATS_SERVER)"
+            );
+            eprintln!("SKIPPED: nats-server not found (set SPOKE_NATS_SERVER)");
+            return None;
+        };
+        std::fs::create_dir_all(store_dir).expect("store dir");
+        let config_path = store_dir.join(format!("{name}.conf"));
+        let config = format!(
+            "server_name: {name}\nlisten: 127.0.0.1:{port}\njetstream {{ store_dir: \"{}\" }}\n{extra}\n",
+            store_dir.join(name).display()
+        );
+        std::fs::write(&config_path, config).expect("write nats config");
+        let mut s = NatsServer {
+            port,
+            cluster_port,
+            store_dir: store_dir.to_owned(),
+            config_path,
+            child: None,
+        };
+        s.spawn(&bin);
+        Some(s)
+    }
+
+    fn spawn(&mut self, bin: &std::path::Path) {
+        let log = std::fs::File::create(self.config_path.with_extension("log")).expect("log file");
+        let child = std::process::Command::new(bin)
+            .arg("-c")
+            .arg(&self.config_path)
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start nats-server");
+        self.child = Some(child);
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Waits until the server accepts connections (panics after 15 s).
+    pub async fn ready(&self) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+        loop {
+            if tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+                .await
+                .is_ok()
+            {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "nats-server on port {} did not start; see {}",
+                self.port,
+                self.config_path.with_extension("log").display()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+
+    /// SIGKILLs the server.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts the server again with the same config and store.
+    pub fn restart(&mut self) {
+        self.kill();
+        let bin = nats_server_bin().expect("nats-server");
+        self.spawn(&bin);
+    }
+
+    /// The server's log, for failure messages.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.config_path.with_extension("log")).unwrap_or_default()
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

@@ -44,6 +44,8 @@
 //! always` (supported by current servers) or the stream has replicas on other
 //! machines. Use `replicas = 3` in clusters.
 
+pub mod permissions;
+
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -181,13 +183,16 @@ impl JetStreamFeed {
         if let (Some(u), Some(p)) = (&options.user, &options.password) {
             connect = connect.user_and_password(u.clone(), p.clone());
         }
-        let client = tokio::time::timeout(
-            Duration::from_secs(10),
-            connect.connect(options.url.as_str()),
-        )
-        .await
-        .map_err(|_| unavailable(format!("could not connect to {} within 10s", options.url)))?
-        .map_err(|e| unavailable(format!("{}: {e}", options.url)))?;
+        let servers: Vec<async_nats::ServerAddr> = options
+            .url
+            .split(',')
+            .map(|u| u.trim().parse())
+            .collect::<Result<_, _>>()
+            .map_err(|e| unavailable(format!("invalid NATS URL '{}': {e}", options.url)))?;
+        let client = tokio::time::timeout(Duration::from_secs(10), connect.connect(servers))
+            .await
+            .map_err(|_| unavailable(format!("could not connect to {} within 10s", options.url)))?
+            .map_err(|e| unavailable(format!("{}: {e}", options.url)))?;
         let js = async_nats::jetstream::new(client);
         let catalog = Catalog::new(manifest);
         let feed = JetStreamFeed {
