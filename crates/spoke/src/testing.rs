@@ -253,3 +253,190 @@ impl Drop for NatsServer {
         self.kill();
     }
 }
+
+/// The PostgreSQL server binaries (`SPOKE_PG_BIN`, else the newest under /usr/lib/postgresql).
+pub fn postgres_bin_dir() -> Option<std::path::PathBuf> {
+    if let Ok(p) = std::env::var("SPOKE_PG_BIN") {
+        return Some(p.into());
+    }
+    let mut versions: Vec<std::path::PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path().join("bin"))
+        .filter(|p| p.join("pg_ctl").is_file())
+        .collect();
+    versions.sort();
+    versions.pop()
+}
+
+/// A private PostgreSQL instance (initdb + pg_ctl) on its own port, with
+/// `wal_level=logical`, for tests that restart or reconfigure the server.
+/// Stopped when dropped. As root, it runs as the `postgres` user.
+pub struct PrivatePostgres {
+    pub port: u16,
+    data: std::path::PathBuf,
+    bin: std::path::PathBuf,
+    as_postgres: bool,
+}
+
+impl PrivatePostgres {
+    /// Initialises and starts an instance under `dir`; `None` (skip) when
+    /// the binaries are missing outside CI.
+    pub fn start(dir: &std::path::Path) -> Option<PrivatePostgres> {
+        let Some(bin) = postgres_bin_dir() else {
+            assert!(
+                !in_ci(),
+                "PostgreSQL server binaries are required under CI=true (set SPOKE_PG_BIN)"
+            );
+            eprintln!("SKIPPED: PostgreSQL server binaries not found (set SPOKE_PG_BIN)");
+            return None;
+        };
+        let data = dir.join("pgdata");
+        std::fs::create_dir_all(dir).expect("pg dir");
+        let as_postgres = std::process::Command::new("id")
+            .arg("-u")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+            .unwrap_or(false);
+        if as_postgres {
+            let status = std::process::Command::new("chown")
+                .arg("-R")
+                .arg("postgres:postgres")
+                .arg(dir)
+                .status()
+                .expect("chown");
+            assert!(
+                status.success(),
+                "chown {} to postgres failed",
+                dir.display()
+            );
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::PermissionsExt;
+                // The postgres user must be able to reach the folder.
+                let mut p = dir.to_path_buf();
+                while let Some(parent) = p.parent() {
+                    if let Ok(meta) = std::fs::metadata(&p) {
+                        let mode = meta.permissions().mode();
+                        if mode & 0o001 == 0 {
+                            let _ = std::fs::set_permissions(
+                                &p,
+                                std::fs::Permissions::from_mode(mode | 0o711),
+                            );
+                        }
+                    }
+                    p = parent.to_path_buf();
+                }
+            }
+        }
+        let pg = PrivatePostgres {
+            port: free_port(),
+            data,
+            bin,
+            as_postgres,
+        };
+        pg.run(
+            "initdb",
+            &[
+                "-D",
+                pg.data.to_str().expect("utf-8 path"),
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+                "--no-sync",
+            ],
+        );
+        pg.pg_ctl_start();
+        Some(pg)
+    }
+
+    fn command(&self, tool: &str) -> std::process::Command {
+        let path = self.bin.join(tool);
+        if self.as_postgres {
+            let mut c = std::process::Command::new("runuser");
+            c.arg("-u").arg("postgres").arg("--").arg(path);
+            c
+        } else {
+            std::process::Command::new(path)
+        }
+    }
+
+    fn run(&self, tool: &str, args: &[&str]) {
+        let out = self
+            .command(tool)
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("{tool}: {e}"));
+        assert!(
+            out.status.success(),
+            "{tool} {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn pg_ctl_start(&self) {
+        let opts = format!(
+            "-p {} -c listen_addresses=127.0.0.1 -c unix_socket_directories='' -c wal_level=logical -c max_wal_senders=10 -c max_replication_slots=10 -c fsync=off",
+            self.port
+        );
+        let log = self.data.with_file_name("postgres.log");
+        self.run(
+            "pg_ctl",
+            &[
+                "-D",
+                self.data.to_str().expect("utf-8"),
+                "-o",
+                &opts,
+                "-l",
+                log.to_str().expect("utf-8"),
+                "-w",
+                "-t",
+                "60",
+                "start",
+            ],
+        );
+    }
+
+    /// A connection string for the `postgres` database.
+    pub fn url(&self) -> String {
+        format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres",
+            self.port
+        )
+    }
+
+    /// Stops the server at once (like a crash: no checkpoint), then starts it again.
+    pub fn crash_restart(&self, down_for: std::time::Duration) {
+        self.run(
+            "pg_ctl",
+            &[
+                "-D",
+                self.data.to_str().expect("utf-8"),
+                "-m",
+                "immediate",
+                "-w",
+                "stop",
+            ],
+        );
+        std::thread::sleep(down_for);
+        self.pg_ctl_start();
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        let _ = self
+            .command("pg_ctl")
+            .args([
+                "-D",
+                self.data.to_str().unwrap_or(""),
+                "-m",
+                "immediate",
+                "-w",
+                "stop",
+            ])
+            .output();
+    }
+}

@@ -135,6 +135,16 @@ async fn publish_stream(
     model
 }
 
+/// Waits until the agent finished its (empty) bootstrap, so every change
+/// arrives through the log and the received count can be checked exactly.
+async fn wait_for_bootstrap(store: &SqliteCopyStore) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !matches!(store.cursor("customers").await, Ok(c) if c.position.is_some()) {
+        assert!(Instant::now() < deadline, "the agent never bootstrapped");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Waits until the copy holds `expected` and checks nothing was received twice.
 async fn assert_converged(store: &SqliteCopyStore, expected: &MemoryCopy, feed: &JetStreamFeed) {
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -266,6 +276,7 @@ async fn the_copy_converges_across_a_nats_restart() {
     );
     let (trigger, shutdown) = shutdown_channel();
     let running = tokio::spawn(agent.run(shutdown));
+    wait_for_bootstrap(&store).await;
 
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let publisher = tokio::spawn(publish_stream(owner.clone(), 50, 3_000, move |b| {
@@ -336,6 +347,7 @@ async fn a_three_node_cluster_loses_a_node_mid_stream_and_nothing_is_lost() {
     );
     let (trigger, shutdown) = shutdown_channel();
     let running = tokio::spawn(agent.run(shutdown));
+    wait_for_bootstrap(&store).await;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let publisher = tokio::spawn(publish_stream(owner.clone(), 50, 2_000, move |b| {
         let _ = tx.send(b);
