@@ -47,6 +47,17 @@ enum Command {
     Relay(RelayArgs),
     /// Measure Spoke on this machine.
     Bench(commands::bench::BenchArgs),
+    /// Print the nats-server `authorization` block that enforces the manifest's
+    /// ownership in NATS (each service's password from SPOKE_NATS_PASSWORD_<SERVICE>).
+    NatsConfig {
+        manifest: PathBuf,
+        /// Prefix of stream names, as in the JetStream feed settings.
+        #[arg(long, default_value = "SPOKE")]
+        stream_prefix: String,
+        /// Prefix of subjects, as in the JetStream feed settings.
+        #[arg(long, default_value = "spoke")]
+        subject_prefix: String,
+    },
 }
 
 #[derive(Args)]
@@ -128,6 +139,11 @@ fn main() -> ExitCode {
         Command::Status { config, json } => commands::status::run(&config, json),
         Command::Relay(args) => commands::serve::relay(args),
         Command::Bench(args) => commands::bench::run(args),
+        Command::NatsConfig {
+            manifest,
+            stream_prefix,
+            subject_prefix,
+        } => commands::nats_config::run(&manifest, stream_prefix, subject_prefix),
     };
     match result {
         Ok(code) => code,

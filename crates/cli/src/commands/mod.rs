@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod check;
 pub mod demo;
+pub mod nats_config;
 pub mod serve;
 pub mod status;
 

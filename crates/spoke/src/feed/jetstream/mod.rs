@@ -71,6 +71,8 @@ use crate::copy::newest_per_key;
 
 /// Header carrying the change's version, so version checks need no payload parsing.
 const VERSION_HEADER: &str = "Spoke-Version";
+/// How long a starting feed waits for JetStream (e.g. a forming cluster).
+const STARTUP_PATIENCE: Duration = Duration::from_secs(60);
 /// Longest a read waits for entries the log is known to hold.
 const DELIVERY_GRACE: Duration = Duration::from_secs(5);
 /// Header JetStream adds to sourced messages: `<origin stream> <origin sequence> …`.
@@ -202,8 +204,20 @@ impl JetStreamFeed {
             clock: Clock::System,
             tails: Mutex::new(HashMap::new()),
         };
+        // A cluster that is still electing its leader refuses stream
+        // operations for a few seconds; keep trying rather than fail a start.
+        let deadline = std::time::Instant::now() + STARTUP_PATIENCE;
         for ds in feed.catalog.names().map(str::to_owned).collect::<Vec<_>>() {
-            feed.ensure_streams(&ds).await?;
+            loop {
+                match feed.ensure_streams(&ds).await {
+                    Ok(()) => break,
+                    Err(e) if std::time::Instant::now() < deadline => {
+                        tracing::info!("JetStream not ready yet ({e}); retrying");
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
         }
         Ok(feed)
     }
