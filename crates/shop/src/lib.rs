@@ -1,1 +1,52 @@
+//! The shop example: five small services wired together with Spoke.
+//!
+//! ```text
+//!  Customer Service ── outbox ─relay─▶ hub ─▶ agent ─▶ order.db: customers (read-only copy: name, email)
+//!   (owns customers)                                         ▲ JOIN
+//!                                                            │
+//!  Catalog ◀── GET /products/{sku} (snapshot name + price) ── Order Service ── POST /reserve ──▶ Inventory
+//!   (owns products)                                          └──────────────── POST /charge ───▶ Payment
+//! ```
+//!
+//! Order Service keeps a local copy of what rarely changes and is only
+//! displayed (customer name and email: `events`, 1 h budget), snapshots what
+//! is a point-in-time fact of an order (product name and price), and calls
+//! what must be current (stock, payment). `examples/shop/manifest.toml` says
+//! so, and is embedded here as [`MANIFEST_TOML`].
+//!
+//! # Layout
+//! - [`customer`]: Customer Service — customers in its own SQLite file, each
+//!   write and its outbox row in one transaction, the relay to the hub.
+//! - [`catalog`]: Catalog — products and prices.
+//! - [`inventory`]: Inventory — stock reservations.
+//! - [`payment`]: Payment — charges.
+//! - [`order`]: Order Service — orders placed from the copy, read back with
+//!   one SQL JOIN against it.
+//! - [`web`]: what the services share: JSON errors, their SQLite file,
+//!   re-bindable listeners, calls to each other.
+//! - [`demo`]: the whole shop in one process ([`demo::Shop`]) and the
+//!   narrated run behind `spoke demo` ([`demo::run`]).
+//!
+//! The `shop` binary (`src/main.rs`) starts each service as its own process;
+//! Spoke's hub and agent then run as `spoke hub` and `spoke agent`.
 
+pub mod catalog;
+pub mod customer;
+pub mod demo;
+pub mod inventory;
+pub mod order;
+pub mod payment;
+pub mod web;
+
+use spoke_core::Manifest;
+
+/// Where the shop's manifest lives in the repository.
+pub const MANIFEST_PATH: &str = "examples/shop/manifest.toml";
+
+/// The shop's manifest, as compiled in.
+pub const MANIFEST_TOML: &str = include_str!("../../../examples/shop/manifest.toml");
+
+/// The shop's manifest, parsed.
+pub fn manifest() -> anyhow::Result<Manifest> {
+    Manifest::parse(MANIFEST_PATH, MANIFEST_TOML).map_err(|e| anyhow::anyhow!("{e}"))
+}

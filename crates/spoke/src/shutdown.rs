@@ -36,7 +36,7 @@ impl Shutdown {
     }
 
     /// A `'static` future for `axum::serve(..).with_graceful_shutdown`.
-    pub fn signal(mut self) -> impl std::future::Future<Output = ()> + Send + 'static {
-        async move { self.wait().await }
+    pub async fn signal(mut self) {
+        self.wait().await
     }
 }

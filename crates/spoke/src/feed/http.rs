@@ -70,6 +70,22 @@ impl ErrorBody {
     }
 }
 
+/// An error with its causes, so "error sending request" also says why
+/// (connection refused, timed out, …).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
+}
+
 /// A hub reached over HTTP.
 #[derive(Clone)]
 pub struct HubClient {
@@ -120,15 +136,13 @@ impl HubClient {
             Some(t) => req.bearer_auth(t),
             None => req,
         };
-        let resp = req
-            .send()
-            .await
-            .map_err(|e| FeedError::Unavailable(format!("hub {}: {e}", self.base)))?;
+        let resp = req.send().await.map_err(|e| {
+            FeedError::Unavailable(format!("hub {}: {}", self.base, error_chain(&e)))
+        })?;
         let status = resp.status().as_u16();
-        let bytes = resp
-            .bytes()
-            .await
-            .map_err(|e| FeedError::Unavailable(format!("hub {}: {e}", self.base)))?;
+        let bytes = resp.bytes().await.map_err(|e| {
+            FeedError::Unavailable(format!("hub {}: {}", self.base, error_chain(&e)))
+        })?;
         if (200..300).contains(&status) {
             return serde_json::from_slice(&bytes).map_err(|e| {
                 FeedError::Unavailable(format!("hub {} sent an unreadable answer: {e}", self.base))

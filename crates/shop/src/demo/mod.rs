@@ -1,0 +1,731 @@
+//! `spoke demo`: the shop end to end, narrated, every claim checked.
+//!
+//! [`run`] starts a [`Shop`] in a temporary directory and walks through
+//! seven steps. Each step prints what it does and what it measured, and
+//! checks its claims; a step *held* when every check passed. The run ends
+//! with a summary table, and [`DemoReport::all_held`] is what `spoke demo`
+//! turns into its exit code.
+//!
+//! 1. Create customers through Customer Service; measure commit → copy lag.
+//! 2. Place an order: customer from the copy, prices snapshotted from Catalog.
+//! 3. Rename a customer (the copy catches up, orders show the new name);
+//!    change a price (existing orders keep theirs).
+//! 4. Stop Customer Service and the hub: orders go on from the copy while
+//!    its staleness grows, within budget.
+//! 5. Stop Inventory: orders are refused (stock must be current); restart it.
+//! 6. Restart Customer Service, change a customer while the hub is still
+//!    down (the change waits in the outbox), restart the hub: delivered.
+//! 7. Write to the copy from Order Service's own connection: refused.
+
+pub mod shop;
+
+use std::fmt::Display;
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+pub use self::shop::{Part, Shop};
+use crate::customer::Customer;
+use crate::order::OrderView;
+use crate::web::CallError;
+
+/// Longest a step may take before it counts as failed.
+pub const STEP_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest a change may take to reach the copy while everything is up.
+const CATCH_UP: Duration = Duration::from_secs(5);
+/// Orders placed while the owner side is down (step 4).
+const OUTAGE_ORDERS: usize = 5;
+/// Spacing of the orders placed during the outage.
+const ORDER_EVERY: Duration = Duration::from_millis(500);
+
+/// The message the copy's guard gives a write from another connection.
+pub const READ_ONLY_MESSAGE: &str =
+    "customers is a read-only copy of dataset customers owned by customer-service";
+
+/// One step's outcome.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StepReport {
+    pub number: usize,
+    pub title: String,
+    /// Every check of the step passed (and there was at least one).
+    pub held: bool,
+    /// One line of what the step measured.
+    pub measured: String,
+    /// The checks that failed, or the error that stopped the step.
+    pub failures: Vec<String>,
+}
+
+/// What a demo run showed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DemoReport {
+    pub steps: Vec<StepReport>,
+    pub elapsed_ms: u64,
+}
+
+impl DemoReport {
+    /// Whether every step ran and held.
+    pub fn all_held(&self) -> bool {
+        !self.steps.is_empty() && self.steps.iter().all(|s| s.held)
+    }
+}
+
+/// A step in progress: narrates to `out` and collects checks.
+struct Step<'o> {
+    out: &'o mut (dyn Write + Send),
+    number: usize,
+    title: &'static str,
+    checks: usize,
+    failures: Vec<String>,
+    measured: Vec<String>,
+}
+
+impl<'o> Step<'o> {
+    fn begin(
+        out: &'o mut (dyn Write + Send),
+        number: usize,
+        title: &'static str,
+    ) -> std::io::Result<Self> {
+        writeln!(out)?;
+        writeln!(out, "Step {number}. {title}")?;
+        Ok(Step {
+            out,
+            number,
+            title,
+            checks: 0,
+            failures: Vec::new(),
+            measured: Vec::new(),
+        })
+    }
+
+    fn say(&mut self, line: impl Display) -> std::io::Result<()> {
+        writeln!(self.out, "   {line}")
+    }
+
+    /// Records and prints one claim.
+    fn check(&mut self, held: bool, claim: impl Into<String>) -> std::io::Result<()> {
+        let claim = claim.into();
+        self.checks += 1;
+        writeln!(self.out, "   {} {claim}", if held { "✓" } else { "✗" })?;
+        if !held {
+            self.failures.push(claim);
+        }
+        Ok(())
+    }
+
+    fn measured(&mut self, m: impl Into<String>) {
+        self.measured.push(m.into());
+    }
+
+    fn finish(
+        mut self,
+        result: Result<anyhow::Result<()>, tokio::time::error::Elapsed>,
+    ) -> std::io::Result<StepReport> {
+        let error = match result {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(format!("{e:#}")),
+            Err(_) => Some(format!("the step did not finish within {STEP_TIMEOUT:?}")),
+        };
+        if let Some(e) = error {
+            writeln!(self.out, "   ✗ {e}")?;
+            self.failures.push(e);
+        }
+        let held = self.failures.is_empty() && self.checks > 0;
+        writeln!(self.out, "   → {}", if held { "held" } else { "FAILED" })?;
+        Ok(StepReport {
+            number: self.number,
+            title: self.title.to_owned(),
+            held,
+            measured: self.measured.join("; "),
+            failures: self.failures,
+        })
+    }
+}
+
+/// What later steps need from earlier ones.
+#[derive(Default)]
+struct Ctx {
+    first_order: Option<OrderView>,
+}
+
+fn demo_customers() -> Vec<Customer> {
+    let c = |id: &str, name: &str, email: &str, preferred: Option<&str>, pm: &str| Customer {
+        id: id.into(),
+        name: name.into(),
+        email: email.into(),
+        preferred_name: preferred.map(Into::into),
+        payment_method_id: pm.into(),
+    };
+    vec![
+        c(
+            "c-ada",
+            "Ada Lovelace",
+            "ada@example.com",
+            None,
+            "pm_visa_4242",
+        ),
+        c(
+            "c-grace",
+            "Grace Hopper",
+            "grace@example.com",
+            Some("Amazing Grace"),
+            "pm_mc_5454",
+        ),
+        c(
+            "c-alan",
+            "Alan Turing",
+            "alan@example.com",
+            None,
+            "pm_amex_0005",
+        ),
+    ]
+}
+
+fn dollars(cents: i64) -> String {
+    format!("${}.{:02}", cents / 100, (cents % 100).abs())
+}
+
+fn secs(ms: Option<u64>) -> String {
+    ms.map_or_else(
+        || "never fresh".into(),
+        |ms| format!("{:.1} s", ms as f64 / 1000.0),
+    )
+}
+
+fn customer_name(o: &OrderView) -> &str {
+    o.customer
+        .as_ref()
+        .map_or("(not in the copy)", |c| c.name.as_str())
+}
+
+/// Runs the demo on a new shop in a temporary directory, narrating to `out`.
+pub async fn run(out: &mut (dyn Write + Send)) -> anyhow::Result<DemoReport> {
+    let started = Instant::now();
+    writeln!(
+        out,
+        "Spoke demo: the shop, on the embedded default (SQLite files, real HTTP on loopback)"
+    )?;
+    let mut shop = Shop::start().await?;
+    writeln!(out, "   data in {}", shop.dir().display())?;
+    for part in Part::ALL {
+        writeln!(out, "   {:<22} {}", part.name(), shop.url(part))?;
+    }
+    writeln!(
+        out,
+        "   Order Service copies customers (name, email; events; budget 1h) into {}",
+        shop.order_db().display()
+    )?;
+
+    let mut ctx = Ctx::default();
+    let mut steps = Vec::new();
+    macro_rules! step {
+        ($n:expr, $title:expr, $f:ident) => {{
+            let mut st = Step::begin(out, $n, $title)?;
+            let result = tokio::time::timeout(STEP_TIMEOUT, $f(&mut shop, &mut ctx, &mut st)).await;
+            steps.push(st.finish(result)?);
+        }};
+    }
+    step!(
+        1,
+        "Create customers through Customer Service; they reach Order Service's copy",
+        create_customers
+    );
+    step!(
+        2,
+        "Place an order: customer from the copy, name and price snapshotted from Catalog",
+        place_order
+    );
+    step!(
+        3,
+        "Rename a customer and change a price",
+        rename_and_reprice
+    );
+    step!(
+        4,
+        "Stop Customer Service and the hub: orders go on from the copy",
+        owner_down
+    );
+    step!(
+        5,
+        "Stop Inventory: orders are refused, not taken on stale stock",
+        inventory_down
+    );
+    step!(
+        6,
+        "Bring the owner side back: a change made meanwhile is delayed, never lost",
+        owner_back
+    );
+    step!(
+        7,
+        "Write to the copy from Order Service's own connection",
+        write_refused
+    );
+
+    let stopped = shop.shutdown().await;
+    let report = DemoReport {
+        steps,
+        elapsed_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+    };
+    summary(out, &report)?;
+    if let Err(e) = stopped {
+        writeln!(out, "(stopping the shop: {e:#})")?;
+    }
+    Ok(report)
+}
+
+fn summary(out: &mut (dyn Write + Send), report: &DemoReport) -> std::io::Result<()> {
+    writeln!(out)?;
+    writeln!(out, "Summary")?;
+    writeln!(out, "   {:<4} {:<7} measured", "step", "result")?;
+    for s in &report.steps {
+        writeln!(
+            out,
+            "   {:<4} {:<7} {}",
+            s.number,
+            if s.held { "held" } else { "FAILED" },
+            s.measured
+        )?;
+        for f in &s.failures {
+            writeln!(out, "   {:<4} {:<7} ✗ {f}", "", "")?;
+        }
+    }
+    let held = report.steps.iter().filter(|s| s.held).count();
+    writeln!(
+        out,
+        "{held} of {} steps held in {:.1} s.",
+        report.steps.len(),
+        report.elapsed_ms as f64 / 1000.0
+    )
+}
+
+async fn create_customers(shop: &mut Shop, _: &mut Ctx, st: &mut Step<'_>) -> anyhow::Result<()> {
+    st.say("POST /customers → one transaction (row + outbox) → relay → hub → agent → copy")?;
+    let mut lags = Vec::new();
+    for c in demo_customers() {
+        let written = shop.create_customer(&c).await?;
+        let (read, seen_at) = shop
+            .wait_for_copy(&c.id, CATCH_UP, |r| r.version >= written.version)
+            .await?;
+        let lag = seen_at.saturating_sub(written.committed_at_ms);
+        lags.push(lag);
+        st.say(format!(
+            "{:<8} {:<14} committed as version {}; in the copy {lag} ms later",
+            c.id, c.name, written.version
+        ))?;
+        let same = read.fields.get("name").and_then(|v| v.as_str()) == Some(c.name.as_str())
+            && read.fields.get("email").and_then(|v| v.as_str()) == Some(c.email.as_str());
+        st.check(
+            same,
+            format!("the copy holds {}'s name and email as committed", c.id),
+        )?;
+        let mut keys: Vec<&str> = read.fields.keys().map(String::as_str).collect();
+        keys.sort_unstable();
+        st.check(
+            keys == ["email", "name"],
+            format!("only the projected fields are copied ({keys:?}; payment_method_id stays with its owner)"),
+        )?;
+    }
+    let max = lags.iter().copied().max().unwrap_or(0);
+    st.measured(format!(
+        "commit → copy lag {} ms (max {max})",
+        lags.iter()
+            .map(u64::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
+    Ok(())
+}
+
+fn print_order(st: &mut Step<'_>, o: &OrderView) -> std::io::Result<()> {
+    st.say(format!(
+        "order #{} for {} ({}), total {}, charge {}",
+        o.id,
+        customer_name(o),
+        o.customer_id,
+        dollars(o.total_cents),
+        o.charge_id
+    ))?;
+    for l in &o.lines {
+        st.say(format!(
+            "   line {}: {} {:<20} {} × {} = {}",
+            l.line_no,
+            l.sku,
+            l.product_name,
+            l.qty,
+            dollars(l.unit_price_cents),
+            dollars(l.line_total_cents)
+        ))?;
+    }
+    Ok(())
+}
+
+async fn place_order(shop: &mut Shop, ctx: &mut Ctx, st: &mut Step<'_>) -> anyhow::Result<()> {
+    let keyboard = shop.product("kb-01").await?;
+    let mouse = shop.product("ms-01").await?;
+    st.say(format!(
+        "Catalog now: kb-01 {}, ms-01 {}",
+        dollars(keyboard.unit_price_cents),
+        dollars(mouse.unit_price_cents)
+    ))?;
+    let stock_before = shop.stock("kb-01").await?.available;
+    let order = shop
+        .place_order("c-ada", &[("kb-01", 1), ("ms-01", 2)])
+        .await?;
+    print_order(st, &order)?;
+    let prices: Vec<(String, i64)> = order
+        .lines
+        .iter()
+        .map(|l| (l.sku.clone(), l.unit_price_cents))
+        .collect();
+    st.check(
+        prices
+            == vec![
+                ("kb-01".to_owned(), keyboard.unit_price_cents),
+                ("ms-01".to_owned(), mouse.unit_price_cents),
+            ],
+        "each line snapshotted Catalog's current name and price",
+    )?;
+    st.check(
+        order.total_cents == keyboard.unit_price_cents + 2 * mouse.unit_price_cents,
+        "the total is the sum of the lines",
+    )?;
+    let stored = shop.order(order.id).await?;
+    st.check(
+        customer_name(&stored) == "Ada Lovelace",
+        format!(
+            "GET /orders/{} JOINs the copy in one SQL query: customer {} (copy staleness {} ms, within budget: {})",
+            order.id,
+            customer_name(&stored),
+            stored.customer_copy.staleness_ms.unwrap_or(0),
+            stored.customer_copy.within_budget
+        ),
+    )?;
+    let stock_after = shop.stock("kb-01").await?.available;
+    st.check(
+        stock_after == stock_before - 1,
+        format!(
+            "Inventory reserved the keyboard synchronously (stock {stock_before} → {stock_after})"
+        ),
+    )?;
+    st.measured(format!(
+        "order #{}: {} lines, total {}, prices snapshotted",
+        order.id,
+        order.lines.len(),
+        dollars(order.total_cents)
+    ));
+    ctx.first_order = Some(order);
+    Ok(())
+}
+
+async fn rename_and_reprice(
+    shop: &mut Shop,
+    ctx: &mut Ctx,
+    st: &mut Step<'_>,
+) -> anyhow::Result<()> {
+    let first = ctx
+        .first_order
+        .clone()
+        .ok_or_else(|| anyhow::anyhow!("step 2 placed no order"))?;
+    let mut ada = shop.customer("c-ada").await?;
+    ada.name = "Ada King".into();
+    let written = shop.update_customer("c-ada", &ada.input()).await?;
+    let (_, seen_at) = shop
+        .wait_for_copy("c-ada", CATCH_UP, |r| r.version >= written.version)
+        .await?;
+    let lag = seen_at.saturating_sub(written.committed_at_ms);
+    st.say(format!(
+        "PUT /customers/c-ada name \"Ada Lovelace\" → \"Ada King\" (version {}): in the copy {lag} ms after commit",
+        written.version
+    ))?;
+    let again = shop.order(first.id).await?;
+    st.check(
+        customer_name(&again) == "Ada King",
+        format!(
+            "order #{} now shows \"{}\": the name comes from the copy, not a snapshot",
+            first.id,
+            customer_name(&again)
+        ),
+    )?;
+
+    let old_price = first
+        .lines
+        .iter()
+        .find(|l| l.sku == "kb-01")
+        .map(|l| l.unit_price_cents)
+        .ok_or_else(|| anyhow::anyhow!("order #{} has no kb-01 line", first.id))?;
+    let new_price = old_price + 1_000;
+    shop.set_price("kb-01", new_price).await?;
+    st.say(format!(
+        "PUT /products/kb-01/price {} → {}",
+        dollars(old_price),
+        dollars(new_price)
+    ))?;
+    let kept = again
+        .lines
+        .iter()
+        .find(|l| l.sku == "kb-01")
+        .map(|l| l.unit_price_cents);
+    let kept_now = shop
+        .order(first.id)
+        .await?
+        .lines
+        .iter()
+        .find(|l| l.sku == "kb-01")
+        .map(|l| l.unit_price_cents);
+    st.check(
+        kept == Some(old_price) && kept_now == Some(old_price),
+        format!(
+            "order #{} keeps the snapshotted {} for kb-01",
+            first.id,
+            dollars(kept_now.unwrap_or(0))
+        ),
+    )?;
+    let second = shop.place_order("c-alan", &[("kb-01", 1)]).await?;
+    print_order(st, &second)?;
+    st.check(
+        second.lines.first().map(|l| l.unit_price_cents) == Some(new_price),
+        format!("a new order pays the new price {}", dollars(new_price)),
+    )?;
+    st.measured(format!(
+        "rename in the copy after {lag} ms; order #{} keeps {}, order #{} pays {}",
+        first.id,
+        dollars(old_price),
+        second.id,
+        dollars(new_price)
+    ));
+    Ok(())
+}
+
+async fn owner_down(shop: &mut Shop, _: &mut Ctx, st: &mut Step<'_>) -> anyhow::Result<()> {
+    shop.stop_part(Part::Customer).await?;
+    shop.stop_part(Part::Hub).await?;
+    let customer_up = shop.answers(Part::Customer).await;
+    let hub_up = shop.answers(Part::Hub).await;
+    st.check(
+        !customer_up && !hub_up,
+        format!("Customer Service and the hub no longer answer (customer-service up: {customer_up}, hub up: {hub_up})"),
+    )?;
+    st.say("staleness counts from when the agent's last successful feed read was sent")?;
+    // (wall-clock ms of the answer, staleness reported with it)
+    let mut seen: Vec<(u64, u64)> = Vec::new();
+    let mut all_within = true;
+    for i in 0..OUTAGE_ORDERS {
+        if i > 0 {
+            tokio::time::sleep(ORDER_EVERY).await;
+        }
+        let o = shop.place_order("c-grace", &[("ms-01", 1)]).await?;
+        let f = &o.customer_copy;
+        all_within &= f.within_budget;
+        seen.push((spoke::clock::now_ms(), f.staleness_ms.unwrap_or(0)));
+        st.say(format!(
+            "order #{} for {} from the copy: copy staleness {}, within the {} budget: {}",
+            o.id,
+            customer_name(&o),
+            secs(f.staleness_ms),
+            f.staleness_budget,
+            f.within_budget
+        ))?;
+    }
+    let (first_at, first) = seen.first().copied().unwrap_or_default();
+    let (last_at, last) = seen.last().copied().unwrap_or_default();
+    let wall = last_at.saturating_sub(first_at);
+    let grew = last.saturating_sub(first);
+    st.check(
+        seen.len() == OUTAGE_ORDERS,
+        format!("{} orders were taken with the owner side down", seen.len()),
+    )?;
+    st.check(
+        wall >= 1_500 && grew + 300 >= wall,
+        format!(
+            "staleness grew with the outage: {} → {} (+{} in {} of wall time)",
+            secs(Some(first)),
+            secs(Some(last)),
+            secs(Some(grew)),
+            secs(Some(wall))
+        ),
+    )?;
+    st.check(
+        all_within,
+        "every read was within the 1h budget, and said so",
+    )?;
+    let agent_error = shop.agent_error();
+    st.check(
+        agent_error.is_some(),
+        format!(
+            "the agent reports why: {}",
+            agent_error.as_deref().unwrap_or("no error reported")
+        ),
+    )?;
+    st.measured(format!(
+        "{} orders with the owner down; staleness {} → {}, within budget",
+        seen.len(),
+        secs(Some(first)),
+        secs(Some(last))
+    ));
+    Ok(())
+}
+
+async fn inventory_down(shop: &mut Shop, _: &mut Ctx, st: &mut Step<'_>) -> anyhow::Result<()> {
+    shop.stop_part(Part::Inventory).await?;
+    st.say("Inventory stopped")?;
+    let orders_before = shop.orders()?.count_orders().await?;
+    let charges_before = shop.charges().await?.len();
+    let refused = shop.place_order("c-alan", &[("mn-27", 1)]).await;
+    let (status, message) = match &refused {
+        Err(CallError::Refused { status, message }) => (*status, message.clone()),
+        Err(e) => (0, e.to_string()),
+        Ok(o) => (201, format!("order #{} was taken", o.id)),
+    };
+    st.say(format!("POST /orders → {status}: {message}"))?;
+    st.check(
+        status == 503 && message.contains("inventory-service is unreachable"),
+        "the order is refused with 503, naming Inventory",
+    )?;
+    let orders_after = shop.orders()?.count_orders().await?;
+    let charges_after = shop.charges().await?.len();
+    st.check(
+        orders_after == orders_before && charges_after == charges_before,
+        format!("no order was stored and nobody was charged ({orders_before} → {orders_after} orders, {charges_before} → {charges_after} charges)"),
+    )?;
+    shop.start_part(Part::Inventory).await?;
+    st.say(format!(
+        "Inventory restarted on {}",
+        shop.url(Part::Inventory)
+    ))?;
+    let o = shop.place_order("c-alan", &[("mn-27", 1)]).await?;
+    st.check(true, format!("after the restart, order #{} is taken", o.id))?;
+    st.measured(format!(
+        "refused with {status} while down; order #{} taken after restart",
+        o.id
+    ));
+    Ok(())
+}
+
+async fn owner_back(shop: &mut Shop, _: &mut Ctx, st: &mut Step<'_>) -> anyhow::Result<()> {
+    shop.start_part(Part::Customer).await?;
+    st.say(format!(
+        "Customer Service restarted on {} (same database); the hub is still down",
+        shop.url(Part::Customer)
+    ))?;
+    let mut grace = shop.customer("c-grace").await?;
+    let old_name = grace.name.clone();
+    grace.name = "Grace Brewster Hopper".into();
+    let written = shop.update_customer("c-grace", &grace.input()).await?;
+    st.say(format!(
+        "PUT /customers/c-grace name \"{old_name}\" → \"{}\" committed (version {})",
+        grace.name, written.version
+    ))?;
+    let waiting = Shop::wait_until(
+        Duration::from_secs(5),
+        "the relay trying the hub",
+        || async {
+            let o = shop.outbox().await?;
+            Ok((o.last_error.is_some() && o.backlog > 0).then_some(o))
+        },
+    )
+    .await?;
+    st.check(
+        waiting.backlog >= 1,
+        format!(
+            "the change waits in Customer Service's outbox ({} row; relay: {})",
+            waiting.backlog,
+            waiting.last_error.as_deref().unwrap_or("")
+        ),
+    )?;
+    let copied = shop.copied("c-grace").await?;
+    let copied_name = copied
+        .as_ref()
+        .and_then(|r| r.fields.get("name"))
+        .and_then(|v| v.as_str())
+        .unwrap_or("(absent)")
+        .to_owned();
+    st.check(
+        copied_name == old_name,
+        format!(
+            "the copy still says \"{copied_name}\" (staleness {})",
+            secs(copied.and_then(|r| r.staleness_ms))
+        ),
+    )?;
+
+    shop.start_part(Part::Hub).await?;
+    let hub_up = spoke::clock::now_ms();
+    st.say(format!(
+        "hub restarted on {} (same log)",
+        shop.url(Part::Hub)
+    ))?;
+    let (read, seen_at) = shop
+        .wait_for_copy("c-grace", Duration::from_secs(10), |r| {
+            r.version >= written.version
+        })
+        .await?;
+    let since_commit = seen_at.saturating_sub(written.committed_at_ms);
+    let since_hub = seen_at.saturating_sub(hub_up);
+    st.check(
+        read.fields.get("name").and_then(|v| v.as_str()) == Some(grace.name.as_str()),
+        format!(
+            "the copy says \"{}\": {since_hub} ms after the hub came back, {since_commit} ms after the commit",
+            grace.name
+        ),
+    )?;
+    let drained = Shop::wait_until(CATCH_UP, "the outbox draining", || async {
+        let o = shop.outbox().await?;
+        Ok((o.backlog == 0).then_some(o))
+    })
+    .await?;
+    st.check(
+        drained.backlog == 0,
+        "the outbox is empty: delivered once, nothing lost",
+    )?;
+    st.check(
+        read.within_budget && read.staleness_ms.is_some_and(|s| s < 2_000),
+        format!(
+            "the copy is fresh again (staleness {} ms)",
+            read.staleness_ms.unwrap_or(0)
+        ),
+    )?;
+    let o = shop.place_order("c-grace", &[("ms-01", 1)]).await?;
+    st.check(
+        customer_name(&o) == grace.name,
+        format!("a new order shows \"{}\"", customer_name(&o)),
+    )?;
+    st.measured(format!(
+        "held in the outbox while the hub was down; in the copy {since_hub} ms after the hub came back ({since_commit} ms after commit)"
+    ));
+    Ok(())
+}
+
+async fn write_refused(shop: &mut Shop, _: &mut Ctx, st: &mut Step<'_>) -> anyhow::Result<()> {
+    let orders = shop.orders()?.clone();
+    let mut first_message = String::new();
+    for sql in [
+        "UPDATE customers SET name = 'Mallory' WHERE id = 'c-ada'",
+        "DELETE FROM customers WHERE id = 'c-ada'",
+    ] {
+        let result = orders.execute(sql).await;
+        let message = match &result {
+            Ok(n) => format!("accepted, {n} rows changed"),
+            Err(e) => format!("{e:#}"),
+        };
+        st.say(format!("{sql}\n     → {message}"))?;
+        st.check(
+            result.is_err() && message.contains(READ_ONLY_MESSAGE),
+            "refused, naming the dataset and its owner",
+        )?;
+        if first_message.is_empty() {
+            first_message = message;
+        }
+    }
+    let ada = shop.copied("c-ada").await?;
+    let name = ada
+        .as_ref()
+        .and_then(|r| r.fields.get("name"))
+        .and_then(|v| v.as_str())
+        .unwrap_or("(absent)");
+    st.check(
+        name == "Ada King",
+        format!("the copy is unchanged (c-ada is \"{name}\")"),
+    )?;
+    let short: String = first_message.chars().take(90).collect();
+    st.measured(format!("refused: \"{short}…\""));
+    Ok(())
+}

@@ -1,0 +1,42 @@
+//! `spoke demo` end to end: every step must hold.
+
+use spoke_shop::demo;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_step_of_the_demo_holds() {
+    let mut out: Vec<u8> = Vec::new();
+    let report = demo::run(&mut out).await.expect("the demo runs");
+    let narration = String::from_utf8_lossy(&out);
+    let numbers: Vec<usize> = report.steps.iter().map(|s| s.number).collect();
+    assert_eq!(
+        numbers,
+        (1..=7).collect::<Vec<_>>(),
+        "seven steps ran\n{narration}"
+    );
+    for step in &report.steps {
+        assert!(
+            step.held,
+            "step {} ({}) failed: {:?}\n{narration}",
+            step.number, step.title, step.failures
+        );
+        assert!(
+            !step.measured.is_empty(),
+            "step {} measured nothing\n{narration}",
+            step.number
+        );
+    }
+    assert!(report.all_held());
+    assert!(
+        narration.contains("Summary") && narration.contains("7 of 7 steps held"),
+        "{narration}"
+    );
+    assert!(
+        narration.contains(demo::READ_ONLY_MESSAGE),
+        "step 7 shows the refusal\n{narration}"
+    );
+    assert!(
+        report.elapsed_ms < 20_000,
+        "the demo took {} ms\n{narration}",
+        report.elapsed_ms
+    );
+}
