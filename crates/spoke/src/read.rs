@@ -147,6 +147,9 @@ impl Copies {
         let info = self.info(dataset)?;
         let cursor = self.store.cursor(dataset).await?;
         let records = self.store.count(dataset).await?;
+        // The head was seen before the cursor was read; the copy may have
+        // moved past it meanwhile, and a head behind the position means nothing.
+        let head = head.map(|h| h.max(cursor.position.unwrap_or(0)));
         let now = self.clock.now_ms();
         let f = Freshness {
             fresh_as_of_ms: cursor.fresh_as_of_ms,

@@ -153,6 +153,7 @@ pub async fn run_agent(cfg: AgentConfig, shutdown: Shutdown) -> anyhow::Result<(
         ),
     };
     let agent = Arc::new(Agent::new(manifest, &cfg.consumer, feed, store)?);
+    agent.ensure_copies().await?;
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("binding {}", cfg.listen))?;

@@ -125,6 +125,13 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/status", get(status))
         .route("/metrics", get(metrics))
         .route("/v1/health", get(|| async { "ok" }))
+        .method_not_allowed_fallback(|| async {
+            error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "the agent API is read-only: use GET".into(),
+            )
+        })
         .fallback(|| async {
             error(
                 StatusCode::NOT_FOUND,

@@ -218,6 +218,21 @@ impl Agent {
     }
 
     /// Creates every copy, then follows the feed until `shutdown` fires.
+    /// Creates every copy this agent keeps (idempotent). Call it before
+    /// serving reads so the API never answers for a copy that does not exist yet.
+    pub async fn ensure_copies(&self) -> Result<(), StoreError> {
+        for sub in self
+            .manifest
+            .subscriptions_of(&self.consumer)
+            .filter(|s| s.strategy.follows_feed())
+        {
+            if let Some(spec) = self.spec(sub) {
+                self.store.ensure_copy(&spec).await?;
+            }
+        }
+        Ok(())
+    }
+
     pub async fn run(self: Arc<Self>, shutdown: Shutdown) -> Result<(), StoreError> {
         let mut tasks = JoinSet::new();
         for sub in self

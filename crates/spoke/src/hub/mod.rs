@@ -272,10 +272,22 @@ async fn schema(
     Ok(Json(hub.feed.schema(&dataset).await?).into_response())
 }
 
-async fn fallback() -> ApiError {
-    ApiError(FeedError::BadRequest(
-        "no such endpoint; see /v1/datasets/{dataset}/changes|snapshot|schema".into(),
-    ))
+async fn fallback() -> Response {
+    let body = ErrorBody {
+        error: "no such endpoint; see /v1/datasets/{dataset}/changes|snapshot|schema".into(),
+        kind: "not_found".into(),
+        index: None,
+    };
+    (StatusCode::NOT_FOUND, Json(body)).into_response()
+}
+
+async fn method_not_allowed() -> Response {
+    let body = ErrorBody {
+        error: "method not allowed: publish with POST, read with GET".into(),
+        kind: "method_not_allowed".into(),
+        index: None,
+    };
+    (StatusCode::METHOD_NOT_ALLOWED, Json(body)).into_response()
 }
 
 /// The hub's router over `feed`.
@@ -294,6 +306,7 @@ pub fn router(feed: Arc<dyn FeedBackend>, manifest: Arc<Manifest>, tokens: Token
         .route("/v1/datasets/{dataset}/schema", get(schema))
         .route("/v1/health", get(|| async { "ok" }))
         .fallback(fallback)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(hub)
 }
