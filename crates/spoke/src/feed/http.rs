@@ -34,6 +34,7 @@ impl ErrorBody {
             FeedError::Unauthorized(_) => (401, "unauthorized", None),
             FeedError::Forbidden(_) => (403, "forbidden", None),
             FeedError::Unavailable(_) => (503, "unavailable", None),
+            FeedError::Corrupt(_) => (502, "corrupt", None),
         };
         let error = match e {
             FeedError::Invalid { message, .. } => message.clone(),
@@ -64,6 +65,7 @@ impl ErrorBody {
             "bad_request" | "too_large" => FeedError::BadRequest(self.error),
             "unauthorized" => FeedError::Unauthorized(self.error),
             "forbidden" => FeedError::Forbidden(self.error),
+            "corrupt" => FeedError::Corrupt(self.error),
             _ if status >= 500 => FeedError::Unavailable(self.error),
             _ => FeedError::BadRequest(self.error),
         }

@@ -144,6 +144,10 @@ pub enum FeedError {
     /// Could not reach the feed or it failed: retry with backoff.
     #[error("feed unavailable: {0}")]
     Unavailable(String),
+    /// The feed holds an entry that is not a valid change (written around
+    /// Spoke, e.g. straight onto the bus): stop and let a person look.
+    #[error("corrupt feed: {0}")]
+    Corrupt(String),
 }
 
 impl FeedError {

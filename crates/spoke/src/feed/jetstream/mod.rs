@@ -59,6 +59,7 @@ use async_nats::jetstream::Context;
 use async_nats::HeaderMap;
 use async_trait::async_trait;
 use futures_util::StreamExt;
+use spoke_core::manifest::Dataset;
 use spoke_core::{Change, Manifest, Schema, Version};
 use tokio::sync::{mpsc, Mutex};
 
@@ -155,7 +156,7 @@ fn unavailable(e: impl std::fmt::Display) -> FeedError {
 /// A reader's position in one dataset's log and the buffer feeding it.
 struct Tail {
     next: Position,
-    rx: mpsc::Receiver<Result<FeedEntry, String>>,
+    rx: mpsc::Receiver<Result<FeedEntry, FeedError>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -331,13 +332,14 @@ impl JetStreamFeed {
         )))
     }
 
-    fn start_tail(&self, dataset: &str, next: Position) -> Tail {
+    fn start_tail(&self, dataset: &str, next: Position) -> Result<Tail, FeedError> {
         let (tx, rx) = mpsc::channel(4 * MAX_PAGE);
         let js = self.js.clone();
         let stream = self.options.log_stream(dataset);
+        let ds = self.catalog.get(dataset)?.clone();
         let task = tokio::spawn(async move {
             let run = async {
-                let s = js.get_stream(&stream).await.map_err(|e| e.to_string())?;
+                let s = js.get_stream(&stream).await.map_err(unavailable)?;
                 let consumer = s
                     .create_consumer(pull::OrderedConfig {
                         deliver_policy: DeliverPolicy::ByStartSequence {
@@ -346,34 +348,57 @@ impl JetStreamFeed {
                         ..Default::default()
                     })
                     .await
-                    .map_err(|e| e.to_string())?;
-                let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;
+                    .map_err(unavailable)?;
+                let mut messages = consumer.messages().await.map_err(unavailable)?;
                 while let Some(m) = messages.next().await {
-                    let m = m.map_err(|e| e.to_string())?;
-                    let position = m.info().map_err(|e| e.to_string())?.stream_sequence;
-                    let change: Change = serde_json::from_slice(&m.payload)
-                        .map_err(|e| format!("log message {position} is not a change: {e}"))?;
+                    let m = m.map_err(unavailable)?;
+                    let position = m.info().map_err(unavailable)?.stream_sequence;
+                    let change = decode_entry(&ds, position, &m.payload)?;
                     if tx.send(Ok(FeedEntry { position, change })).await.is_err() {
                         return Ok(());
                     }
                 }
-                Err("the log consumer ended".to_owned())
+                Err(unavailable("the log consumer ended"))
             };
             if let Err(e) = run.await {
                 let _ = tx.send(Err(e)).await;
             }
         });
-        Tail { next, rx, task }
+        Ok(Tail { next, rx, task })
     }
+}
+
+/// Decodes and checks one log message. Anyone with publish rights on the
+/// subject can put bytes there, so the reader trusts nothing: the message
+/// must be a change of this dataset that fits its schema.
+fn decode_entry(ds: &Dataset, position: Position, payload: &[u8]) -> Result<Change, FeedError> {
+    let corrupt = |why: String| {
+        FeedError::Corrupt(format!(
+            "log message {position} of dataset {} {why}; fix or remove it, then restart the agent",
+            ds.name
+        ))
+    };
+    let change: Change =
+        serde_json::from_slice(payload).map_err(|e| corrupt(format!("is not a change ({e})")))?;
+    if change.dataset != ds.name || change.owner != ds.owner {
+        return Err(corrupt(format!(
+            "claims dataset {} owned by {}",
+            change.dataset, change.owner
+        )));
+    }
+    change
+        .validate(&ds.schema)
+        .map_err(|e| corrupt(format!("is invalid: {e}")))?;
+    Ok(change)
 }
 
 /// Moves one buffered entry into `entries` if it is the next position;
 /// records why not otherwise. Returns whether to keep draining.
 fn take(
-    item: Option<Result<FeedEntry, String>>,
+    item: Option<Result<FeedEntry, FeedError>>,
     tail: &mut Tail,
     entries: &mut Vec<FeedEntry>,
-    failure: &mut Option<String>,
+    failure: &mut Option<FeedError>,
 ) -> bool {
     match item {
         Some(Ok(e)) if e.position == tail.next => {
@@ -382,10 +407,10 @@ fn take(
             true
         }
         Some(Ok(e)) => {
-            *failure = Some(format!(
+            *failure = Some(unavailable(format!(
                 "log consumer skipped from {} to {}",
                 tail.next, e.position
-            ));
+            )));
             false
         }
         Some(Err(e)) => {
@@ -453,7 +478,7 @@ impl Feed for JetStreamFeed {
             .get(dataset)
             .is_none_or(|t| t.next != after + 1 || t.task.is_finished());
         if restart {
-            tails.insert(dataset.to_owned(), self.start_tail(dataset, after + 1));
+            tails.insert(dataset.to_owned(), self.start_tail(dataset, after + 1)?);
         }
         let tail = tails
             .get_mut(dataset)
@@ -488,7 +513,7 @@ impl Feed for JetStreamFeed {
         if let Some(f) = failure {
             tails.remove(dataset);
             if entries.is_empty() {
-                return Err(unavailable(f));
+                return Err(f);
             }
         }
         drop(tails);
@@ -508,7 +533,7 @@ impl Feed for JetStreamFeed {
         after: Option<&str>,
         limit: usize,
     ) -> Result<SnapshotPage, FeedError> {
-        self.catalog.get(dataset)?;
+        let ds = self.catalog.get(dataset)?;
         check_after_key(after)?;
         let start = match after {
             None => 1,
@@ -576,10 +601,7 @@ impl Feed for JetStreamFeed {
                     if last_seen > last {
                         break 'pages;
                     }
-                    let change: Change = serde_json::from_slice(&m.payload).map_err(|e| {
-                        unavailable(format!("state message {last_seen} is not a change: {e}"))
-                    })?;
-                    records.push(change);
+                    records.push(decode_entry(ds, last_seen, &m.payload)?);
                 }
                 if got == 0 {
                     break;
@@ -642,6 +664,58 @@ mod server_tests {
             async move { JetStreamFeed::connect(o, &m).await.expect("connect") }
         })
         .await;
+        nats_delete_streams(&url, &prefix.to_uppercase()).await;
+    }
+
+    /// Hostile input on the bus: bytes published straight to a log subject,
+    /// around Spoke's validation. The reader refuses them by name.
+    #[tokio::test]
+    async fn garbage_on_the_bus_is_a_corrupt_feed_not_a_change() {
+        let Some(url) = nats_or_skip("jetstream garbage").await else {
+            return;
+        };
+        let prefix = unique_name("spokebad");
+        let m = super::super::conformance::manifest();
+        let o = options(&url, &prefix);
+        let feed = JetStreamFeed::connect(o.clone(), &m)
+            .await
+            .expect("connect");
+        let fields = serde_json::json!({"n": 1}).as_object().cloned().unwrap();
+        feed.publish("items", vec![ChangeInput::upsert("a", 1, fields)])
+            .await
+            .expect("publish");
+        let raw = async_nats::connect(url.as_str()).await.unwrap();
+        let js = async_nats::jetstream::new(raw);
+        let wrong_type = br#"{"dataset":"items","key":"b","version":1,"op":"upsert","fields":{"n":"x"},"owner":"owner-svc","ts":1,"schema_version":1}"#;
+        for payload in [&b"not json"[..], wrong_type] {
+            js.publish(o.key_subject("items", "b"), payload.to_vec().into())
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+        }
+        let first = feed
+            .read("items", 0, 10, Duration::from_secs(5))
+            .await
+            .expect("the valid entry comes first");
+        assert_eq!(first.entries.len(), 1);
+        let e = feed
+            .read("items", 1, 10, Duration::from_secs(5))
+            .await
+            .expect_err("garbage is refused");
+        assert!(
+            matches!(&e, FeedError::Corrupt(m) if m.contains("log message 2 of dataset items is not a change")),
+            "{e:?}"
+        );
+        assert!(!e.is_transient(), "retrying cannot fix a corrupt entry");
+        let e = feed
+            .read("items", 2, 10, Duration::from_secs(5))
+            .await
+            .expect_err("invalid change is refused");
+        assert!(
+            matches!(&e, FeedError::Corrupt(m) if m.contains("log message 3") && m.contains("field 'n' must be int")),
+            "{e:?}"
+        );
         nats_delete_streams(&url, &prefix.to_uppercase()).await;
     }
 }
