@@ -66,6 +66,24 @@ struct CopyInfo {
     budget: Duration,
 }
 
+/// One copy, read-only.
+#[derive(Clone)]
+pub struct Copy {
+    copies: Copies,
+    dataset: String,
+}
+
+impl Copy {
+    /// The record for `key` with the copy's freshness; `None` when absent.
+    pub async fn get(&self, key: &str) -> Result<Option<Read>, ReadError> {
+        self.copies.get(&self.dataset, key).await
+    }
+
+    pub fn dataset(&self) -> &str {
+        &self.dataset
+    }
+}
+
 /// Read access to one consumer's copies.
 #[derive(Clone)]
 pub struct Copies {
@@ -102,6 +120,15 @@ impl Copies {
             copies: Arc::new(copies),
             clock,
         }
+    }
+
+    /// A handle on one copy, for `copy.get(key)`.
+    pub fn copy(&self, dataset: &str) -> Result<Copy, ReadError> {
+        self.info(dataset)?;
+        Ok(Copy {
+            copies: self.clone(),
+            dataset: dataset.to_owned(),
+        })
     }
 
     pub fn datasets(&self) -> impl Iterator<Item = &str> {
@@ -170,5 +197,47 @@ impl Copies {
             received_total: cursor.received_total,
             last_error,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::copy::memory::MemoryCopyStore;
+    use crate::copy::{conformance, Advance};
+
+    #[tokio::test]
+    async fn reads_carry_freshness_measured_on_the_consumers_clock() {
+        let clock = Clock::manual(1_000_000);
+        let store = Arc::new(MemoryCopyStore::with_clock(clock.clone()));
+        store.ensure_copy(&conformance::spec()).await.unwrap();
+        let manifest = crate::feed::conformance::manifest(); // reader-svc copies items, budget 1m
+        let copies = Copies::new(&manifest, "reader-svc", store.clone(), clock.clone());
+        let copy = copies.copy("items").unwrap();
+        assert!(copy.get("a").await.unwrap().is_none());
+        store
+            .apply(
+                "items",
+                &[conformance::upsert("a", 3, 7)],
+                Advance {
+                    position: Some(1),
+                    fresh_as_of_ms: Some(1_000_000),
+                    from_feed: true,
+                },
+            )
+            .await
+            .unwrap();
+        clock.advance(59_000);
+        let r = copy.get("a").await.unwrap().unwrap();
+        assert_eq!(
+            (r.version, r.staleness_ms, r.within_budget),
+            (3, Some(59_000), true)
+        );
+        assert_eq!(r.fields["n"], serde_json::json!(7));
+        assert_eq!(r.fresh_as_of.as_deref(), Some("1970-01-01T00:16:40.000Z"));
+        clock.advance(2_000);
+        let r = copy.get("a").await.unwrap().unwrap();
+        assert!(!r.within_budget, "61 s is over the 1m budget");
+        assert!(matches!(copies.copy("nope"), Err(ReadError::NotACopy(_))));
     }
 }

@@ -48,6 +48,8 @@ pub struct AgentOptions {
 
 pub const DEFAULT_BATCH: usize = 1_000;
 pub const DEFAULT_WAIT: Duration = Duration::from_secs(1);
+/// Bootstrap logs its progress every this many records.
+const BOOTSTRAP_PROGRESS_EVERY: usize = 50_000;
 /// How often copies are checked against their staleness budgets.
 pub const BUDGET_CHECK_EVERY: Duration = Duration::from_millis(500);
 
@@ -475,6 +477,11 @@ impl Follower {
                 .map_err(|e| self.feed_failure(e))?;
             start.get_or_insert(page.head);
             copied += page.records.len();
+            if copied / BOOTSTRAP_PROGRESS_EVERY
+                != (copied - page.records.len()) / BOOTSTRAP_PROGRESS_EVERY
+            {
+                tracing::info!(dataset = %ds, records = copied, "bootstrapping from snapshot");
+            }
             let changes: Vec<Change> = page.records.into_iter().map(|c| self.project(c)).collect();
             self.apply(
                 &changes,
