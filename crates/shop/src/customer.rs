@@ -4,13 +4,19 @@
 //!  POST /customers, PUT|DELETE /customers/{id}
 //!     └─ one SQLite transaction: the customers row + its spoke_outbox row ─▶ commit ─▶ nudge the relay
 //!  relay task: spoke_outbox ──HTTP, owner's token──▶ hub      (hub down: rows wait in the outbox)
+//!          or: spoke_outbox ──────────────────────────▶ JetStream (distributed: no hub)
 //! ```
+//!
+//! Where the relay publishes is configuration ([`Publish`]); it can also run
+//! outside the service ([`Publish::External`] and [`relay`]), as `spoke relay`
+//! does.
 //!
 //! - `POST /customers` `{id, name, email, preferred_name?, payment_method_id}` → 201 [`Written`]; 409 when the id exists.
 //! - `PUT /customers/{id}` `{name, email, preferred_name?, payment_method_id}` → [`Written`]; 404 when absent.
 //! - `DELETE /customers/{id}` → [`Written`] (`customer` is `null`).
 //! - `GET /customers/{id}` → [`Customer`], the owner's own record.
-//! - `GET /outbox` → [`OutboxStatus`]: rows waiting for the hub and the relay's last error.
+//! - `GET /outbox` → [`OutboxStatus`]: rows waiting for the feed and the relay's last error
+//!   (counters are zero when the relay runs outside the service).
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -25,9 +31,12 @@ use rusqlite::{params, OptionalExtension};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use spoke::feed::http::HubClient;
+use spoke::feed::jetstream::{JetStreamFeed, JetStreamOptions};
+use spoke::feed::Publisher;
 use spoke::outbox::relay::{Relay, RelayOptions, RelayStats};
 use spoke::outbox::sqlite::{self as outbox, SqliteOutbox};
 use spoke::shutdown::Shutdown;
+use spoke_core::Manifest;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 
@@ -136,29 +145,72 @@ pub struct Written {
 /// The outbox's standing, for operators (and the demo).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OutboxStatus {
-    /// Changes committed but not yet accepted by the hub.
+    /// Changes committed but not yet accepted by the feed (hub or JetStream).
     pub backlog: u64,
     pub forwarded: u64,
     pub retries: u64,
     pub last_error: Option<String>,
 }
 
+/// Where Customer Service's relay publishes its outbox.
+#[derive(Debug, Clone)]
+pub enum Publish {
+    /// To a hub's HTTP API (the embedded default).
+    Hub {
+        /// The hub's URL, e.g. `http://127.0.0.1:7070`.
+        url: String,
+        /// This service's hub token (`None` for an open hub).
+        token: Option<String>,
+    },
+    /// Straight into NATS JetStream (distributed: no hub).
+    JetStream {
+        options: JetStreamOptions,
+        /// The manifest, whose schemas every published change is checked against.
+        manifest: Arc<Manifest>,
+    },
+    /// Nowhere from this process: a relay runs beside it ([`relay`], or
+    /// `spoke relay --outbox customer.db …`).
+    External,
+}
+
+impl Publish {
+    /// Connects the publisher (`None` for [`Publish::External`]).
+    pub async fn connect(&self) -> anyhow::Result<Option<Arc<dyn Publisher>>> {
+        Ok(match self {
+            Publish::Hub { url, token } => Some(Arc::new(HubClient::new(url, token.clone()))),
+            Publish::JetStream { options, manifest } => Some(Arc::new(
+                JetStreamFeed::connect(options.clone(), manifest).await?,
+            )),
+            Publish::External => None,
+        })
+    }
+}
+
 /// How to run Customer Service.
 #[derive(Debug, Clone)]
 pub struct Config {
     pub db: PathBuf,
-    /// The hub's URL, e.g. `http://127.0.0.1:7070`.
-    pub hub: String,
-    /// This service's hub token (`None` for an open hub).
-    pub token: Option<String>,
+    pub publish: Publish,
     pub relay: RelayOptions,
 }
 
 struct Service {
     db: Db,
     outbox: Arc<SqliteOutbox>,
-    relay: Arc<RelayStats>,
+    /// `None` when the relay runs outside this process.
+    relay: Option<Arc<RelayStats>>,
     nudge: Arc<Notify>,
+}
+
+/// A relay forwarding Customer Service's outbox in `db` to `publisher`, to
+/// run beside the service (the service must have created `db` first).
+pub fn relay(
+    db: &std::path::Path,
+    publisher: Arc<dyn Publisher>,
+    options: RelayOptions,
+) -> anyhow::Result<Relay> {
+    let source = Arc::new(SqliteOutbox::open(db)?);
+    Ok(Relay::new(source, publisher).with_options(options))
 }
 
 type Shared = State<Arc<Service>>;
@@ -177,21 +229,29 @@ pub async fn serve(
     })
     .await?;
     let source = Arc::new(SqliteOutbox::open(&config.db)?);
-    let hub = Arc::new(HubClient::new(&config.hub, config.token.clone()));
-    let relay = Relay::new(source.clone(), hub).with_options(config.relay.clone());
+    let relay = config
+        .publish
+        .connect()
+        .await?
+        .map(|p| Relay::new(source.clone(), p).with_options(config.relay.clone()));
     let service = Arc::new(Service {
         db,
         outbox: source,
-        relay: relay.stats(),
-        nudge: relay.nudger(),
+        relay: relay.as_ref().map(Relay::stats),
+        nudge: relay
+            .as_ref()
+            .map_or_else(|| Arc::new(Notify::new()), Relay::nudger),
     });
-    let relay_task = tokio::spawn(relay.run(shutdown.clone()));
+    let relay_task = relay.map(|r| tokio::spawn(r.run(shutdown.clone())));
     let router = Router::new()
         .route("/customers", post(create))
         .route("/customers/{id}", get(read).put(update).delete(remove))
         .route("/outbox", get(outbox_status))
         .with_state(service);
     let served = web::serve(listener, router, shutdown).await;
+    let Some(relay_task) = relay_task else {
+        return served;
+    };
     match relay_task.await {
         Ok(Ok(())) => {}
         // The relay stopped on a change the hub rejects; the row stays in the
@@ -330,16 +390,24 @@ async fn outbox_status(State(s): Shared) -> Result<Json<OutboxStatus>, ApiError>
         .backlog()
         .await
         .map_err(|e| ApiError::unavailable(format!("outbox: {e}")))?;
-    let last_error = s
-        .relay
+    let Some(relay) = &s.relay else {
+        // The relay runs elsewhere and keeps its own counters.
+        return Ok(Json(OutboxStatus {
+            backlog,
+            forwarded: 0,
+            retries: 0,
+            last_error: None,
+        }));
+    };
+    let last_error = relay
         .last_error
         .lock()
         .map_err(|_| anyhow::anyhow!("relay stats lock poisoned"))?
         .clone();
     Ok(Json(OutboxStatus {
         backlog,
-        forwarded: s.relay.forwarded.load(Ordering::Relaxed),
-        retries: s.relay.retries.load(Ordering::Relaxed),
+        forwarded: relay.forwarded.load(Ordering::Relaxed),
+        retries: relay.retries.load(Ordering::Relaxed),
         last_error,
     }))
 }

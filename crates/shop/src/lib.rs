@@ -8,6 +8,17 @@
 //!   (owns products)                                          └──────────────── POST /charge ───▶ Payment
 //! ```
 //!
+//! Distributed (`spoke demo --distributed`), the same services with no code
+//! change, only configuration: Customer Service's relay publishes straight
+//! into NATS JetStream (no hub), the agent keeps the copy in Order Service's
+//! PostgreSQL, and Order Service keeps its orders there too, JOINing them
+//! with the copy in one SQL query.
+//!
+//! ```text
+//!  Customer Service ── outbox ─relay─▶ JetStream ─▶ agent ─▶ PostgreSQL: <copies>.customers (read-only copy)
+//!                                                                      <orders>.orders, order_lines ─ JOIN ─┘
+//! ```
+//!
 //! Order Service keeps a local copy of what rarely changes and is only
 //! displayed (customer name and email: `events`, 1 h budget), snapshots what
 //! is a point-in-time fact of an order (product name and price), and calls
@@ -16,16 +27,19 @@
 //!
 //! # Layout
 //! - [`customer`]: Customer Service — customers in its own SQLite file, each
-//!   write and its outbox row in one transaction, the relay to the hub.
+//!   write and its outbox row in one transaction, the relay to the hub or
+//!   straight into JetStream.
 //! - [`catalog`]: Catalog — products and prices.
 //! - [`inventory`]: Inventory — stock reservations.
 //! - [`payment`]: Payment — charges.
 //! - [`order`]: Order Service — orders placed from the copy, read back with
-//!   one SQL JOIN against it.
+//!   one SQL JOIN against it; its storage ([`order::OrderStore`]) is SQLite
+//!   or PostgreSQL by configuration ([`order::Storage`]).
 //! - [`web`]: what the services share: JSON errors, their SQLite file,
 //!   re-bindable listeners, calls to each other.
 //! - [`demo`]: the whole shop in one process ([`demo::Shop`]) and the
-//!   narrated run behind `spoke demo` ([`demo::run`]).
+//!   narrated runs behind `spoke demo` ([`demo::run`]) and
+//!   `spoke demo --distributed` ([`demo::run_distributed`]).
 //!
 //! The `shop` binary (`src/main.rs`) starts each service as its own process;
 //! Spoke's hub and agent then run as `spoke hub` and `spoke agent`.

@@ -12,6 +12,18 @@
 //! shop customer-service  --listen 127.0.0.1:7101 --db data/customer-service/customer.db --hub http://127.0.0.1:7070
 //! ```
 //!
+//! Distributed (no hub): the agent reads JetStream into PostgreSQL (a config
+//! with `jetstream = { url = … }` and `store = { postgres = …, schema = "spoke",
+//! readers = ["order_app"] }`), Customer Service's relay publishes straight
+//! into JetStream, and Order Service keeps its orders in PostgreSQL as its
+//! own role, JOINing them with the copy:
+//!
+//! ```sh
+//! shop order-service    --listen 127.0.0.1:7105 --postgres "host=127.0.0.1 user=order_app dbname=shop" --schema spoke \
+//!      --catalog http://127.0.0.1:7102 --inventory http://127.0.0.1:7103 --payment http://127.0.0.1:7104
+//! shop customer-service --listen 127.0.0.1:7101 --db data/customer-service/customer.db --jetstream nats://127.0.0.1:4222
+//! ```
+//!
 //! Each service stops on Ctrl-C or SIGTERM after finishing its in-flight requests.
 
 use std::collections::BTreeMap;
@@ -21,19 +33,27 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context};
+use spoke::feed::jetstream::JetStreamOptions;
 use spoke::outbox::relay::RelayOptions;
 use spoke::shutdown::{shutdown_channel, ShutdownTrigger};
 use spoke_shop::{catalog, customer, inventory, order, payment, web};
 
-const USAGE: &str = "usage: shop SERVICE --listen ADDR --db FILE [options]
+const USAGE: &str = "usage: shop SERVICE --listen ADDR [options]
 
 services:
-  customer-service   --hub URL              (token from SPOKE_TOKEN_CUSTOMER_SERVICE; unset: open hub)
-  catalog-service
-  inventory-service
-  payment-service
-  order-service      --catalog URL --inventory URL --payment URL [--manifest FILE]
-                     (run `spoke agent` for order-service with the same --db as its copy store)";
+  customer-service   --db FILE (--hub URL | --jetstream URL) [--manifest FILE]
+                     --hub: its relay publishes to the hub (token from SPOKE_TOKEN_CUSTOMER_SERVICE;
+                       unset: open hub); --jetstream: straight into JetStream (streams SPOKE_*)
+  catalog-service    --db FILE
+  inventory-service  --db FILE
+  payment-service    --db FILE
+  order-service      (--db FILE | --postgres URL [--schema S] [--orders-schema O])
+                     --catalog URL --inventory URL --payment URL [--manifest FILE]
+                     --db: its tables in FILE; run `spoke agent` for order-service with FILE as its
+                       copy store (store = { sqlite = FILE })
+                     --postgres: its tables in schema O (default orders, created if missing), the
+                       copy read from schema S (default spoke) of the same database, kept by
+                       `spoke agent` with store = { postgres = ..., schema = S, readers = [its role] }";
 
 fn main() -> ExitCode {
     match run() {
@@ -88,6 +108,16 @@ impl Flags {
     }
 }
 
+/// The manifest from `--manifest FILE`, or the shop's own.
+fn manifest(flags: &mut Flags) -> anyhow::Result<spoke_core::Manifest> {
+    match flags.take_optional("manifest") {
+        Some(path) => {
+            spoke_core::Manifest::load(std::path::Path::new(&path)).map_err(|e| anyhow!("{e}"))
+        }
+        None => spoke_shop::manifest(),
+    }
+}
+
 fn on_signal(trigger: ShutdownTrigger) {
     tokio::spawn(async move {
         #[cfg(unix)]
@@ -121,7 +151,6 @@ fn run() -> anyhow::Result<()> {
         .take("listen")?
         .parse()
         .context("--listen must be an address such as 127.0.0.1:7101")?;
-    let db = PathBuf::from(flags.take("db")?);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -130,55 +159,80 @@ fn run() -> anyhow::Result<()> {
         on_signal(trigger);
         let listener = web::bind(listen).with_context(|| format!("binding {listen}"))?;
         let bound = listener.local_addr()?;
-        let announce = |name: &str| {
-            eprintln!(
-                "{name} listening on http://{bound} (data in {})",
-                db.display()
-            )
+        let announce = |name: &str, data: &str| {
+            eprintln!("{name} listening on http://{bound} (data in {data})")
         };
         match service.as_str() {
             customer::SERVICE => {
+                let db = PathBuf::from(flags.take("db")?);
+                let publish = match (flags.take_optional("hub"), flags.take_optional("jetstream")) {
+                    (Some(url), None) => customer::Publish::Hub {
+                        url,
+                        token: std::env::var(customer::TOKEN_ENV).ok(),
+                    },
+                    (None, Some(url)) => customer::Publish::JetStream {
+                        options: JetStreamOptions::new(&url),
+                        manifest: Arc::new(manifest(&mut flags)?),
+                    },
+                    _ => bail!("give exactly one of --hub URL or --jetstream URL\n\n{USAGE}"),
+                };
                 let config = customer::Config {
                     db: db.clone(),
-                    hub: flags.take("hub")?,
-                    token: std::env::var(customer::TOKEN_ENV).ok(),
+                    publish,
                     relay: RelayOptions::default(),
                 };
                 flags.done()?;
-                announce(customer::SERVICE);
+                announce(customer::SERVICE, &db.display().to_string());
                 customer::serve(listener, config, shutdown).await
             }
             catalog::SERVICE => {
+                let db = PathBuf::from(flags.take("db")?);
                 flags.done()?;
-                announce(catalog::SERVICE);
-                catalog::serve(listener, catalog::Config { db: db.clone() }, shutdown).await
+                announce(catalog::SERVICE, &db.display().to_string());
+                catalog::serve(listener, catalog::Config { db }, shutdown).await
             }
             inventory::SERVICE => {
+                let db = PathBuf::from(flags.take("db")?);
                 flags.done()?;
-                announce(inventory::SERVICE);
-                inventory::serve(listener, inventory::Config { db: db.clone() }, shutdown).await
+                announce(inventory::SERVICE, &db.display().to_string());
+                inventory::serve(listener, inventory::Config { db }, shutdown).await
             }
             payment::SERVICE => {
+                let db = PathBuf::from(flags.take("db")?);
                 flags.done()?;
-                announce(payment::SERVICE);
-                payment::serve(listener, payment::Config { db: db.clone() }, shutdown).await
+                announce(payment::SERVICE, &db.display().to_string());
+                payment::serve(listener, payment::Config { db }, shutdown).await
             }
             order::SERVICE => {
-                let manifest = match flags.take_optional("manifest") {
-                    Some(path) => spoke_core::Manifest::load(std::path::Path::new(&path))
-                        .map_err(|e| anyhow!("{e}"))?,
-                    None => spoke_shop::manifest()?,
+                let storage = match (flags.take_optional("db"), flags.take_optional("postgres")) {
+                    (Some(db), None) => {
+                        if flags.0.contains_key("schema") || flags.0.contains_key("orders-schema") {
+                            bail!("--schema and --orders-schema go with --postgres, not --db\n\n{USAGE}");
+                        }
+                        order::Storage::Sqlite(PathBuf::from(db))
+                    }
+                    (None, Some(url)) => order::Storage::Postgres(order::PostgresStorage {
+                        url,
+                        orders_schema: flags
+                            .take_optional("orders-schema")
+                            .unwrap_or_else(|| order::DEFAULT_ORDERS_SCHEMA.to_owned()),
+                        copies_schema: flags
+                            .take_optional("schema")
+                            .unwrap_or_else(|| spoke::copy::postgres::DEFAULT_SCHEMA.to_owned()),
+                    }),
+                    _ => bail!("give exactly one of --db FILE or --postgres URL\n\n{USAGE}"),
                 };
                 let config = order::Config {
-                    db: db.clone(),
+                    storage,
                     catalog: flags.take("catalog")?,
                     inventory: flags.take("inventory")?,
                     payment: flags.take("payment")?,
-                    manifest: Arc::new(manifest),
+                    manifest: Arc::new(manifest(&mut flags)?),
                 };
                 flags.done()?;
-                announce(order::SERVICE);
-                order::serve(listener, config, shutdown).await
+                let svc = order::OrderService::open(config).await?;
+                announce(order::SERVICE, &svc.describe());
+                svc.serve(listener, shutdown).await
             }
             other => bail!("unknown service '{other}'\n\n{USAGE}"),
         }

@@ -1,4 +1,8 @@
 //! `spoke demo`: the shop example, narrated (the steps live in `spoke_shop::demo`).
+//!
+//! `spoke demo` runs it on the embedded default; `spoke demo --distributed`
+//! on PostgreSQL (copies and orders) and NATS JetStream (the feed), with
+//! names unique to the run that are removed at the end.
 
 use std::process::ExitCode;
 
@@ -9,6 +13,16 @@ pub struct DemoArgs {
     /// Print the report as JSON on stdout; the narration then goes to stderr.
     #[arg(long)]
     pub json: bool,
+    /// Run on the distributed backends: Order Service's orders and its copy
+    /// in PostgreSQL, the feed in NATS JetStream, no hub.
+    #[arg(long)]
+    pub distributed: bool,
+    /// PostgreSQL for --distributed (a role that may create roles and schemas).
+    #[arg(long, value_name = "URL", requires = "distributed", default_value = spoke_shop::demo::shop::DEFAULT_POSTGRES)]
+    pub postgres: String,
+    /// NATS with JetStream for --distributed.
+    #[arg(long, value_name = "URL", requires = "distributed", default_value = spoke_shop::demo::shop::DEFAULT_NATS)]
+    pub nats: String,
 }
 
 pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
@@ -26,12 +40,19 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         });
     }
     let runtime = builder.build()?;
+    let backends = args.distributed.then(|| spoke_shop::demo::Backends {
+        postgres: args.postgres.clone(),
+        nats: args.nats.clone(),
+    });
     let demo = || {
         runtime.block_on(async {
-            if args.json {
-                spoke_shop::demo::run(&mut std::io::stderr()).await
-            } else {
-                spoke_shop::demo::run(&mut std::io::stdout()).await
+            let mut stdout = std::io::stdout();
+            let mut stderr = std::io::stderr();
+            let out: &mut (dyn std::io::Write + Send) =
+                if args.json { &mut stderr } else { &mut stdout };
+            match backends {
+                None => spoke_shop::demo::run(out).await,
+                Some(b) => spoke_shop::demo::run_distributed(out, b).await,
             }
         })
     };

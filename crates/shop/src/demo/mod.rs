@@ -16,6 +16,21 @@
 //! 6. Restart Customer Service, change a customer while the hub is still
 //!    down (the change waits in the outbox), restart the hub: delivered.
 //! 7. Write to the copy from Order Service's own connection: refused.
+//!
+//! [`run_distributed`] tells the same story on the distributed backends
+//! (PostgreSQL copies and orders, a NATS JetStream feed, no hub), with the
+//! steps that depend on the backends adapted:
+//!
+//! 2. also prints the one SQL query that JOINs Order Service's orders with
+//!    the copy in PostgreSQL;
+//! 4. stops Customer Service and its relay: JetStream stays up, so the copy
+//!    stays fresh (and says so); then stops the agent too, so staleness grows;
+//!    then restarts the agent, which resumes from its stored position;
+//! 6. restarts Customer Service with its relay still stopped: a change waits
+//!    in the outbox, then arrives when the relay starts;
+//! 7. writes to the copy as Order Service's role (PostgreSQL: "permission
+//!    denied") and as a privileged session without the agent's mark (the
+//!    copy's trigger, naming dataset and owner).
 
 pub mod shop;
 
@@ -25,8 +40,8 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-pub use self::shop::{Part, Shop};
-use crate::customer::Customer;
+pub use self::shop::{Backends, Distributed, Part, Shop};
+use crate::customer::{self, Customer};
 use crate::order::OrderView;
 use crate::web::CallError;
 
@@ -38,6 +53,11 @@ const CATCH_UP: Duration = Duration::from_secs(5);
 const OUTAGE_ORDERS: usize = 5;
 /// Spacing of the orders placed during the outage.
 const ORDER_EVERY: Duration = Duration::from_millis(500);
+/// Orders placed while the owner is down but the feed is up (distributed step 4).
+const FEED_UP_ORDERS: usize = 2;
+/// Most staleness a copy shows while its agent follows an idle feed: one
+/// long-poll (1 s) plus slack.
+const FOLLOWING_STALENESS_MS: u64 = 2_500;
 
 /// The message the copy's guard gives a write from another connection.
 pub const READ_ONLY_MESSAGE: &str =
@@ -205,7 +225,7 @@ pub async fn run(out: &mut (dyn Write + Send)) -> anyhow::Result<DemoReport> {
         out,
         "Spoke demo: the shop, on the embedded default (SQLite files, real HTTP on loopback)"
     )?;
-    let mut shop = Shop::start().await?;
+    let shop = Shop::start().await?;
     writeln!(out, "   data in {}", shop.dir().display())?;
     for part in Part::ALL {
         writeln!(out, "   {:<22} {}", part.name(), shop.url(part))?;
@@ -215,7 +235,86 @@ pub async fn run(out: &mut (dyn Write + Send)) -> anyhow::Result<DemoReport> {
         "   Order Service copies customers (name, email; events; budget 1h) into {}",
         shop.order_db().display()
     )?;
+    run_steps(out, shop, started).await
+}
 
+/// Runs the demo on the distributed backends: Order Service's orders and its
+/// copy of customers in PostgreSQL, the feed in NATS JetStream, no hub.
+/// Every schema, role and stream it creates has a name unique to the run and
+/// is removed at the end.
+pub async fn run_distributed(
+    out: &mut (dyn Write + Send),
+    backends: Backends,
+) -> anyhow::Result<DemoReport> {
+    let started = Instant::now();
+    writeln!(
+        out,
+        "Spoke demo: the shop, distributed (PostgreSQL copies and orders, NATS JetStream feed, no hub; real HTTP on loopback)"
+    )?;
+    let shop = Shop::start_distributed(backends).await?;
+    let d = shop
+        .distributed()
+        .ok_or_else(|| anyhow::anyhow!("the distributed shop has no backends"))?
+        .clone();
+    let js = d.jetstream();
+    writeln!(out, "   PostgreSQL {}", redact(&d.backends.postgres))?;
+    writeln!(
+        out,
+        "   JetStream  {}: streams {} and {} (owners publish straight to JetStream)",
+        d.backends.nats,
+        js.log_stream(customer::DATASET),
+        js.state_stream(customer::DATASET)
+    )?;
+    writeln!(
+        out,
+        "   data in {} (the other services' own SQLite files)",
+        shop.dir().display()
+    )?;
+    for &part in shop.parts() {
+        let at = if part.listens() {
+            shop.url(part)
+        } else {
+            format!(
+                "customer.db outbox → JetStream {}",
+                js.log_subjects(customer::DATASET)
+            )
+        };
+        writeln!(out, "   {:<24} {at}", part.name())?;
+    }
+    writeln!(
+        out,
+        "   Order Service (role {}) keeps its orders in schema {}; the agent copies customers",
+        d.app_role, d.orders_schema
+    )?;
+    writeln!(
+        out,
+        "   (name, email; events; budget 1h) into schema {} of the same database, SELECT only for that role",
+        d.copies_schema
+    )?;
+    run_steps(out, shop, started).await
+}
+
+/// A connection string without its password, for printing.
+fn redact(url: &str) -> String {
+    if let Some((scheme, rest)) = url.split_once("://") {
+        if let Some((creds, host)) = rest.split_once('@') {
+            let user = creds.split(':').next().unwrap_or_default();
+            return format!("{scheme}://{user}@{host}");
+        }
+        return url.to_owned();
+    }
+    url.split_whitespace()
+        .filter(|kv| !kv.starts_with("password="))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+async fn run_steps(
+    out: &mut (dyn Write + Send),
+    mut shop: Shop,
+    started: Instant,
+) -> anyhow::Result<DemoReport> {
+    let distributed = shop.distributed().is_some();
     let mut ctx = Ctx::default();
     let mut steps = Vec::new();
     macro_rules! step {
@@ -240,26 +339,47 @@ pub async fn run(out: &mut (dyn Write + Send)) -> anyhow::Result<DemoReport> {
         "Rename a customer and change a price",
         rename_and_reprice
     );
-    step!(
-        4,
-        "Stop Customer Service and the hub: orders go on from the copy",
-        owner_down
-    );
+    if distributed {
+        step!(
+            4,
+            "Stop Customer Service and its relay, then the agent: orders go on from the copy",
+            owner_down_distributed
+        );
+    } else {
+        step!(
+            4,
+            "Stop Customer Service and the hub: orders go on from the copy",
+            owner_down
+        );
+    }
     step!(
         5,
         "Stop Inventory: orders are refused, not taken on stale stock",
         inventory_down
     );
-    step!(
-        6,
-        "Bring the owner side back: a change made meanwhile is delayed, never lost",
-        owner_back
-    );
-    step!(
-        7,
-        "Write to the copy from Order Service's own connection",
-        write_refused
-    );
+    if distributed {
+        step!(
+            6,
+            "Change a customer while the relay is stopped: delayed in the outbox, never lost",
+            relay_down_distributed
+        );
+        step!(
+            7,
+            "Write to the PostgreSQL copy: as Order Service's role, then as a privileged session",
+            write_refused_distributed
+        );
+    } else {
+        step!(
+            6,
+            "Bring the owner side back: a change made meanwhile is delayed, never lost",
+            owner_back
+        );
+        step!(
+            7,
+            "Write to the copy from Order Service's own connection",
+            write_refused
+        );
+    }
 
     let stopped = shop.shutdown().await;
     let report = DemoReport {
@@ -299,7 +419,11 @@ fn summary(out: &mut (dyn Write + Send), report: &DemoReport) -> std::io::Result
 }
 
 async fn create_customers(shop: &mut Shop, _: &mut Ctx, st: &mut Step<'_>) -> anyhow::Result<()> {
-    st.say("POST /customers → one transaction (row + outbox) → relay → hub → agent → copy")?;
+    st.say(if shop.distributed().is_some() {
+        "POST /customers → one transaction (row + outbox) → relay → JetStream → agent → PostgreSQL copy"
+    } else {
+        "POST /customers → one transaction (row + outbox) → relay → hub → agent → copy"
+    })?;
     let mut lags = Vec::new();
     for c in demo_customers() {
         let written = shop.create_customer(&c).await?;
@@ -390,6 +514,15 @@ async fn place_order(shop: &mut Shop, ctx: &mut Ctx, st: &mut Step<'_>) -> anyho
         "the total is the sum of the lines",
     )?;
     let stored = shop.order(order.id).await?;
+    if let Some(d) = shop.distributed() {
+        st.say(format!(
+            "GET /orders/{} is this one query, on Order Service's own connection (role {}):",
+            order.id, d.app_role
+        ))?;
+        for line in shop.orders()?.order_sql().trim().lines() {
+            st.say(format!("   {line}"))?;
+        }
+    }
     st.check(
         customer_name(&stored) == "Ada Lovelace",
         format!(
@@ -727,5 +860,292 @@ async fn write_refused(shop: &mut Shop, _: &mut Ctx, st: &mut Step<'_>) -> anyho
     )?;
     let short: String = first_message.chars().take(90).collect();
     st.measured(format!("refused: \"{short}…\""));
+    Ok(())
+}
+
+/// The copy's freshness as the operator sees it: (staleness ms, position).
+async fn copy_standing(shop: &Shop) -> anyhow::Result<(Option<u64>, Option<u64>)> {
+    let s = shop
+        .copies()?
+        .status(crate::order::CUSTOMERS, None, None)
+        .await?;
+    Ok((s.staleness_ms, s.position))
+}
+
+async fn owner_down_distributed(
+    shop: &mut Shop,
+    _: &mut Ctx,
+    st: &mut Step<'_>,
+) -> anyhow::Result<()> {
+    shop.stop_part(Part::Relay).await?;
+    shop.stop_part(Part::Customer).await?;
+    let customer_up = shop.answers(Part::Customer).await;
+    let relay_running = shop.is_running(Part::Relay);
+    st.check(
+        !customer_up && !relay_running,
+        format!("Customer Service no longer answers and its relay is stopped (customer-service up: {customer_up}, relay running: {relay_running})"),
+    )?;
+    st.say("JetStream stays up and the agent keeps reading it: nothing changed, and the copy knows it is current")?;
+    let mut all_within = true;
+    let mut feed_up_max = 0;
+    for i in 0..FEED_UP_ORDERS {
+        if i > 0 {
+            tokio::time::sleep(ORDER_EVERY).await;
+        }
+        let o = shop.place_order("c-grace", &[("ms-01", 1)]).await?;
+        let f = &o.customer_copy;
+        all_within &= f.within_budget;
+        feed_up_max = feed_up_max.max(f.staleness_ms.unwrap_or(u64::MAX));
+        st.say(format!(
+            "order #{} for {} from the copy: copy staleness {}, within the {} budget: {}",
+            o.id,
+            customer_name(&o),
+            secs(f.staleness_ms),
+            f.staleness_budget,
+            f.within_budget
+        ))?;
+    }
+    st.check(
+        feed_up_max < FOLLOWING_STALENESS_MS,
+        format!(
+            "with the owner down and the feed up, the copy stays fresh (staleness at most {}: one long-poll of JetStream)",
+            secs(Some(feed_up_max))
+        ),
+    )?;
+
+    shop.stop_part(Part::Agent).await?;
+    st.say("now stop the agent too (as if its host, or its link to NATS, were down): the copy stops advancing")?;
+    // (wall-clock ms of the answer, staleness reported with it)
+    let mut seen: Vec<(u64, u64)> = Vec::new();
+    for i in 0..OUTAGE_ORDERS {
+        if i > 0 {
+            tokio::time::sleep(ORDER_EVERY).await;
+        }
+        let o = shop.place_order("c-grace", &[("ms-01", 1)]).await?;
+        let f = &o.customer_copy;
+        all_within &= f.within_budget;
+        seen.push((spoke::clock::now_ms(), f.staleness_ms.unwrap_or(0)));
+        st.say(format!(
+            "order #{} for {} from the copy: copy staleness {}, within the {} budget: {}",
+            o.id,
+            customer_name(&o),
+            secs(f.staleness_ms),
+            f.staleness_budget,
+            f.within_budget
+        ))?;
+    }
+    let (first_at, first) = seen.first().copied().unwrap_or_default();
+    let (last_at, last) = seen.last().copied().unwrap_or_default();
+    let wall = last_at.saturating_sub(first_at);
+    let grew = last.saturating_sub(first);
+    st.check(
+        seen.len() == OUTAGE_ORDERS,
+        format!(
+            "{} orders were taken with the owner and the agent down",
+            seen.len()
+        ),
+    )?;
+    st.check(
+        wall >= 1_500 && grew + 300 >= wall,
+        format!(
+            "staleness grew with the outage: {} → {} (+{} in {} of wall time)",
+            secs(Some(first)),
+            secs(Some(last)),
+            secs(Some(grew)),
+            secs(Some(wall))
+        ),
+    )?;
+    st.check(
+        all_within,
+        "every read was within the 1h budget, and said so",
+    )?;
+
+    let (_, position) = copy_standing(shop).await?;
+    shop.start_part(Part::Agent).await?;
+    let restarted = spoke::clock::now_ms();
+    let fresh_after =
+        Shop::wait_until(Duration::from_secs(10), "the agent catching up", || async {
+            let (staleness, _) = copy_standing(shop).await?;
+            let since = spoke::clock::now_ms().saturating_sub(restarted);
+            // Fresh as of a moment after the restart.
+            Ok(staleness.filter(|s| *s < since).map(|_| since))
+        })
+        .await
+        .ok();
+    st.check(
+        fresh_after.is_some(),
+        format!(
+            "the agent restarted from the position stored with the copy ({}); fresh again {} ms later, once its first long-poll of JetStream answered",
+            position.map_or_else(|| "none".to_owned(), |p| p.to_string()),
+            fresh_after.unwrap_or(0),
+        ),
+    )?;
+    st.measured(format!(
+        "owner down, feed up: staleness ≤ {}; agent down too: {} → {}, within budget; fresh again {} ms after the agent restarted",
+        secs(Some(feed_up_max)),
+        secs(Some(first)),
+        secs(Some(last)),
+        fresh_after.unwrap_or(0)
+    ));
+    Ok(())
+}
+
+async fn relay_down_distributed(
+    shop: &mut Shop,
+    _: &mut Ctx,
+    st: &mut Step<'_>,
+) -> anyhow::Result<()> {
+    shop.start_part(Part::Customer).await?;
+    st.say(format!(
+        "Customer Service restarted on {} (same database); its relay is still stopped",
+        shop.url(Part::Customer)
+    ))?;
+    let mut grace = shop.customer("c-grace").await?;
+    let old_name = grace.name.clone();
+    grace.name = "Grace Brewster Hopper".into();
+    let written = shop.update_customer("c-grace", &grace.input()).await?;
+    st.say(format!(
+        "PUT /customers/c-grace name \"{old_name}\" → \"{}\" committed (version {})",
+        grace.name, written.version
+    ))?;
+    let waiting = shop.outbox().await?;
+    st.check(
+        waiting.backlog >= 1,
+        format!(
+            "the change waits in Customer Service's outbox ({} row; no relay is publishing it)",
+            waiting.backlog
+        ),
+    )?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let copied = shop.copied("c-grace").await?;
+    let copied_name = copied
+        .as_ref()
+        .and_then(|r| r.fields.get("name"))
+        .and_then(|v| v.as_str())
+        .unwrap_or("(absent)")
+        .to_owned();
+    let staleness = copied.as_ref().and_then(|r| r.staleness_ms);
+    st.check(
+        copied_name == old_name && staleness.is_some_and(|s| s < FOLLOWING_STALENESS_MS),
+        format!(
+            "a second later the copy still says \"{copied_name}\" and is fresh (staleness {}): it holds all JetStream holds, and the change has not reached JetStream",
+            secs(staleness)
+        ),
+    )?;
+
+    shop.start_part(Part::Relay).await?;
+    let relay_up = spoke::clock::now_ms();
+    st.say("relay restarted: it publishes the outbox into JetStream")?;
+    let (read, seen_at) = shop
+        .wait_for_copy("c-grace", Duration::from_secs(10), |r| {
+            r.version >= written.version
+        })
+        .await?;
+    let since_commit = seen_at.saturating_sub(written.committed_at_ms);
+    let since_relay = seen_at.saturating_sub(relay_up);
+    st.check(
+        read.fields.get("name").and_then(|v| v.as_str()) == Some(grace.name.as_str()),
+        format!(
+            "the copy says \"{}\": {since_relay} ms after the relay came back, {since_commit} ms after the commit",
+            grace.name
+        ),
+    )?;
+    let drained = Shop::wait_until(CATCH_UP, "the outbox draining", || async {
+        let o = shop.outbox().await?;
+        Ok((o.backlog == 0).then_some(o))
+    })
+    .await?;
+    let forwarded = shop.relay_stats().map_or(0, |s| {
+        s.forwarded.load(std::sync::atomic::Ordering::Relaxed)
+    });
+    st.check(
+        drained.backlog == 0 && forwarded >= 1,
+        format!("the outbox is empty: published once ({forwarded} forwarded), nothing lost"),
+    )?;
+    st.check(
+        read.within_budget
+            && read
+                .staleness_ms
+                .is_some_and(|s| s < FOLLOWING_STALENESS_MS),
+        format!(
+            "the copy is fresh (staleness {} ms)",
+            read.staleness_ms.unwrap_or(0)
+        ),
+    )?;
+    let o = shop.place_order("c-grace", &[("ms-01", 1)]).await?;
+    st.check(
+        customer_name(&o) == grace.name,
+        format!("a new order shows \"{}\"", customer_name(&o)),
+    )?;
+    st.measured(format!(
+        "held in the outbox while the relay was stopped; in the copy {since_relay} ms after the relay came back ({since_commit} ms after commit)"
+    ));
+    Ok(())
+}
+
+async fn write_refused_distributed(
+    shop: &mut Shop,
+    _: &mut Ctx,
+    st: &mut Step<'_>,
+) -> anyhow::Result<()> {
+    let d = shop
+        .distributed()
+        .ok_or_else(|| anyhow::anyhow!("not the distributed shop"))?
+        .clone();
+    let c = &d.copies_schema;
+    let statements = [
+        format!("UPDATE \"{c}\".customers SET name = 'Mallory' WHERE id = 'c-ada'"),
+        format!("DELETE FROM \"{c}\"._spoke_copy_customers WHERE _spoke_key = 'c-ada'"),
+    ];
+    let orders = shop.orders()?.clone();
+    st.say(format!(
+        "on Order Service's own connection (role {}, which the agent granted SELECT only):",
+        d.app_role
+    ))?;
+    let mut denied = String::new();
+    for sql in &statements {
+        let result = orders.execute(sql).await;
+        let message = match &result {
+            Ok(n) => format!("accepted, {n} rows changed"),
+            Err(e) => format!("{e:#}"),
+        };
+        st.say(format!("{sql}\n     → {message}"))?;
+        st.check(
+            result.is_err() && message.contains("permission denied"),
+            "refused by PostgreSQL: permission denied",
+        )?;
+        if denied.is_empty() {
+            denied = message;
+        }
+    }
+    st.say("in a privileged session (the agent's role) that has not set the agent's mark:")?;
+    let mut guarded = String::new();
+    for sql in &statements {
+        let result = shop.privileged_execute(sql).await?;
+        let message = match &result {
+            Ok(n) => format!("accepted, {n} rows changed"),
+            Err(e) => e.clone(),
+        };
+        st.say(format!("{sql}\n     → {message}"))?;
+        st.check(
+            result.is_err() && message.contains(READ_ONLY_MESSAGE),
+            "refused by the copy's trigger, naming the dataset and its owner",
+        )?;
+        if guarded.is_empty() {
+            guarded = message;
+        }
+    }
+    let ada = shop.copied("c-ada").await?;
+    let name = ada
+        .as_ref()
+        .and_then(|r| r.fields.get("name"))
+        .and_then(|v| v.as_str())
+        .unwrap_or("(absent)");
+    st.check(
+        name == "Ada King",
+        format!("the copy is unchanged (c-ada is \"{name}\")"),
+    )?;
+    let short: String = guarded.chars().take(60).collect();
+    st.measured(format!("refused: \"{denied}\"; \"{short}…\""));
     Ok(())
 }

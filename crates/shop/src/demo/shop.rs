@@ -1,8 +1,10 @@
-//! The whole shop in one process, on the embedded default: every service and
-//! the hub on its own loopback port (chosen by the OS) with real HTTP between
-//! them, the hub with per-service tokens, and the agent writing the copy of
-//! customers into Order Service's `order.db`. Any part can be stopped and
-//! started again on the same port with the same data.
+//! The whole shop in one process: every service on its own loopback port
+//! (chosen by the OS) with real HTTP between them, and Spoke's roles beside
+//! them. Any part can be stopped and started again on the same port with the
+//! same data. Two deployments, the same services:
+//!
+//! **Embedded** ([`Shop::start`]): the hub with per-service tokens, the agent
+//! writing the copy of customers into Order Service's `order.db`.
 //!
 //! ```text
 //!  <dir>/hub/hub.db                      the hub's log and compacted state
@@ -10,6 +12,21 @@
 //!  <dir>/order-service/order.db          orders, order_lines + the copy (customers view)
 //!  <dir>/{catalog,inventory,payment}/…   the other services' own files
 //! ```
+//!
+//! **Distributed** ([`Shop::start_distributed`]): no hub. Customer Service's
+//! relay publishes its outbox straight into NATS JetStream; the agent reads
+//! JetStream into a PostgreSQL copy; Order Service keeps its orders in
+//! PostgreSQL too, as its own role, and JOINs them with the copy.
+//!
+//! ```text
+//!  customer.db ─relay─▶ JetStream <P>_CUSTOMERS_LOG ─agent─▶ PostgreSQL "<copies>".customers (view)
+//!                       (+ <P>_CUSTOMERS_STATE)               "<copies>"._spoke_copies
+//!                                                             "<orders>".orders, order_lines  (owned by <app role>)
+//! ```
+//!
+//! Every name there (schemas, the application role, the stream prefix) is
+//! unique to the run, and [`Shop::shutdown`] (or dropping the shop) removes
+//! them.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -20,20 +37,27 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, Context};
 use spoke::agent::{http as agent_http, Agent, AgentOptions};
 use spoke::clock::Clock;
+use spoke::copy::postgres::{PostgresCopyStore, PostgresOptions};
 use spoke::copy::sqlite::SqliteCopyStore;
+use spoke::copy::CopyStore;
 use spoke::feed::http::HubClient;
+use spoke::feed::jetstream::{JetStreamFeed, JetStreamOptions};
 use spoke::feed::sqlite::SqliteFeed;
+use spoke::feed::Feed;
 use spoke::hub::{self, Tokens};
-use spoke::outbox::relay::RelayOptions;
+use spoke::outbox::relay::{RelayOptions, RelayStats};
 use spoke::read::{Copies, Read};
 use spoke::shutdown::{shutdown_channel, ShutdownTrigger};
 use spoke_core::Manifest;
+use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 use crate::catalog::{self, PriceInput, Product};
-use crate::customer::{self, Customer, CustomerInput, OutboxStatus, Written};
+use crate::customer::{self, Customer, CustomerInput, OutboxStatus, Publish, Written};
 use crate::inventory::{self, Stock};
-use crate::order::{self, LineRequest, OrderService, OrderView, PlaceOrder};
+use crate::order::{
+    self, LineRequest, OrderService, OrderView, PlaceOrder, PostgresStorage, Storage,
+};
 use crate::payment::{self, Charge};
 use crate::web::{self, CallError};
 
@@ -44,8 +68,12 @@ const POLL_EVERY: Duration = Duration::from_millis(2);
 /// Retry backoff ceiling for the relay and the agent: short, so a restarted
 /// hub is noticed within half a second.
 const BACKOFF_MAX: Duration = Duration::from_millis(500);
+/// How often a relay running beside Customer Service (which cannot nudge it)
+/// looks at the outbox.
+const EXTERNAL_RELAY_POLL: Duration = Duration::from_millis(20);
 
-/// The parts of the shop that run as servers.
+/// The parts of the shop that run as servers (the relay of the distributed
+/// shop runs beside Customer Service and serves nothing).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Part {
     Hub,
@@ -55,10 +83,11 @@ pub enum Part {
     Order,
     Agent,
     Customer,
+    Relay,
 }
 
 impl Part {
-    /// In start order.
+    /// The embedded shop's parts, in start order.
     pub const ALL: [Part; 7] = [
         Part::Hub,
         Part::Catalog,
@@ -67,6 +96,18 @@ impl Part {
         Part::Order,
         Part::Agent,
         Part::Customer,
+    ];
+
+    /// The distributed shop's parts, in start order: no hub (JetStream is the
+    /// feed), and Customer Service's relay on its own.
+    pub const DISTRIBUTED: [Part; 7] = [
+        Part::Catalog,
+        Part::Inventory,
+        Part::Payment,
+        Part::Order,
+        Part::Agent,
+        Part::Customer,
+        Part::Relay,
     ];
 
     pub fn name(self) -> &'static str {
@@ -78,8 +119,184 @@ impl Part {
             Part::Order => order::SERVICE,
             Part::Agent => "agent (order-service)",
             Part::Customer => customer::SERVICE,
+            Part::Relay => "relay (customer-service)",
         }
     }
+
+    /// Whether the part serves HTTP.
+    pub fn listens(self) -> bool {
+        self != Part::Relay
+    }
+}
+
+/// The servers the distributed shop uses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Backends {
+    /// A PostgreSQL connection (libpq key-value string or `postgres://` URL)
+    /// whose role may create roles and schemas. The agent and the operator's
+    /// privileged session use it; Order Service gets a role of its own.
+    pub postgres: String,
+    /// NATS with JetStream, e.g. `nats://127.0.0.1:4222`.
+    pub nats: String,
+}
+
+/// The PostgreSQL server on this machine, as the tests use it.
+pub const DEFAULT_POSTGRES: &str = "host=127.0.0.1 port=5432 user=postgres dbname=test";
+/// The NATS server on this machine.
+pub const DEFAULT_NATS: &str = "nats://127.0.0.1:4222";
+
+impl Default for Backends {
+    fn default() -> Self {
+        Backends {
+            postgres: DEFAULT_POSTGRES.to_owned(),
+            nats: DEFAULT_NATS.to_owned(),
+        }
+    }
+}
+
+/// What the distributed shop created in PostgreSQL and JetStream, every name
+/// unique to this run.
+#[derive(Debug, Clone)]
+pub struct Distributed {
+    pub backends: Backends,
+    /// Where the agent keeps the copy (`PostgresOptions::schema`).
+    pub copies_schema: String,
+    /// Order Service's own schema (orders, order_lines), owned by its role.
+    pub orders_schema: String,
+    /// Order Service's application role: owns its schema, may only SELECT the copy.
+    pub app_role: String,
+    app_password: String,
+    /// JetStream stream prefix (upper case) and subject prefix (lower case).
+    pub stream_prefix: String,
+    pub subject_prefix: String,
+}
+
+impl Distributed {
+    fn new(backends: Backends) -> Self {
+        let base = spoke::testing::unique_name("shop");
+        Distributed {
+            backends,
+            copies_schema: format!("{base}_copies"),
+            orders_schema: format!("{base}_orders"),
+            app_role: format!("{base}_app"),
+            app_password: token("order-app"),
+            stream_prefix: base.to_uppercase(),
+            subject_prefix: base,
+        }
+    }
+
+    /// Order Service's own connection: the admin connection with its role.
+    pub fn app_url(&self) -> String {
+        with_credentials(&self.backends.postgres, &self.app_role, &self.app_password)
+    }
+
+    /// How the agent and the relay reach JetStream.
+    pub fn jetstream(&self) -> JetStreamOptions {
+        let mut o = JetStreamOptions::new(&self.backends.nats);
+        o.stream_prefix = self.stream_prefix.clone();
+        o.subject_prefix = self.subject_prefix.clone();
+        o
+    }
+
+    async fn create(&self) -> anyhow::Result<()> {
+        let admin = pg_connect(&self.backends.postgres).await?;
+        admin
+            .batch_execute(&format!(
+                "CREATE ROLE \"{role}\" LOGIN PASSWORD '{password}';
+                 CREATE SCHEMA \"{orders}\" AUTHORIZATION \"{role}\";",
+                role = self.app_role,
+                password = self.app_password,
+                orders = self.orders_schema,
+            ))
+            .await
+            .map_err(|e| {
+                anyhow!(
+                    "creating Order Service's role and schema: {}",
+                    order::postgres::message(&e)
+                )
+            })
+    }
+
+    /// Drops what [`Self::create`] and the run created; idempotent.
+    async fn remove(&self) -> anyhow::Result<()> {
+        let admin = pg_connect(&self.backends.postgres).await;
+        let pg = match admin {
+            Ok(admin) => admin
+                .batch_execute(&format!(
+                    "DROP SCHEMA IF EXISTS \"{copies}\" CASCADE;
+                     DROP SCHEMA IF EXISTS \"{orders}\" CASCADE;
+                     DO $$ BEGIN
+                        IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{role}') THEN
+                            EXECUTE 'DROP OWNED BY \"{role}\"';
+                            EXECUTE 'DROP ROLE \"{role}\"';
+                        END IF;
+                     END $$;",
+                    copies = self.copies_schema,
+                    orders = self.orders_schema,
+                    role = self.app_role,
+                ))
+                .await
+                .map_err(|e| {
+                    anyhow!(
+                        "dropping the shop's schemas and role: {}",
+                        order::postgres::message(&e)
+                    )
+                }),
+            Err(e) => Err(e),
+        };
+        spoke::testing::nats_delete_streams(&self.backends.nats, &self.stream_prefix).await;
+        pg
+    }
+}
+
+/// `url` with another user and password, for a key-value string or a URL.
+fn with_credentials(url: &str, user: &str, password: &str) -> String {
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        let sep = if url.contains('?') { '&' } else { '?' };
+        format!("{url}{sep}user={user}&password={password}")
+    } else {
+        format!("{url} user={user} password={password}")
+    }
+}
+
+/// Whether every server of a NATS URL list accepts TCP connections.
+async fn nats_reachable(urls: &str) -> anyhow::Result<()> {
+    for url in urls.split(',').map(str::trim) {
+        let rest = url.split_once("://").map_or(url, |(_, r)| r);
+        let rest = rest.rsplit_once('@').map_or(rest, |(_, r)| r);
+        let host_port = rest.split('/').next().unwrap_or_default();
+        let addr = if host_port.contains(':') {
+            host_port.to_owned()
+        } else {
+            format!("{host_port}:4222")
+        };
+        match tokio::time::timeout(
+            Duration::from_secs(3),
+            tokio::net::TcpStream::connect(&addr),
+        )
+        .await
+        {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(anyhow!("NATS at {url} cannot be reached: {e}")),
+            Err(_) => return Err(anyhow!("NATS at {url} did not answer within 3 s")),
+        }
+    }
+    Ok(())
+}
+
+async fn pg_connect(url: &str) -> anyhow::Result<tokio_postgres::Client> {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .map_err(|e| {
+            anyhow!(
+                "PostgreSQL at '{url}' cannot be reached: {}",
+                web::error_chain(&e)
+            )
+        })?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(client)
 }
 
 struct Running {
@@ -98,6 +315,10 @@ pub struct Shop {
     agent: Option<Arc<Agent>>,
     orders: Option<OrderService>,
     copies: Option<Copies>,
+    relay: Option<Arc<RelayStats>>,
+    distributed: Option<Distributed>,
+    /// Whether the distributed shop's schemas, role and streams still exist.
+    needs_cleanup: bool,
     http: reqwest::Client,
 }
 
@@ -114,24 +335,46 @@ fn token(service: &str) -> String {
 }
 
 impl Shop {
-    /// Starts the shop in a new temporary directory, removed when the shop is dropped.
+    /// Starts the embedded shop in a new temporary directory, removed when
+    /// the shop is dropped.
     pub async fn start() -> anyhow::Result<Shop> {
-        let temp = tempfile::Builder::new()
-            .prefix("spoke-shop-")
-            .tempdir()
-            .context("creating a temporary directory")?;
-        let dir = temp.path().to_owned();
-        let mut shop = Shop::new(&dir)?;
+        let (temp, mut shop) = Shop::in_temp()?;
         shop._temp = Some(temp);
         shop.start_all().await?;
         Ok(shop)
     }
 
-    /// Starts the shop with its data in `dir` (kept).
+    /// Starts the embedded shop with its data in `dir` (kept).
     pub async fn start_in(dir: &Path) -> anyhow::Result<Shop> {
         let mut shop = Shop::new(dir)?;
         shop.start_all().await?;
         Ok(shop)
+    }
+
+    /// Starts the distributed shop on `backends`: schemas, a role and streams
+    /// with names unique to this run, removed by [`Shop::shutdown`] (or when
+    /// the shop is dropped). The services' own SQLite files (Customer
+    /// Service, Catalog, Inventory, Payment) go in a temporary directory.
+    pub async fn start_distributed(backends: Backends) -> anyhow::Result<Shop> {
+        let (temp, mut shop) = Shop::in_temp()?;
+        shop._temp = Some(temp);
+        let d = Distributed::new(backends);
+        // Fail at once, not after the feed's startup patience, when NATS is not there.
+        nats_reachable(&d.backends.nats).await?;
+        shop.distributed = Some(d.clone());
+        d.create().await?;
+        shop.needs_cleanup = true;
+        shop.start_all().await?;
+        Ok(shop)
+    }
+
+    fn in_temp() -> anyhow::Result<(tempfile::TempDir, Shop)> {
+        let temp = tempfile::Builder::new()
+            .prefix("spoke-shop-")
+            .tempdir()
+            .context("creating a temporary directory")?;
+        let shop = Shop::new(temp.path())?;
+        Ok((temp, shop))
     }
 
     fn new(dir: &Path) -> anyhow::Result<Shop> {
@@ -149,12 +392,24 @@ impl Shop {
             agent: None,
             orders: None,
             copies: None,
+            relay: None,
+            distributed: None,
+            needs_cleanup: false,
             http: web::client()?,
         })
     }
 
+    /// The parts this deployment runs, in start order.
+    pub fn parts(&self) -> &'static [Part] {
+        if self.distributed.is_some() {
+            &Part::DISTRIBUTED
+        } else {
+            &Part::ALL
+        }
+    }
+
     async fn start_all(&mut self) -> anyhow::Result<()> {
-        for part in Part::ALL {
+        for &part in self.parts() {
             self.start_part(part).await?;
         }
         // Ready when the agent created the copy and bootstrapped it.
@@ -166,7 +421,8 @@ impl Shop {
             }
             if Instant::now() > deadline {
                 return Err(anyhow!(
-                    "the agent did not create the copy of customers within 10 s: {status:?}"
+                    "the agent did not create the copy of customers within 10 s: {status:?} (agent: {})",
+                    self.agent_error().unwrap_or_else(|| "no error".into())
                 ));
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -182,7 +438,13 @@ impl Shop {
         &self.manifest
     }
 
-    /// The order database, holding Order Service's tables and the copy.
+    /// The distributed shop's backends and names; `None` when embedded.
+    pub fn distributed(&self) -> Option<&Distributed> {
+        self.distributed.as_ref()
+    }
+
+    /// The order database, holding Order Service's tables and the copy
+    /// (embedded shop).
     pub fn order_db(&self) -> PathBuf {
         self.dir.join("order-service").join("order.db")
     }
@@ -205,7 +467,8 @@ impl Shop {
             .ok_or_else(|| anyhow!("order-service has not been started"))
     }
 
-    /// The read API over the copy, as Order Service's code would use it.
+    /// The read API over the copy (in the distributed shop over the
+    /// agent's PostgreSQL connection, as an operator would read it).
     pub fn copies(&self) -> anyhow::Result<&Copies> {
         self.copies
             .as_ref()
@@ -218,12 +481,30 @@ impl Shop {
         agent.progress().get(order::CUSTOMERS)?.last_error()
     }
 
-    /// Starts `part` on its previous port (a free one the first time), with
-    /// the same data.
-    pub async fn start_part(&mut self, part: Part) -> anyhow::Result<()> {
-        if self.running.contains_key(&part) {
-            return Ok(());
-        }
+    /// The counters of the distributed shop's relay (last started).
+    pub fn relay_stats(&self) -> Option<Arc<RelayStats>> {
+        self.relay.clone()
+    }
+
+    /// Runs `sql` in a privileged PostgreSQL session (the role the agent
+    /// uses) that has *not* set the agent's mark; returns the rows changed or
+    /// PostgreSQL's message. Distributed shop only.
+    pub async fn privileged_execute(&self, sql: &str) -> anyhow::Result<Result<u64, String>> {
+        let d = self.require_distributed()?;
+        let admin = pg_connect(&d.backends.postgres).await?;
+        Ok(admin
+            .execute(sql, &[])
+            .await
+            .map_err(|e| order::postgres::message(&e)))
+    }
+
+    fn require_distributed(&self) -> anyhow::Result<&Distributed> {
+        self.distributed
+            .as_ref()
+            .ok_or_else(|| anyhow!("the embedded shop has no PostgreSQL or JetStream"))
+    }
+
+    fn listen(&mut self, part: Part) -> anyhow::Result<TcpListener> {
         let addr = self
             .addrs
             .get(&part)
@@ -232,10 +513,38 @@ impl Shop {
         let listener =
             web::bind(addr).with_context(|| format!("binding {} to {addr}", part.name()))?;
         self.addrs.insert(part, listener.local_addr()?);
+        Ok(listener)
+    }
+
+    fn customer_db(&self) -> PathBuf {
+        self.dir.join("customer-service").join("customer.db")
+    }
+
+    fn pg_copies(&self, d: &Distributed, readers: Vec<String>) -> PostgresOptions {
+        PostgresOptions {
+            url: d.backends.postgres.clone(),
+            schema: d.copies_schema.clone(),
+            readers,
+        }
+    }
+
+    /// Starts `part` on its previous port (a free one the first time), with
+    /// the same data.
+    pub async fn start_part(&mut self, part: Part) -> anyhow::Result<()> {
+        if self.running.contains_key(&part) {
+            return Ok(());
+        }
         let (trigger, shutdown) = shutdown_channel();
         let dir = self.dir.clone();
+        let distributed = self.distributed.clone();
         let task: JoinHandle<anyhow::Result<()>> = match part {
             Part::Hub => {
+                if distributed.is_some() {
+                    return Err(anyhow!(
+                        "the distributed shop has no hub: owners publish to JetStream"
+                    ));
+                }
+                let listener = self.listen(part)?;
                 let data = dir.join("hub");
                 std::fs::create_dir_all(&data)?;
                 let feed = Arc::new(SqliteFeed::open(&data.join("hub.db"), &self.manifest)?);
@@ -247,51 +556,78 @@ impl Shop {
                 })
             }
             Part::Catalog => tokio::spawn(catalog::serve(
-                listener,
+                self.listen(part)?,
                 catalog::Config {
                     db: dir.join("catalog").join("catalog.db"),
                 },
                 shutdown,
             )),
             Part::Inventory => tokio::spawn(inventory::serve(
-                listener,
+                self.listen(part)?,
                 inventory::Config {
                     db: dir.join("inventory").join("inventory.db"),
                 },
                 shutdown,
             )),
             Part::Payment => tokio::spawn(payment::serve(
-                listener,
+                self.listen(part)?,
                 payment::Config {
                     db: dir.join("payment").join("payment.db"),
                 },
                 shutdown,
             )),
             Part::Order => {
+                let listener = self.listen(part)?;
+                let storage = match &distributed {
+                    None => Storage::Sqlite(self.order_db()),
+                    Some(d) => Storage::Postgres(PostgresStorage {
+                        url: d.app_url(),
+                        orders_schema: d.orders_schema.clone(),
+                        copies_schema: d.copies_schema.clone(),
+                    }),
+                };
                 let svc = OrderService::open(order::Config {
-                    db: self.order_db(),
+                    storage,
                     catalog: self.url(Part::Catalog),
                     inventory: self.url(Part::Inventory),
                     payment: self.url(Part::Payment),
                     manifest: self.manifest.clone(),
                 })
                 .await?;
-                let store = SqliteCopyStore::open_read_only(&self.order_db())?;
+                // The operator's read view of the copy (Order Service has created order.db).
+                let copies_store: Arc<dyn CopyStore> = match &distributed {
+                    None => Arc::new(SqliteCopyStore::open_read_only(&self.order_db())?),
+                    Some(d) => {
+                        Arc::new(PostgresCopyStore::open(self.pg_copies(d, Vec::new())).await?)
+                    }
+                };
                 self.copies = Some(Copies::new(
                     &self.manifest,
                     order::SERVICE,
-                    Arc::new(store),
+                    copies_store,
                     Clock::System,
                 ));
                 self.orders = Some(svc.clone());
                 tokio::spawn(svc.serve(listener, shutdown))
             }
             Part::Agent => {
-                let feed = Arc::new(HubClient::new(
-                    &self.url(Part::Hub),
-                    self.tokens.get(order::SERVICE).cloned(),
-                ));
-                let store = Arc::new(SqliteCopyStore::open(&self.order_db())?);
+                let listener = self.listen(part)?;
+                let (feed, store): (Arc<dyn Feed>, Arc<dyn CopyStore>) = match &distributed {
+                    None => (
+                        Arc::new(HubClient::new(
+                            &self.url(Part::Hub),
+                            self.tokens.get(order::SERVICE).cloned(),
+                        )),
+                        Arc::new(SqliteCopyStore::open(&self.order_db())?),
+                    ),
+                    Some(d) => (
+                        Arc::new(JetStreamFeed::connect(d.jetstream(), &self.manifest).await?),
+                        Arc::new(
+                            PostgresCopyStore::open(self.pg_copies(d, vec![d.app_role.clone()]))
+                                .await?,
+                        ),
+                    ),
+                };
                 let options = AgentOptions {
                     backoff_max: BACKOFF_MAX,
                     ..AgentOptions::default()
@@ -309,19 +645,45 @@ impl Shop {
                     Ok(())
                 })
             }
-            Part::Customer => tokio::spawn(customer::serve(
-                listener,
-                customer::Config {
-                    db: dir.join("customer-service").join("customer.db"),
-                    hub: self.url(Part::Hub),
-                    token: self.tokens.get(customer::SERVICE).cloned(),
-                    relay: RelayOptions {
+            Part::Customer => {
+                let publish = match &distributed {
+                    None => Publish::Hub {
+                        url: self.url(Part::Hub),
+                        token: self.tokens.get(customer::SERVICE).cloned(),
+                    },
+                    // The relay runs as its own part, so it can be stopped alone.
+                    Some(_) => Publish::External,
+                };
+                tokio::spawn(customer::serve(
+                    self.listen(part)?,
+                    customer::Config {
+                        db: self.customer_db(),
+                        publish,
+                        relay: RelayOptions {
+                            backoff_max: BACKOFF_MAX,
+                            ..RelayOptions::default()
+                        },
+                    },
+                    shutdown,
+                ))
+            }
+            Part::Relay => {
+                let d = distributed.ok_or_else(|| {
+                    anyhow!("the embedded shop's relay runs inside customer-service")
+                })?;
+                let feed = Arc::new(JetStreamFeed::connect(d.jetstream(), &self.manifest).await?);
+                let relay = customer::relay(
+                    &self.customer_db(),
+                    feed,
+                    RelayOptions {
                         backoff_max: BACKOFF_MAX,
+                        poll_every: EXTERNAL_RELAY_POLL,
                         ..RelayOptions::default()
                     },
-                },
-                shutdown,
-            )),
+                )?;
+                self.relay = Some(relay.stats());
+                tokio::spawn(async move { relay.run(shutdown).await.context("relay") })
+            }
         };
         self.running.insert(part, Running { trigger, task });
         Ok(())
@@ -345,12 +707,24 @@ impl Shop {
         }
     }
 
-    /// Stops every part, the consumer side first.
+    /// Stops every part, the consumer side first; then the distributed shop
+    /// removes its schemas, role and streams.
     pub async fn shutdown(mut self) -> anyhow::Result<()> {
         let mut first_error = None;
-        for part in Part::ALL.into_iter().rev() {
+        for &part in self.parts().iter().rev() {
             if let Err(e) = self.stop_part(part).await {
                 first_error.get_or_insert(e);
+            }
+        }
+        self.orders = None;
+        self.copies = None;
+        self.agent = None;
+        if let Some(d) = self.distributed.clone().filter(|_| self.needs_cleanup) {
+            match d.remove().await {
+                Ok(()) => self.needs_cleanup = false,
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
             }
         }
         first_error.map_or(Ok(()), Err)
@@ -481,6 +855,29 @@ impl Shop {
                 return Err(anyhow!("{what}: not within {timeout:?}"));
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+impl Drop for Shop {
+    /// A shop dropped without [`Shop::shutdown`] (a failed test) still
+    /// removes the distributed shop's schemas, role and streams.
+    fn drop(&mut self) {
+        let Some(d) = self.distributed.clone().filter(|_| self.needs_cleanup) else {
+            return;
+        };
+        for running in std::mem::take(&mut self.running).into_values() {
+            running.trigger.fire();
+            running.task.abort();
+        }
+        let cleanup = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(d.remove())
+        });
+        if let Ok(Err(e)) = cleanup.join() {
+            eprintln!("spoke-shop: cleaning up the distributed shop: {e:#}");
         }
     }
 }

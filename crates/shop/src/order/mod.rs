@@ -2,51 +2,59 @@
 //!
 //! ```text
 //!  POST /orders {customer_id, lines: [{sku, qty}]}
-//!    1. customer ◀── the local copy of customers (read API; freshness reported, never a call)
+//!    1. customer ◀── the local copy of customers (freshness reported, never a call)
 //!    2. name + unit price ◀── Catalog, per line  ─▶ snapshotted into order_lines
 //!    3. stock ◀── Inventory POST /reserve        (synchronous: down ⇒ order refused)
 //!    4. money ◀── Payment POST /charge           (synchronous: down ⇒ reservation released, refused)
 //!    5. INSERT orders + order_lines in one transaction
 //!
-//!  GET /orders/{id}: one SQL query over order.db
+//!  GET /orders/{id}: one SQL query over Order Service's database
 //!    orders ⋈ order_lines ⟕ customers (the copy, a view) ⟕ _spoke_copies (its freshness mark)
 //! ```
 //!
-//! `order.db` holds Order Service's own tables *and* the copy, which Spoke's
-//! agent writes (in the demo in this process, in production `spoke agent`
-//! beside it). The copy is read-only for Order Service: a write to
-//! `customers` on its own connection fails with "customers is a read-only
-//! copy of dataset customers owned by customer-service: …".
+//! Where that database is, is configuration ([`Storage`]), behind one seam
+//! ([`OrderStore`]) with the same shape for both:
+//! - SQLite ([`sqlite`], the embedded default): `order.db` holds Order
+//!   Service's own tables *and* the copy, which Spoke's agent writes (in the
+//!   demo in this process, in production `spoke agent` beside it). A write to
+//!   `customers` on Order Service's connection fails with "customers is a
+//!   read-only copy of dataset customers owned by customer-service: …".
+//! - PostgreSQL ([`postgres`], distributed): Order Service's tables in its
+//!   own schema, the copy in the agent's schema of the same database; Order
+//!   Service's role may only SELECT the copy, so a write fails with
+//!   PostgreSQL's "permission denied".
+//!
+//! The handlers below are the same for both.
 //!
 //! Customer name and email are *not* snapshotted: an order shows the
 //! customer's current name as far as the copy knows it, with the copy's
 //! staleness. Product name and price *are* snapshotted: later price changes
 //! never rewrite what a customer paid.
 
-use std::path::PathBuf;
+pub mod postgres;
+pub mod sqlite;
+pub mod store;
+
 use std::sync::Arc;
 
-use anyhow::{anyhow, Context};
+use anyhow::anyhow;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use rusqlite::params;
 use serde::{Deserialize, Serialize};
-use spoke::clock::Clock;
-use spoke::copy::sqlite::SqliteCopyStore;
-use spoke::copy::StoreError;
-use spoke::read::{Copies, ReadError};
 use spoke::shutdown::Shutdown;
 use spoke_core::freshness::format_rfc3339_ms;
 use spoke_core::{Freshness, Manifest};
 use tokio::net::TcpListener;
 
+use self::store::{NewOrder, StoredOrder};
+pub use self::store::{OrderStore, PostgresStorage, Storage, DEFAULT_ORDERS_SCHEMA};
 use crate::catalog::Product;
 use crate::inventory::{Reservation, ReserveLine, ReserveRequest};
 use crate::payment::{Charge, ChargeRequest};
-use crate::web::{self, ApiError, CallError, Db};
+use crate::web::{self, ApiError, CallError};
 
 /// This service's name in the manifest.
 pub const SERVICE: &str = "order-service";
@@ -56,39 +64,6 @@ pub const CUSTOMERS: &str = "customers";
 pub const MAX_LINES: usize = 20;
 /// Most units of one line.
 pub const MAX_QTY: i64 = 100;
-
-const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS orders (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    customer_id TEXT NOT NULL,
-    total_cents INTEGER NOT NULL,
-    reservation_id INTEGER NOT NULL,
-    charge_id TEXT NOT NULL,
-    created_at_ms INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS order_lines (
-    order_id INTEGER NOT NULL REFERENCES orders (id),
-    line_no INTEGER NOT NULL,
-    sku TEXT NOT NULL,
-    product_name TEXT NOT NULL,
-    unit_price_cents INTEGER NOT NULL,
-    qty INTEGER NOT NULL,
-    PRIMARY KEY (order_id, line_no)
-) WITHOUT ROWID;";
-
-/// The one query behind `GET /orders/{id}`: the order, its lines, the
-/// customer from the copy and the copy's freshness mark, in one read.
-const ORDER_SQL: &str = "
-SELECT o.id, o.customer_id, o.total_cents, o.reservation_id, o.charge_id, o.created_at_ms,
-       c.name, c.email, c._spoke_version,
-       s.fresh_as_of_ms,
-       l.line_no, l.sku, l.product_name, l.unit_price_cents, l.qty
-FROM orders o
-JOIN order_lines l ON l.order_id = o.id
-LEFT JOIN customers c ON c.id = o.customer_id
-LEFT JOIN _spoke_copies s ON s.dataset = 'customers'
-WHERE o.id = ?1
-ORDER BY l.line_no";
 
 /// The body of `POST /orders`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -155,8 +130,9 @@ pub struct OrderView {
 /// How to run Order Service.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// Order Service's database; the agent keeps the copy of customers in it.
-    pub db: PathBuf,
+    /// Where Order Service keeps its data (SQLite file or PostgreSQL schema);
+    /// the agent keeps the copy of customers beside it, in the same database.
+    pub storage: Storage,
     pub catalog: String,
     pub inventory: String,
     pub payment: String,
@@ -170,8 +146,7 @@ pub struct OrderService {
 }
 
 struct Inner {
-    db: Db,
-    copies: Copies,
+    store: Arc<dyn OrderStore>,
     budget: spoke_core::Duration,
     http: reqwest::Client,
     catalog: String,
@@ -196,8 +171,8 @@ fn base(url: &str) -> String {
 }
 
 impl OrderService {
-    /// Opens `order.db` (creating Order Service's own tables) and the read
-    /// API over the copy in it.
+    /// Opens its storage (creating Order Service's own tables) with the
+    /// reads of the copy beside them.
     pub async fn open(config: Config) -> anyhow::Result<Self> {
         let budget = config
             .manifest
@@ -207,15 +182,10 @@ impl OrderService {
             .ok_or_else(|| {
                 anyhow!("the manifest has no subscription of {SERVICE} to {CUSTOMERS}")
             })?;
-        let db = Db::open(&config.db)?;
-        db.run(|c| Ok(c.execute_batch(SCHEMA)?)).await?;
-        let store = SqliteCopyStore::open_read_only(&config.db)
-            .with_context(|| format!("opening the copies in {}", config.db.display()))?;
-        let copies = Copies::new(&config.manifest, SERVICE, Arc::new(store), Clock::System);
+        let store = store::open(&config.storage, &config.manifest).await?;
         Ok(OrderService {
             inner: Arc::new(Inner {
-                db,
-                copies,
+                store,
                 budget,
                 http: web::client()?,
                 catalog: base(&config.catalog),
@@ -238,82 +208,56 @@ impl OrderService {
         web::serve(listener, router, shutdown).await
     }
 
-    /// Runs one SQL statement on Order Service's own connection to `order.db`
+    /// Where its data is, for people.
+    pub fn describe(&self) -> String {
+        self.inner.store.describe()
+    }
+
+    /// The text of the one SQL query behind `GET /orders/{id}`.
+    pub fn order_sql(&self) -> &str {
+        self.inner.store.order_sql()
+    }
+
+    /// Runs one SQL statement on Order Service's own database connection
     /// and returns the rows changed. The demo uses it to show that the copy
     /// refuses writes.
     pub async fn execute(&self, sql: &str) -> anyhow::Result<usize> {
-        let sql = sql.to_owned();
         self.inner
-            .db
-            .run(move |c| {
-                c.execute(&sql, [])
-                    .map_err(|e| ApiError::bad_request(e.to_string()))
-            })
+            .store
+            .execute(sql)
             .await
-            .map_err(|e| anyhow!("{}", e.message))
+            .map(|n| usize::try_from(n).unwrap_or(usize::MAX))
+            .map_err(|e| anyhow!("{e}"))
     }
 
     /// How many orders were taken.
     pub async fn count_orders(&self) -> anyhow::Result<u64> {
-        let n = self
-            .inner
-            .db
-            .run(|c| Ok(c.query_row("SELECT COUNT(*) FROM orders", [], |r| r.get::<_, i64>(0))?))
-            .await?;
-        Ok(u64::try_from(n).unwrap_or(0))
+        Ok(self.inner.store.count_orders().await?)
     }
 
     /// One order with its customer from the copy: one SQL query.
     pub async fn order(&self, id: i64) -> Result<OrderView, ApiError> {
-        let budget = self.inner.budget;
-        self.inner
-            .db
-            .run(move |c| {
-                let mut stmt = c.prepare_cached(ORDER_SQL).map_err(copy_missing)?;
-                let mut rows = stmt.query([id])?;
-                let mut view: Option<OrderView> = None;
-                while let Some(r) = rows.next()? {
-                    if view.is_none() {
-                        let name: Option<String> = r.get(6)?;
-                        let email: Option<String> = r.get(7)?;
-                        let version: Option<i64> = r.get(8)?;
-                        let fresh_as_of_ms = r.get::<_, Option<i64>>(9)?.unwrap_or(0) as u64;
-                        view = Some(OrderView {
-                            id: r.get(0)?,
-                            customer_id: r.get(1)?,
-                            customer: match (name, email, version) {
-                                (Some(name), Some(email), Some(version)) => Some(CopiedCustomer {
-                                    name,
-                                    email,
-                                    version: version as u64,
-                                }),
-                                _ => None,
-                            },
-                            lines: Vec::new(),
-                            total_cents: r.get(2)?,
-                            reservation_id: r.get(3)?,
-                            charge_id: r.get(4)?,
-                            created_at_ms: r.get::<_, i64>(5)? as u64,
-                            customer_copy: freshness(fresh_as_of_ms, budget),
-                        });
-                    }
-                    let unit: i64 = r.get(13)?;
-                    let qty: i64 = r.get(14)?;
-                    let line = OrderLine {
-                        line_no: r.get(10)?,
-                        sku: r.get(11)?,
-                        product_name: r.get(12)?,
-                        unit_price_cents: unit,
-                        qty,
-                        line_total_cents: unit * qty,
-                    };
-                    if let Some(v) = view.as_mut() {
-                        v.lines.push(line);
-                    }
-                }
-                view.ok_or_else(|| ApiError::not_found(format!("no order {id}")))
-            })
-            .await
+        let stored = self
+            .inner
+            .store
+            .order(id)
+            .await?
+            .ok_or_else(|| ApiError::not_found(format!("no order {id}")))?;
+        Ok(self.view(stored))
+    }
+
+    fn view(&self, o: StoredOrder) -> OrderView {
+        OrderView {
+            id: o.id,
+            customer_id: o.customer_id,
+            customer: o.customer,
+            lines: o.lines,
+            total_cents: o.total_cents,
+            reservation_id: o.reservation_id,
+            charge_id: o.charge_id,
+            created_at_ms: o.created_at_ms,
+            customer_copy: freshness(o.fresh_as_of_ms, self.inner.budget),
+        }
     }
 
     /// Takes an order: see the module docs for the steps.
@@ -322,23 +266,18 @@ impl OrderService {
         let s = &self.inner;
 
         // 1. The customer, from the local copy: no call to Customer Service.
-        let read = s
-            .copies
-            .get(CUSTOMERS, &req.customer_id)
-            .await
-            .map_err(read_error)?;
-        if read.is_none() {
-            let status = s
-                .copies
-                .status(CUSTOMERS, None, None)
-                .await
-                .map_err(read_error)?;
+        let read = s.store.customer(&req.customer_id).await?;
+        if read.customer.is_none() {
             return Err(ApiError::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 format!(
                     "customer {} is not in Order Service's copy of customers (fresh as of {}); customer-service owns customers",
                     req.customer_id,
-                    status.fresh_as_of.as_deref().unwrap_or("never")
+                    if read.fresh_as_of_ms == 0 {
+                        "never".to_owned()
+                    } else {
+                        format_rfc3339_ms(read.fresh_as_of_ms)
+                    }
                 ),
             ));
         }
@@ -423,24 +362,15 @@ impl OrderService {
         };
 
         // 5. The order and its snapshotted lines, in one transaction.
-        let customer_id = req.customer_id.clone();
         let id = s
-            .db
-            .run(move |c| {
-                let tx = web::write_tx(c)?;
-                tx.execute(
-                    "INSERT INTO orders (customer_id, total_cents, reservation_id, charge_id, created_at_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
-                    params![customer_id, total_cents, reservation.reservation_id, charge.charge_id, spoke::clock::now_ms() as i64],
-                )?;
-                let id = tx.last_insert_rowid();
-                for l in &lines {
-                    tx.execute(
-                        "INSERT INTO order_lines (order_id, line_no, sku, product_name, unit_price_cents, qty) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                        params![id, l.line_no, l.sku, l.product_name, l.unit_price_cents, l.qty],
-                    )?;
-                }
-                tx.commit()?;
-                Ok(id)
+            .store
+            .insert(NewOrder {
+                customer_id: req.customer_id.clone(),
+                total_cents,
+                reservation_id: reservation.reservation_id,
+                charge_id: charge.charge_id,
+                created_at_ms: spoke::clock::now_ms(),
+                lines,
             })
             .await?;
         self.order(id).await
@@ -501,25 +431,6 @@ fn freshness(fresh_as_of_ms: u64, budget: spoke_core::Duration) -> CopyFreshness
         staleness_ms: f.staleness_ms(now),
         staleness_budget: budget.to_string(),
         within_budget: f.within(budget, now),
-    }
-}
-
-fn copy_missing(e: rusqlite::Error) -> ApiError {
-    if e.to_string().contains("no such table") {
-        ApiError::unavailable(format!(
-            "the copy of customers is not in order.db yet ({e}); is the agent (`spoke agent`) running for order-service?"
-        ))
-    } else {
-        e.into()
-    }
-}
-
-fn read_error(e: ReadError) -> ApiError {
-    match e {
-        ReadError::Store(StoreError::UnknownCopy(_)) => ApiError::unavailable(
-            "the copy of customers is not in order.db yet; is the agent (`spoke agent`) running for order-service?",
-        ),
-        other => ApiError::unavailable(format!("reading the copy of customers: {other}")),
     }
 }
 

@@ -18,8 +18,9 @@
 //!
 //! # Read-only enforcement, two layers
 //! - **Privileges**: the tables belong to the agent's role; `PUBLIC` gets
-//!   nothing, and the configured reader roles get `SELECT` on the views and
-//!   on `_spoke_copies` only. An application role's write fails with
+//!   nothing, and the configured reader roles get `SELECT` only (on the
+//!   views, the base tables — so Spoke's read API works as that role — and
+//!   `_spoke_copies`). An application role's write fails with
 //!   PostgreSQL's own `permission denied`.
 //! - **A statement trigger** on each base table rejects any write from a
 //!   session that has not set `spoke.agent = 'on'` in its transaction, with
@@ -402,7 +403,7 @@ impl CopyStore for PostgresCopyStore {
                 for r in &readers {
                     tx.batch_execute(&format!(
                         "GRANT USAGE ON SCHEMA \"{schema}\" TO \"{r}\";
-                         GRANT SELECT ON \"{schema}\".\"{ds}\", \"{schema}\"._spoke_copies TO \"{r}\";"
+                         GRANT SELECT ON \"{schema}\".\"{ds}\", {base}, \"{schema}\"._spoke_copies TO \"{r}\";"
                     ))
                     .await?;
                 }
@@ -664,6 +665,16 @@ mod tests {
             .execute(&format!("UPDATE \"{schema}\".items SET n = 5"), &[])
             .await
             .unwrap_err();
+        // Spoke's own read API works as the reader role too.
+        let as_app = PostgresCopyStore::open(PostgresOptions {
+            url: format!("{url} user={role}"),
+            schema: schema.clone(),
+            readers: vec![],
+        })
+        .await
+        .unwrap();
+        assert_eq!(as_app.get("items", "a").await.unwrap().unwrap().version, 1);
+        drop(as_app);
         assert!(
             e.as_db_error()
                 .unwrap()
