@@ -14,7 +14,11 @@
 //! - **Stale changes are ignored, not errors.** A change whose version is not
 //!   newer than the version the feed holds for its key is reported as ignored
 //!   and not appended, so relay retries and reordering never fail a batch and
-//!   never double an entry.
+//!   never double an entry. A backend may also compact a batch: a change
+//!   superseded by a newer change of the same key *in the same batch* may be
+//!   reported as ignored instead of appended (JetStream does; the embedded log
+//!   appends both). Under the apply rule such a change could never survive in
+//!   a copy, so consumers see the same result either way.
 //! - **Durability.** Once `publish` returns, the appended entries survive a
 //!   crash of the feed (for the SQLite log: committed in WAL mode with
 //!   `synchronous=FULL`).
