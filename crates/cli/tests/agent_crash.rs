@@ -16,12 +16,12 @@
 //!   change per key of a batch, depends on how the log was cut into batches;
 //!   it is bounded: at least one per key the hub holds, at most `head`.
 
+mod support;
+
+use support::Proc;
+
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Map, Value};
@@ -50,71 +50,6 @@ const KEYS: usize = 200;
 const CHANGES: usize = 6_000;
 const MIN_KILLS: usize = 20;
 const DEADLINE: Duration = Duration::from_secs(120);
-
-/// A child process that is killed and reaped when dropped, so a failing
-/// test leaves nothing running.
-struct Proc {
-    child: Child,
-    log: Arc<Mutex<String>>,
-    addr: mpsc::Receiver<String>,
-}
-
-impl Proc {
-    fn spawn(args: &[&str]) -> Proc {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_spoke"))
-            .args(args)
-            .env("SPOKE_LOG", "warn,spoke=info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn spoke");
-        let stderr = child.stderr.take().expect("stderr");
-        let log = Arc::new(Mutex::new(String::new()));
-        let (tx, addr) = mpsc::channel();
-        let sink = log.clone();
-        // Drains stderr for the child's whole life, so it never blocks on a full pipe.
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(rest) = line.split("listening on http://").nth(1) {
-                    let _ = tx.send(
-                        rest.split_whitespace()
-                            .next()
-                            .unwrap_or_default()
-                            .to_owned(),
-                    );
-                }
-                let mut log = sink.lock().expect("log");
-                log.push_str(&line);
-                log.push('\n');
-            }
-        });
-        Proc { child, log, addr }
-    }
-
-    /// The address from the "listening on http://ADDR" line.
-    fn wait_addr(&self) -> String {
-        self.addr
-            .recv_timeout(DEADLINE)
-            .unwrap_or_else(|_| panic!("no listening line; stderr:\n{}", self.log()))
-    }
-
-    fn log(&self) -> String {
-        self.log.lock().expect("log").clone()
-    }
-
-    /// SIGKILL, then reap.
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
 
 /// The copy's cursor row, read through a read-only connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -236,7 +171,7 @@ async fn kill_9_the_agent_at_random_instants_loses_and_doubles_nothing() {
     let agent_dir = data_path(dir.path(), "agent");
     let copies = agent_dir.join("copies.db");
 
-    let hub_proc = Proc::spawn(&[
+    let mut hub_proc = Proc::spawn(&[
         "hub",
         "--manifest",
         &manifest,

@@ -25,12 +25,13 @@
 //! fails. Needs the machine's NATS JetStream and PostgreSQL (see
 //! `spoke::testing`): skipped with a reason without them, failed under CI.
 
+mod support;
+
+use support::Proc;
+
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Map, Value};
@@ -69,82 +70,6 @@ const MIN_KILLS: usize = 20;
 const DEADLINE: Duration = Duration::from_secs(30);
 /// Longest a kill waits for the agent it targets to make progress.
 const PROGRESS_PATIENCE: Duration = Duration::from_secs(5);
-
-/// A child process that is killed and reaped when dropped, so a failing
-/// test leaves nothing running.
-struct Proc {
-    child: Child,
-    log: Arc<Mutex<String>>,
-    addr_rx: mpsc::Receiver<String>,
-    addr: Option<String>,
-}
-
-impl Proc {
-    fn spawn(args: &[&str]) -> Proc {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_spoke"))
-            .args(args)
-            .env("SPOKE_LOG", "warn,spoke=info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn spoke");
-        let stderr = child.stderr.take().expect("stderr");
-        let log = Arc::new(Mutex::new(String::new()));
-        let (tx, addr_rx) = mpsc::channel();
-        let sink = log.clone();
-        // Drains stderr for the child's whole life, so it never blocks on a full pipe.
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(rest) = line.split("listening on http://").nth(1) {
-                    let _ = tx.send(
-                        rest.split_whitespace()
-                            .next()
-                            .unwrap_or_default()
-                            .to_owned(),
-                    );
-                }
-                let mut log = sink.lock().expect("log");
-                log.push_str(&line);
-                log.push('\n');
-            }
-        });
-        Proc {
-            child,
-            log,
-            addr_rx,
-            addr: None,
-        }
-    }
-
-    /// The address from the "listening on http://ADDR" line, once it came.
-    fn wait_addr(&mut self) -> String {
-        if self.addr.is_none() {
-            let addr = self
-                .addr_rx
-                .recv_timeout(DEADLINE)
-                .unwrap_or_else(|_| panic!("no listening line; stderr:\n{}", self.log()));
-            self.addr = Some(addr);
-        }
-        self.addr.clone().unwrap_or_default()
-    }
-
-    fn log(&self) -> String {
-        self.log.lock().expect("log").clone()
-    }
-
-    /// SIGKILL, then reap.
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
 
 /// Deletes the run's streams and drops its schema when dropped, on success
 /// and on failure alike. Declared before the agent, so the agent is killed

@@ -14,12 +14,14 @@
 //!   latest version, and the business row's fields or a tombstone;
 //! - the outbox is empty.
 
+mod support;
+
+use support::Proc;
+
 use std::collections::{BTreeMap, HashSet};
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
@@ -49,67 +51,6 @@ const KEYS: usize = 150;
 const MIN_KILLS: usize = 12;
 const MIN_COMMITS: usize = 1_500;
 const DEADLINE: Duration = Duration::from_secs(120);
-
-/// A child process that is killed and reaped when dropped.
-struct Proc {
-    child: Child,
-    log: Arc<Mutex<String>>,
-    lines: mpsc::Receiver<String>,
-}
-
-impl Proc {
-    fn spawn(args: &[&str]) -> Proc {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_spoke"))
-            .args(args)
-            .env("SPOKE_LOG", "warn,spoke=info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn spoke");
-        let stderr = child.stderr.take().expect("stderr");
-        let log = Arc::new(Mutex::new(String::new()));
-        let (tx, lines) = mpsc::channel();
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let _ = tx.send(line.clone());
-                let mut log = sink.lock().expect("log");
-                log.push_str(&line);
-                log.push('\n');
-            }
-        });
-        Proc { child, log, lines }
-    }
-
-    /// Waits for a stderr line containing `needle`; returns the line.
-    fn wait_line(&self, needle: &str) -> String {
-        let start = Instant::now();
-        while start.elapsed() < DEADLINE {
-            match self.lines.recv_timeout(Duration::from_millis(200)) {
-                Ok(line) if line.contains(needle) => return line,
-                Ok(_) | Err(mpsc::RecvTimeoutError::Timeout) => {}
-                Err(mpsc::RecvTimeoutError::Disconnected) => break,
-            }
-        }
-        panic!("no stderr line with {needle:?}; stderr:\n{}", self.log());
-    }
-
-    fn log(&self) -> String {
-        self.log.lock().expect("log").clone()
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
 
 type Logged = (String, Version, Op, Map<String, Value>);
 

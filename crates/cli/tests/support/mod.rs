@@ -1,0 +1,102 @@
+//! Shared by the process-level tests: a `spoke` child process whose stderr
+//! is drained and kept, and which is killed and reaped when dropped, so a
+//! failing test leaves nothing running.
+
+// Each test file compiles this module on its own and uses a part of it.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// How long to wait for a line a child is expected to print.
+pub const LINE_DEADLINE: Duration = Duration::from_secs(120);
+
+pub struct Proc {
+    child: Child,
+    log: Arc<Mutex<String>>,
+    lines: mpsc::Receiver<String>,
+    addr: Option<String>,
+}
+
+impl Proc {
+    /// Starts `spoke ARGS…`.
+    pub fn spawn(args: &[&str]) -> Proc {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_spoke"))
+            .args(args)
+            .env("SPOKE_LOG", "warn,spoke=info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn spoke");
+        let stderr = child.stderr.take().expect("stderr");
+        let log = Arc::new(Mutex::new(String::new()));
+        let (tx, lines) = mpsc::channel();
+        let sink = log.clone();
+        // Drains stderr for the child's whole life, so it never blocks on a full pipe.
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = tx.send(line.clone());
+                let mut log = sink.lock().expect("log");
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
+        Proc {
+            child,
+            log,
+            lines,
+            addr: None,
+        }
+    }
+
+    /// Waits for a stderr line containing `needle`; returns the line.
+    pub fn wait_line(&self, needle: &str) -> String {
+        let start = Instant::now();
+        while start.elapsed() < LINE_DEADLINE {
+            match self.lines.recv_timeout(Duration::from_millis(200)) {
+                Ok(line) if line.contains(needle) => return line,
+                Ok(_) | Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        panic!("no stderr line with {needle:?}; stderr:\n{}", self.log());
+    }
+
+    /// The address from the "listening on http://ADDR" line, once it came.
+    pub fn wait_addr(&mut self) -> String {
+        if self.addr.is_none() {
+            let line = self.wait_line("listening on http://");
+            let rest = line
+                .split("listening on http://")
+                .nth(1)
+                .unwrap_or_default();
+            self.addr = Some(
+                rest.split_whitespace()
+                    .next()
+                    .unwrap_or_default()
+                    .to_owned(),
+            );
+        }
+        self.addr.clone().unwrap_or_default()
+    }
+
+    /// Everything the child printed on stderr so far.
+    pub fn log(&self) -> String {
+        self.log.lock().expect("log").clone()
+    }
+
+    /// SIGKILL, then reap.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
