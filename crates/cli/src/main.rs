@@ -45,6 +45,8 @@ enum Command {
     },
     /// Forward an SQLite outbox to a hub (a sidecar for owners not linking the library).
     Relay(RelayArgs),
+    /// Capture an owner's PostgreSQL tables from the WAL (logical replication) into its feed.
+    Cdc(commands::cdc::CdcArgs),
     /// Measure Spoke on this machine.
     Bench(commands::bench::BenchArgs),
     /// Print the nats-server `authorization` block that enforces the manifest's
@@ -138,6 +140,7 @@ fn main() -> ExitCode {
         Command::Agent(args) => commands::serve::agent(args),
         Command::Status { config, json } => commands::status::run(&config, json),
         Command::Relay(args) => commands::serve::relay(args),
+        Command::Cdc(args) => commands::cdc::run(args),
         Command::Bench(args) => commands::bench::run(args),
         Command::NatsConfig {
             manifest,

@@ -15,12 +15,15 @@
 //!   serves the agent HTTP API and metrics.
 //! - [`outbox`]: the transactional outbox for owners on SQLite, the
 //!   [`outbox::Source`] trait and the relay that forwards a source to a publisher.
+//! - [`cdc`]: change data capture from an owner's PostgreSQL (logical
+//!   replication, pgoutput): initial snapshot, stream, slot care.
 //! - [`read`]: the read-only library API for Rust consumers.
 //! - [`config`]: deployment configuration for the hub and agent roles.
 //! - [`shutdown`]: the stop signal every long-running task takes.
 //! - [`clock`]: wall-clock helpers, injectable for tests.
 
 pub mod agent;
+pub mod cdc;
 pub mod clock;
 pub mod config;
 pub mod copy;

@@ -1,6 +1,7 @@
 //! One module per subcommand.
 
 pub mod bench;
+pub mod cdc;
 pub mod check;
 pub mod demo;
 pub mod nats_config;

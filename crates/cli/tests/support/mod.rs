@@ -54,15 +54,26 @@ impl Proc {
 
     /// Waits for a stderr line containing `needle`; returns the line.
     pub fn wait_line(&self, needle: &str) -> String {
+        self.wait_line_within(needle, LINE_DEADLINE)
+            .unwrap_or_else(|| panic!("no stderr line with {needle:?}; stderr:\n{}", self.log()))
+    }
+
+    /// Waits up to `within` for a stderr line containing `needle`.
+    pub fn wait_line_within(&self, needle: &str, within: Duration) -> Option<String> {
         let start = Instant::now();
-        while start.elapsed() < LINE_DEADLINE {
-            match self.lines.recv_timeout(Duration::from_millis(200)) {
-                Ok(line) if line.contains(needle) => return line,
+        while start.elapsed() < within {
+            match self.lines.recv_timeout(Duration::from_millis(20)) {
+                Ok(line) if line.contains(needle) => return Some(line),
                 Ok(_) | Err(mpsc::RecvTimeoutError::Timeout) => {}
                 Err(mpsc::RecvTimeoutError::Disconnected) => break,
             }
         }
-        panic!("no stderr line with {needle:?}; stderr:\n{}", self.log());
+        None
+    }
+
+    /// Whether the child has exited by itself.
+    pub fn exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
     }
 
     /// The address from the "listening on http://ADDR" line, once it came.

@@ -1,0 +1,844 @@
+//! [`CdcSource`]: setup, snapshot and the replication stream, publishing
+//! whole transactions and acknowledging only what the feed accepted.
+//!
+//! ```text
+//!  run ─▶ session ─▶ setup (slot.rs) ─▶ snapshot (snapshot.rs) ─▶ stream
+//!   ▲        │ transient error (network, restart, slot busy): back off, new session
+//!   └────────┘ definite error (schema, identity, slot lost, rejected): stop
+//!
+//!  stream:  Begin ─▶ Txn { per table: key ─▶ last change }   (Relation: check shape)
+//!           Insert / Update / Delete ─▶ coalesce into Txn
+//!           Commit(end) ─▶ publish every batch ─▶ update_applied_lsn(end)
+//!           KeepAlive / heartbeat message, no Txn open ─▶ update_applied_lsn(pos)
+//! ```
+//!
+//! # Contract
+//! - The applied position handed to pgwire-replication never passes a
+//!   change the publisher has not accepted: it is raised after a Commit
+//!   whose batches all returned `Ok`, or to a keepalive position while no
+//!   transaction is open (everything before it has been handled).
+//! - An error inside a transaction discards the whole transaction: nothing
+//!   of it is published, nothing acknowledged.
+//! - A new session (after a transient error) starts from the slot's
+//!   confirmed position or the last published commit, whichever is later.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use pgwire_replication::{
+    Lsn, PgWireError, ReplicationClient, ReplicationConfig, ReplicationEvent, TlsConfig,
+};
+use serde_json::{Map, Value};
+use spoke_core::Manifest;
+use tokio_postgres::Client;
+
+use super::pgoutput::{self, Message, OldKind};
+use super::shape::Shape;
+use super::slot::{self, SlotInfo, TableInfo};
+use super::snapshot::{self, ProgressFn, SnapshotJob};
+use super::{fmt_lsn, CdcConfig, CdcError, CdcStats, SnapshotProgress};
+use crate::feed::{ChangeInput, Feed, FeedError, Publisher};
+use crate::shutdown::Shutdown;
+
+/// Microseconds from the Unix epoch to PostgreSQL's (2000-01-01).
+const PG_EPOCH_MICROS: i64 = 946_684_800_000_000;
+
+fn pg_time_ms(micros: i64) -> u64 {
+    ((micros + PG_EPOCH_MICROS) / 1000).max(0) as u64
+}
+
+/// The CDC source of one slot: every mapped table of one database.
+pub struct CdcSource {
+    cfg: CdcConfig,
+    manifest: Arc<Manifest>,
+    publisher: Arc<dyn Publisher>,
+    reader: Option<Arc<dyn Feed>>,
+    progress: Option<ProgressFn>,
+    stats: Arc<CdcStats>,
+}
+
+pub(crate) enum Published {
+    Done,
+    Stopped,
+}
+
+/// Publishes `changes` in batches, retrying transient failures until
+/// shutdown; a rejected batch is a definite error naming a key.
+pub(crate) async fn publish_all(
+    publisher: &dyn Publisher,
+    dataset: &str,
+    changes: Vec<ChangeInput>,
+    cfg: &CdcConfig,
+    stats: &CdcStats,
+    shutdown: &mut Shutdown,
+) -> Result<Published, CdcError> {
+    for chunk in changes.chunks(cfg.options.batch) {
+        let mut backoff = cfg.options.backoff_min;
+        loop {
+            match publisher.publish(dataset, chunk.to_vec()).await {
+                Ok(receipt) => {
+                    CdcStats::add(&stats.published, (chunk.len() - receipt.ignored) as u64);
+                    CdcStats::add(&stats.ignored, receipt.ignored as u64);
+                    break;
+                }
+                Err(e) if e.is_transient() => {
+                    tracing::warn!(
+                        "cdc: publishing to {dataset} failed, retrying in {backoff:?}: {e}"
+                    );
+                    *stats.last_error.lock().expect("stats") = Some(e.to_string());
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = shutdown.wait() => return Ok(Published::Stopped),
+                    }
+                    backoff = (backoff * 2).min(cfg.options.backoff_max);
+                }
+                Err(e) => {
+                    let key = match &e {
+                        FeedError::Invalid { index, .. } => chunk.get(*index).unwrap_or(&chunk[0]),
+                        _ => &chunk[0],
+                    }
+                    .key
+                    .clone();
+                    return Err(CdcError::Rejected {
+                        dataset: dataset.to_owned(),
+                        key,
+                        source: e,
+                    });
+                }
+            }
+        }
+    }
+    Ok(Published::Done)
+}
+
+fn need_txn(txn: Option<&mut Txn>) -> Result<&mut Txn, CdcError> {
+    txn.ok_or_else(|| CdcError::Stream("a row change outside a transaction".into()))
+}
+
+/// One mapped table, as setup found it.
+struct Table {
+    info: TableInfo,
+    shape: Shape,
+}
+
+/// A change waiting for its transaction's commit.
+#[derive(Debug, Clone)]
+enum Pending {
+    Upsert {
+        version: Option<u64>,
+        fields: Map<String, Value>,
+        missing: Vec<String>,
+    },
+    Delete {
+        version: Option<u64>,
+    },
+}
+
+/// The open transaction: per table, per key, the last change.
+struct Txn {
+    commit_ms: u64,
+    tables: BTreeMap<usize, BTreeMap<String, Pending>>,
+}
+
+impl Txn {
+    fn keys(&mut self, table: usize) -> &mut BTreeMap<String, Pending> {
+        self.tables.entry(table).or_default()
+    }
+
+    /// Records an upsert, filling unchanged TOAST values from `old` (a full
+    /// old image) or an earlier change of the key in this transaction.
+    fn upsert(&mut self, table: usize, mut row: super::shape::Row, old: Option<super::shape::Row>) {
+        let keys = self.keys(table);
+        if !row.missing.is_empty() {
+            let earlier = match keys.get(&row.key) {
+                Some(Pending::Upsert { fields, .. }) => Some(fields),
+                _ => None,
+            };
+            row.missing.retain(|name| {
+                let found = old
+                    .as_ref()
+                    .and_then(|o| o.fields.get(name))
+                    .or_else(|| earlier.and_then(|f| f.get(name)))
+                    .cloned();
+                match found {
+                    Some(v) => {
+                        row.fields.insert(name.clone(), v);
+                        false
+                    }
+                    None => true,
+                }
+            });
+        }
+        keys.insert(
+            row.key,
+            Pending::Upsert {
+                version: row.version,
+                fields: row.fields,
+                missing: row.missing,
+            },
+        );
+    }
+
+    fn delete(&mut self, table: usize, key: String, version: Option<u64>) {
+        self.keys(table).insert(key, Pending::Delete { version });
+    }
+}
+
+impl CdcSource {
+    pub fn new(
+        cfg: CdcConfig,
+        manifest: Arc<Manifest>,
+        publisher: Arc<dyn Publisher>,
+    ) -> Result<CdcSource, CdcError> {
+        cfg.validate()?;
+        for t in &cfg.tables {
+            if !manifest.datasets.contains_key(&t.dataset) {
+                return Err(CdcError::Config(format!(
+                    "dataset '{}' (table {}) is not in the manifest",
+                    t.dataset,
+                    t.qualified()
+                )));
+            }
+        }
+        Ok(CdcSource {
+            cfg,
+            manifest,
+            publisher,
+            reader: None,
+            progress: None,
+            stats: Arc::default(),
+        })
+    }
+
+    /// The feed's read side: after a snapshot (LSN versions), records the
+    /// table no longer has are deleted from the feed — what makes
+    /// `--resnapshot` after a lost slot complete.
+    pub fn with_reader(mut self, feed: Arc<dyn Feed>) -> Self {
+        self.reader = Some(feed);
+        self
+    }
+
+    /// Calls `f` after every snapshot chunk.
+    pub fn on_progress(mut self, f: impl Fn(&SnapshotProgress) + Send + Sync + 'static) -> Self {
+        self.progress = Some(Arc::new(f));
+        self
+    }
+
+    pub fn stats(&self) -> Arc<CdcStats> {
+        self.stats.clone()
+    }
+
+    /// Runs until `shutdown`, or until a definite error.
+    pub async fn run(self, mut shutdown: Shutdown) -> Result<(), CdcError> {
+        let mut backoff = self.cfg.options.backoff_min;
+        let mut resnapshot = self.cfg.options.resnapshot;
+        let mut published_upto = 0u64;
+        loop {
+            if shutdown.is_fired() {
+                return Ok(());
+            }
+            let result = self
+                .session(
+                    &mut shutdown,
+                    &mut resnapshot,
+                    &mut published_upto,
+                    &mut backoff,
+                )
+                .await;
+            match result {
+                Ok(()) => return Ok(()),
+                Err(e) if e.is_transient() => {
+                    tracing::warn!("cdc: {e}; retrying in {backoff:?}");
+                    *self.stats.last_error.lock().expect("stats") = Some(e.to_string());
+                    CdcStats::add(&self.stats.reconnects, 1);
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = shutdown.wait() => return Ok(()),
+                    }
+                    backoff = (backoff * 2).min(self.cfg.options.backoff_max);
+                }
+                Err(e) => {
+                    *self.stats.last_error.lock().expect("stats") = Some(e.to_string());
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    async fn session(
+        &self,
+        shutdown: &mut Shutdown,
+        resnapshot: &mut bool,
+        published_upto: &mut u64,
+        backoff: &mut Duration,
+    ) -> Result<(), CdcError> {
+        let cfg = &self.cfg;
+        let client = slot::connect(&cfg.postgres).await?;
+        slot::lock(&client, &cfg.slot).await?;
+        let mut tables = Vec::new();
+        for t in &cfg.tables {
+            let info = slot::inspect(&client, t).await?;
+            let shape = Shape::build(
+                t,
+                &self.manifest.datasets[&t.dataset],
+                &self.manifest,
+                &info.name_types(),
+            )?;
+            let dataset = &self.manifest.datasets[&t.dataset];
+            let large: Vec<&String> = info
+                .toastable
+                .iter()
+                .filter(|c| dataset.schema.fields.contains_key(*c))
+                .collect();
+            if info.identity != "f" && !large.is_empty() {
+                tracing::warn!(
+                    "table {}: columns {large:?} can hold out-of-line (TOAST) values; an UPDATE that leaves such a value unchanged does not carry it, and the source stops on it. Consider: ALTER TABLE {} REPLICA IDENTITY FULL",
+                    t.qualified(),
+                    t.sql_name()
+                );
+            }
+            tables.push(Table { info, shape });
+        }
+        slot::ensure_state_table(&client, cfg).await?;
+        slot::ensure_publication(&client, cfg).await?;
+        if *resnapshot {
+            if let Some(SlotInfo {
+                active_pid: Some(pid),
+                ..
+            }) = slot::slot_info(&client, &cfg.slot).await?
+            {
+                return Err(CdcError::Busy(format!(
+                    "slot '{}' is in use by process {pid}; stop it before --resnapshot",
+                    cfg.slot
+                )));
+            }
+            slot::drop_slot(&client, &cfg.slot).await?;
+            slot::delete_state(&client, cfg).await?;
+            *resnapshot = false;
+            *published_upto = 0;
+            tracing::warn!(
+                "cdc --resnapshot: dropped slot {} and its state; taking a new snapshot",
+                cfg.slot
+            );
+        }
+        let consistent = self.prepare_slot(&client).await?;
+        let state = slot::load_state(&client, cfg).await?;
+        for table in &tables {
+            let ds = &table.info.mapping.dataset;
+            let row = state.get(ds).ok_or_else(|| CdcError::NewDataset {
+                dataset: ds.clone(),
+                slot: cfg.slot.clone(),
+            })?;
+            if row.snapshot_done {
+                continue;
+            }
+            let job = SnapshotJob {
+                client: &client,
+                cfg,
+                info: &table.info,
+                shape: &table.shape,
+                publisher: self.publisher.as_ref(),
+                reader: self.reader.as_deref(),
+                stats: &self.stats,
+                progress: self.progress.as_ref(),
+                shutdown,
+            };
+            if !snapshot::run(job, row, consistent).await? {
+                return Ok(());
+            }
+        }
+        *backoff = cfg.options.backoff_min;
+        self.stream(&client, &tables, published_upto, shutdown, backoff)
+            .await
+    }
+
+    /// Reconciles the state table with the slot; returns the consistent point.
+    async fn prepare_slot(&self, client: &Client) -> Result<u64, CdcError> {
+        let cfg = &self.cfg;
+        let state = slot::load_state(client, cfg).await?;
+        let info = slot::slot_info(client, &cfg.slot).await?;
+        let creating = state.values().any(|r| r.consistent_lsn.is_none());
+        if state.is_empty() || creating {
+            match (&info, creating) {
+                (Some(_), false) => {
+                    return Err(CdcError::SlotUnknown {
+                        slot: cfg.slot.clone(),
+                        state_table: cfg.state_table.clone(),
+                    })
+                }
+                (Some(i), true) => {
+                    if let Some(pid) = i.active_pid {
+                        return Err(CdcError::Busy(format!(
+                            "slot '{}' is in use by process {pid}",
+                            cfg.slot
+                        )));
+                    }
+                    // Created by a run that crashed before recording it: nothing was published from it.
+                    slot::drop_slot(client, &cfg.slot).await?;
+                }
+                (None, _) => {}
+            }
+            slot::insert_creating(client, cfg).await?;
+            let c = slot::create_slot(client, &cfg.slot).await?;
+            slot::set_consistent(client, cfg, c).await?;
+            slot::wait_for_running_transactions(client).await?;
+            return Ok(c);
+        }
+        let lost = |reason: String| CdcError::SlotLost {
+            slot: cfg.slot.clone(),
+            reason,
+        };
+        match &info {
+            None => return Err(lost("it no longer exists".into())),
+            Some(i) if i.wal_status.as_deref() == Some("lost") => {
+                return Err(lost(
+                    "wal_status = 'lost': PostgreSQL removed WAL it still needed (max_slot_wal_keep_size)".into(),
+                ))
+            }
+            Some(i) if i.plugin.as_deref() != Some("pgoutput") => {
+                return Err(CdcError::Config(format!(
+                    "slot '{}' uses plugin {:?}, not pgoutput",
+                    cfg.slot, i.plugin
+                )))
+            }
+            Some(_) => {}
+        }
+        Ok(state
+            .values()
+            .filter_map(|r| r.consistent_lsn)
+            .max()
+            .unwrap_or(0))
+    }
+
+    fn replication_config(&self, start: u64) -> Result<ReplicationConfig, CdcError> {
+        let pc: tokio_postgres::Config = self
+            .cfg
+            .postgres
+            .parse()
+            .map_err(|e| CdcError::Config(format!("postgres connection string: {e}")))?;
+        if matches!(pc.get_ssl_mode(), tokio_postgres::config::SslMode::Require) {
+            return Err(CdcError::Config(
+                "sslmode=require: this build connects without TLS".into(),
+            ));
+        }
+        let host = match pc.get_hosts().first() {
+            Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+            #[cfg(unix)]
+            Some(tokio_postgres::config::Host::Unix(p)) => p.to_string_lossy().into_owned(),
+            None => "localhost".to_owned(),
+        };
+        let port = pc.get_ports().first().copied().unwrap_or(5432);
+        let user = pc.get_user().unwrap_or("postgres").to_owned();
+        let password = pc
+            .get_password()
+            .map(|p| String::from_utf8_lossy(p).into_owned())
+            .unwrap_or_default();
+        let database = pc.get_dbname().unwrap_or(&user).to_owned();
+        Ok(ReplicationConfig::new(
+            host,
+            user,
+            password,
+            database,
+            self.cfg.slot.clone(),
+            self.cfg.publication.clone(),
+        )
+        .with_port(port)
+        .with_tls(TlsConfig::disabled())
+        .with_start_lsn(Lsn(start))
+        .with_ack_lsn(Lsn(start))
+        .with_status_interval(self.cfg.options.ack_interval)
+        .with_wakeup_interval(Duration::from_secs(5))
+        .with_options(slot::REPLICATION_OPTIONS)
+        .with_application_name(format!("spoke-cdc-{}", self.cfg.slot)))
+    }
+
+    fn wire_error(&self, e: PgWireError) -> CdcError {
+        let slot = &self.cfg.slot;
+        match e {
+            PgWireError::Server(msg) => {
+                if msg.contains("SQLSTATE 55006") {
+                    CdcError::Busy(format!("slot '{slot}': {msg}"))
+                } else if msg.contains("invalidated")
+                    || msg.contains("cannot read from logical replication slot")
+                    || msg.contains("has already been removed")
+                    || (msg.contains("does not exist") && msg.contains("SQLSTATE 42704"))
+                {
+                    CdcError::SlotLost {
+                        slot: slot.clone(),
+                        reason: msg,
+                    }
+                } else if ["SQLSTATE 57P", "SQLSTATE 08", "SQLSTATE 53"]
+                    .iter()
+                    .any(|c| msg.contains(c))
+                {
+                    CdcError::Unavailable(format!("replication: {msg}"))
+                } else {
+                    CdcError::Postgres(format!("replication: {msg}"))
+                }
+            }
+            PgWireError::Auth(m) => CdcError::Postgres(format!("replication authentication: {m}")),
+            e if e.is_transient() => CdcError::Unavailable(format!("replication: {e}")),
+            e => CdcError::Stream(e.to_string()),
+        }
+    }
+
+    async fn report_slot(&self, client: &Client) -> Result<(), CdcError> {
+        let slot = &self.cfg.slot;
+        let Some(info) = slot::slot_info(client, slot).await? else {
+            return Err(CdcError::SlotLost {
+                slot: slot.clone(),
+                reason: "it was dropped while streaming".into(),
+            });
+        };
+        let retained = info.retained_bytes.unwrap_or(0);
+        let lag = info.lag_bytes.unwrap_or(0);
+        self.stats
+            .retained_wal_bytes
+            .store(retained, std::sync::atomic::Ordering::Relaxed);
+        self.stats
+            .lag_bytes
+            .store(lag, std::sync::atomic::Ordering::Relaxed);
+        tracing::info!(
+            "cdc slot {slot}: retained WAL {retained} bytes, lag {lag} bytes, wal_status {}, confirmed {}, published {} changes in {} transactions",
+            info.wal_status.as_deref().unwrap_or("?"),
+            info.confirmed_flush.map(fmt_lsn).unwrap_or_default(),
+            CdcStats::get(&self.stats.published),
+            CdcStats::get(&self.stats.transactions),
+        );
+        if retained > self.cfg.options.wal_alarm_bytes {
+            tracing::warn!(
+                "cdc slot {slot} retains {retained} bytes of WAL, above the alarm threshold of {} bytes",
+                self.cfg.options.wal_alarm_bytes
+            );
+        }
+        Ok(())
+    }
+
+    async fn stream(
+        &self,
+        admin: &Client,
+        tables: &[Table],
+        published_upto: &mut u64,
+        shutdown: &mut Shutdown,
+        backoff: &mut Duration,
+    ) -> Result<(), CdcError> {
+        let cfg = &self.cfg;
+        let info = slot::slot_info(admin, &cfg.slot)
+            .await?
+            .ok_or_else(|| CdcError::SlotLost {
+                slot: cfg.slot.clone(),
+                reason: "it no longer exists".into(),
+            })?;
+        if let Some(pid) = info.active_pid {
+            return Err(CdcError::Busy(format!(
+                "slot '{}' is in use by process {pid}",
+                cfg.slot
+            )));
+        }
+        let start = info.confirmed_flush.unwrap_or(0).max(*published_upto);
+        let mut client = ReplicationClient::connect(self.replication_config(start)?)
+            .await
+            .map_err(|e| self.wire_error(e))?;
+        tokio::select! {
+            r = client.wait_started() => r.map_err(|e| self.wire_error(e))?,
+            _ = shutdown.wait() => { client.stop(); return Ok(()); }
+        }
+        tracing::info!(
+            "cdc streaming slot {} (publication {}) from {}",
+            cfg.slot,
+            cfg.publication,
+            fmt_lsn(start)
+        );
+        *backoff = cfg.options.backoff_min;
+        let mut relations: HashMap<u32, Option<(usize, Shape)>> = HashMap::new();
+        let mut txn: Option<Txn> = None;
+        let mut status = tokio::time::interval(cfg.options.status_every);
+        let mut heartbeat =
+            tokio::time::interval(cfg.options.heartbeat.unwrap_or(Duration::from_secs(3600)));
+        let mut heartbeat_on = cfg.options.heartbeat.is_some();
+        let mut acked = start;
+        loop {
+            let event = tokio::select! {
+                _ = shutdown.wait() => {
+                    client.stop();
+                    return Ok(());
+                }
+                _ = status.tick() => {
+                    self.report_slot(admin).await?;
+                    continue;
+                }
+                _ = heartbeat.tick(), if heartbeat_on => {
+                    if let Err(e) = admin
+                        .execute("SELECT pg_logical_emit_message(false, 'spoke.heartbeat', '')", &[])
+                        .await
+                    {
+                        if e.as_db_error().is_some() {
+                            tracing::warn!("cdc heartbeat disabled: {e}");
+                            heartbeat_on = false;
+                        } else {
+                            return Err(super::pg_error("heartbeat", e));
+                        }
+                    }
+                    continue;
+                }
+                ev = client.recv() => match ev {
+                    Ok(Some(ev)) => ev,
+                    Ok(None) => return Err(CdcError::Unavailable("the replication stream ended".into())),
+                    Err(e) => return Err(self.wire_error(e)),
+                },
+            };
+            match event {
+                ReplicationEvent::Begin {
+                    commit_time_micros, ..
+                } => {
+                    if txn.is_some() {
+                        return Err(CdcError::Stream("Begin inside a transaction".into()));
+                    }
+                    txn = Some(Txn {
+                        commit_ms: pg_time_ms(commit_time_micros),
+                        tables: BTreeMap::new(),
+                    });
+                }
+                ReplicationEvent::XLogData { data, .. } => {
+                    let msg =
+                        pgoutput::decode(&data).map_err(|e| CdcError::Stream(e.to_string()))?;
+                    self.apply(msg, tables, &mut relations, txn.as_mut())?;
+                }
+                ReplicationEvent::Commit {
+                    end_lsn,
+                    commit_time_micros,
+                    ..
+                } => {
+                    let mut t = txn
+                        .take()
+                        .ok_or_else(|| CdcError::Stream("Commit without Begin".into()))?;
+                    t.commit_ms = pg_time_ms(commit_time_micros);
+                    if !self.publish_txn(t, end_lsn.0, tables, shutdown).await? {
+                        client.stop();
+                        return Ok(());
+                    }
+                    client.update_applied_lsn(end_lsn);
+                    *published_upto = (*published_upto).max(end_lsn.0);
+                    acked = acked.max(end_lsn.0);
+                    CdcStats::add(&self.stats.transactions, 1);
+                    self.stats
+                        .last_commit_lsn
+                        .store(end_lsn.0, std::sync::atomic::Ordering::Relaxed);
+                    self.stats
+                        .acked_lsn
+                        .store(acked, std::sync::atomic::Ordering::Relaxed);
+                }
+                ReplicationEvent::KeepAlive { wal_end, .. } => {
+                    if txn.is_none() && wal_end.0 > acked {
+                        client.update_applied_lsn(wal_end);
+                        acked = wal_end.0;
+                        self.stats
+                            .acked_lsn
+                            .store(acked, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+                ReplicationEvent::Message {
+                    transactional: false,
+                    lsn,
+                    ..
+                } => {
+                    if txn.is_none() && lsn.0 > acked {
+                        client.update_applied_lsn(lsn);
+                        acked = lsn.0;
+                    }
+                }
+                ReplicationEvent::Message { .. } => {}
+                ReplicationEvent::StoppedAt { .. } => return Ok(()),
+            }
+        }
+    }
+
+    /// Applies one decoded message to the open transaction.
+    fn apply(
+        &self,
+        msg: Message,
+        tables: &[Table],
+        relations: &mut HashMap<u32, Option<(usize, Shape)>>,
+        txn: Option<&mut Txn>,
+    ) -> Result<(), CdcError> {
+        let rel_of = |relations: &HashMap<u32, Option<(usize, Shape)>>,
+                      rel: u32|
+         -> Result<Option<(usize, Shape)>, CdcError> {
+            match relations.get(&rel) {
+                Some(r) => Ok(r.clone()),
+                None => Err(CdcError::Stream(format!(
+                    "a change of relation {rel} arrived before its Relation message"
+                ))),
+            }
+        };
+        match msg {
+            Message::Relation(r) => {
+                let mapped = match tables.iter().position(|t| t.info.oid == r.oid) {
+                    Some(i) => {
+                        let m = &tables[i].info.mapping;
+                        if r.namespace != m.schema || r.name != m.table {
+                            return Err(CdcError::Config(format!(
+                                "table {} was renamed to {}: update dataset '{}''s table mapping, then restart (with --resnapshot if rows changed meanwhile)",
+                                m.qualified(),
+                                r.qualified(),
+                                m.dataset
+                            )));
+                        }
+                        let columns: Vec<(String, u32)> =
+                            r.columns.iter().map(|c| (c.name.clone(), c.type_oid)).collect();
+                        let shape = Shape::build(
+                            m,
+                            &self.manifest.datasets[&m.dataset],
+                            &self.manifest,
+                            &columns,
+                        )?;
+                        Some((i, shape))
+                    }
+                    None => {
+                        if let Some(t) = tables.iter().find(|t| t.info.mapping.qualified() == r.qualified()) {
+                            return Err(CdcError::Config(format!(
+                                "table {} (dataset '{}') was dropped and created again (new oid {}): its rows must be snapshotted again; run with --resnapshot",
+                                r.qualified(),
+                                t.info.mapping.dataset,
+                                r.oid
+                            )));
+                        }
+                        tracing::debug!("cdc ignores changes of unmapped table {}", r.qualified());
+                        None
+                    }
+                };
+                relations.insert(r.oid, mapped);
+            }
+            Message::Insert { rel, new } => {
+                if let Some((i, shape)) = rel_of(relations, rel)? {
+                    let row = shape.row(&new)?;
+                    need_txn(txn)?.upsert(i, row, None);
+                }
+            }
+            Message::Update { rel, old, new } => {
+                if let Some((i, shape)) = rel_of(relations, rel)? {
+                    let row = shape.row(&new)?;
+                    let txn = need_txn(txn)?;
+                    let mut full_old = None;
+                    if let Some((kind, old)) = &old {
+                        if let Some(old_key) = shape.key_of(old) {
+                            if old_key != row.key {
+                                txn.delete(i, old_key, row.version);
+                            }
+                        }
+                        if *kind == OldKind::Full {
+                            full_old = shape.row(old).ok();
+                        }
+                    }
+                    txn.upsert(i, row, full_old);
+                }
+            }
+            Message::Delete { rel, old: (_, old) } => {
+                if let Some((i, shape)) = rel_of(relations, rel)? {
+                    let table = &tables[i].info.mapping;
+                    let key = shape.key_of(&old).ok_or_else(|| CdcError::ReplicaIdentity {
+                        table: table.qualified(),
+                        message: format!(
+                            "a DELETE arrived without a value for key column '{}' in its old row (the table's REPLICA IDENTITY does not cover it). Run: ALTER TABLE {} REPLICA IDENTITY FULL",
+                            table.key,
+                            table.sql_name()
+                        ),
+                    })?;
+                    let version = match &table.version {
+                        None => None,
+                        Some(v) => {
+                            let old_version = shape.version_of(&key, &old)?.ok_or_else(|| {
+                                CdcError::ReplicaIdentity {
+                                    table: table.qualified(),
+                                    message: format!(
+                                        "a DELETE of key '{key}' arrived without version column '{v}' in its old row. Run: ALTER TABLE {} REPLICA IDENTITY FULL",
+                                        table.sql_name()
+                                    ),
+                                }
+                            })?;
+                            Some(old_version + 1)
+                        }
+                    };
+                    need_txn(txn)?.delete(i, key, version);
+                }
+            }
+            Message::Truncate { rels, .. } => {
+                for rel in rels {
+                    if let Some(Some((i, _))) = relations.get(&rel) {
+                        return Err(CdcError::Truncate {
+                            table: tables[*i].info.mapping.qualified(),
+                        });
+                    }
+                    if let Some(t) = tables.iter().find(|t| t.info.oid == rel) {
+                        return Err(CdcError::Truncate {
+                            table: t.info.mapping.qualified(),
+                        });
+                    }
+                }
+            }
+            Message::Type { .. } | Message::Origin { .. } | Message::LogicalMessage { .. } => {}
+            Message::Begin { .. } | Message::Commit { .. } => {
+                return Err(CdcError::Stream(
+                    "a raw Begin/Commit reached the decoder; pgwire-replication should have turned it into an event".into(),
+                ))
+            }
+        }
+        Ok(())
+    }
+
+    /// Publishes a committed transaction. `Ok(false)`: stopped by shutdown.
+    async fn publish_txn(
+        &self,
+        txn: Txn,
+        end_lsn: u64,
+        tables: &[Table],
+        shutdown: &mut Shutdown,
+    ) -> Result<bool, CdcError> {
+        let mut batches = Vec::new();
+        for (i, keys) in txn.tables {
+            let table = &tables[i].info.mapping;
+            let mut changes = Vec::with_capacity(keys.len());
+            for (key, p) in keys {
+                let mut change = match p {
+                    Pending::Upsert {
+                        version,
+                        fields,
+                        missing,
+                    } => {
+                        if let Some(column) = missing.into_iter().next() {
+                            return Err(CdcError::Toast {
+                                table: table.qualified(),
+                                key,
+                                column,
+                            });
+                        }
+                        ChangeInput::upsert(key, version.unwrap_or(end_lsn), fields)
+                    }
+                    Pending::Delete { version } => {
+                        ChangeInput::delete(key, version.unwrap_or(end_lsn))
+                    }
+                };
+                change.ts = Some(txn.commit_ms);
+                changes.push(change);
+            }
+            batches.push((table.dataset.clone(), changes));
+        }
+        for (dataset, changes) in batches {
+            match publish_all(
+                self.publisher.as_ref(),
+                &dataset,
+                changes,
+                &self.cfg,
+                &self.stats,
+                shutdown,
+            )
+            .await?
+            {
+                Published::Done => {}
+                Published::Stopped => return Ok(false),
+            }
+        }
+        Ok(true)
+    }
+}
