@@ -21,6 +21,15 @@
 //! the same way. This stops accidents (a service's code, the sqlite3 shell),
 //! not a determined user who edits the guard; the PostgreSQL store uses roles.
 //!
+//! The agent's own writer connection runs with triggers switched off
+//! (`SQLITE_DBCONFIG_ENABLE_TRIGGER`, a per-connection setting): firing two
+//! guard triggers per upserted row (BEFORE INSERT, then BEFORE UPDATE on
+//! conflict) more than doubled the cost of an apply, and on that connection
+//! they could only ever pass. Every other connection keeps triggers on and
+//! is refused as above. The writer still sets the flag, so the store stays
+//! correct if triggers are ever turned back on for it — which any trigger
+//! that must fire on the agent's writes would need.
+//!
 //! # Crash safety
 //! Records, cursor and counters commit in one transaction (WAL,
 //! `synchronous=NORMAL`: a killed process loses nothing committed; a power
@@ -212,6 +221,13 @@ impl SqliteCopyStore {
     pub fn open_with_clock(path: &Path, clock: Clock) -> Result<Self, StoreError> {
         let writer = open_conn(path, false).map_err(unavailable)?;
         writer.execute_batch(META_SQL).map_err(unavailable)?;
+        // Only the guard triggers live in a copy store; see "Read-only enforcement".
+        writer
+            .set_db_config(
+                rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_TRIGGER,
+                false,
+            )
+            .map_err(unavailable)?;
         let reader = open_conn(path, false).map_err(unavailable)?;
         Ok(SqliteCopyStore {
             clock,
@@ -374,12 +390,13 @@ impl CopyStore for SqliteCopyStore {
             let conn = writer.lock().expect("copy writer");
             layout_of(&self.layouts, &conn, dataset)?
         };
-        let changes = changes.to_vec();
+        let rows = Rows::new(&layout, changes);
+        let received = changes.len() as u64;
         let now = self.clock.now_ms();
         let ds = dataset.to_owned();
         tokio::task::spawn_blocking(move || {
             let mut conn = writer.lock().expect("copy writer");
-            apply_batch(&mut conn, &ds, &layout, &changes, advance, now).map_err(unavailable)
+            apply_batch(&mut conn, &ds, &layout, &rows, received, advance, now).map_err(unavailable)
         })
         .await
         .map_err(unavailable)?
@@ -473,52 +490,119 @@ impl CopyStore for SqliteCopyStore {
     }
 }
 
+/// The SQL arguments of a batch, built on the caller's thread so the
+/// blocking task gets one flat copy of what it binds rather than a clone of
+/// every change (dataset, owner and field map included).
+///
+/// Only the newest change per key is kept ([`newest_per_key`]); the others
+/// could not change the copy.
+struct Rows {
+    ops: Vec<Op>,
+    /// Per change, `stride` values: key, version, then one per column of the
+    /// layout (NULL for deletes).
+    values: Vec<SqlValue>,
+    stride: usize,
+}
+
+impl Rows {
+    fn new(layout: &Layout, changes: &[Change]) -> Self {
+        let newest = newest_per_key(changes);
+        let stride = layout.columns.len() + 2;
+        let mut rows = Rows {
+            ops: Vec::with_capacity(newest.len()),
+            values: Vec::with_capacity(newest.len() * stride),
+            stride,
+        };
+        for c in newest {
+            rows.ops.push(c.op);
+            rows.values.push(SqlValue::Text(c.key.clone()));
+            rows.values.push(SqlValue::Integer(c.version as i64));
+            match c.op {
+                Op::Upsert => push_columns(&mut rows.values, &layout.columns, &c.fields),
+                Op::Delete => rows
+                    .values
+                    .extend(std::iter::repeat_n(SqlValue::Null, layout.columns.len())),
+            }
+        }
+        rows
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (Op, &[SqlValue])> {
+        self.ops
+            .iter()
+            .copied()
+            .zip(self.values.chunks_exact(self.stride))
+    }
+}
+
+/// Appends one value per column. The agent projects fields in column order,
+/// so that order is tried first; any other map falls back to look-ups by name.
+fn push_columns(
+    out: &mut Vec<SqlValue>,
+    columns: &[(String, FieldSpec)],
+    fields: &Map<String, Value>,
+) {
+    let in_order = fields.len() == columns.len()
+        && columns
+            .iter()
+            .zip(fields.iter())
+            .all(|((name, _), (k, _))| name == k);
+    if in_order {
+        out.extend(
+            columns
+                .iter()
+                .zip(fields.values())
+                .map(|((_, spec), v)| to_sql(spec.ty, Some(v))),
+        );
+    } else {
+        out.extend(
+            columns
+                .iter()
+                .map(|(name, spec)| to_sql(spec.ty, fields.get(name))),
+        );
+    }
+}
+
 /// One apply transaction: records, cursor and counters together.
 fn apply_batch(
     conn: &mut Connection,
     dataset: &str,
     layout: &Layout,
-    changes: &[Change],
+    rows: &Rows,
+    received: u64,
     advance: Advance,
     now_ms: u64,
 ) -> rusqlite::Result<ApplyOutcome> {
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-    tx.execute("UPDATE _spoke_guard SET agent_writing = 1 WHERE id = 1", [])?;
+    tx.prepare_cached("UPDATE _spoke_guard SET agent_writing = 1 WHERE id = 1")?
+        .execute([])?;
     let mut out = ApplyOutcome::default();
     {
         let mut upsert = tx.prepare_cached(&layout.upsert)?;
         let mut delete = tx.prepare_cached(&layout.delete)?;
-        let mut args: Vec<SqlValue> = Vec::with_capacity(layout.columns.len() + 2);
-        for c in newest_per_key(changes) {
-            let n = match c.op {
-                Op::Upsert => {
-                    args.clear();
-                    args.push(SqlValue::Text(c.key.clone()));
-                    args.push(SqlValue::Integer(c.version as i64));
-                    for (name, spec) in &layout.columns {
-                        args.push(to_sql(spec.ty, c.fields.get(name)));
-                    }
-                    upsert.execute(rusqlite::params_from_iter(args.iter()))?
-                }
-                Op::Delete => delete.execute(params![c.key, c.version as i64, now_ms as i64])?,
+        for (op, values) in rows.iter() {
+            let n = match op {
+                Op::Upsert => upsert.execute(rusqlite::params_from_iter(values))?,
+                Op::Delete => delete.execute(params![values[0], values[1], now_ms as i64])?,
             };
             if n > 0 {
                 out.applied += 1;
             }
         }
     }
-    out.ignored = changes.len() as u64 - out.applied;
+    out.ignored = received - out.applied;
     let received = if advance.from_feed {
-        changes.len() as i64
+        received as i64
     } else {
         0
     };
-    tx.execute(
+    tx.prepare_cached(
         "UPDATE _spoke_copies SET position = COALESCE(?1, position), fresh_as_of_ms = COALESCE(?2, fresh_as_of_ms),
             received_total = received_total + ?3, applied_total = applied_total + ?4 WHERE dataset = ?5",
-        params![advance.position.map(|p| p as i64), advance.fresh_as_of_ms.map(|f| f as i64), received, out.applied as i64, dataset],
-    )?;
-    tx.execute("UPDATE _spoke_guard SET agent_writing = 0 WHERE id = 1", [])?;
+    )?
+    .execute(params![advance.position.map(|p| p as i64), advance.fresh_as_of_ms.map(|f| f as i64), received, out.applied as i64, dataset])?;
+    tx.prepare_cached("UPDATE _spoke_guard SET agent_writing = 0 WHERE id = 1")?
+        .execute([])?;
     tx.commit()?;
     Ok(out)
 }
@@ -601,5 +685,68 @@ mod tests {
         narrower.projection = spoke_core::Projection::new(&schema, &["n".to_owned()]).unwrap();
         let e = store.ensure_copy(&narrower).await.unwrap_err().to_string();
         assert!(e.contains("now projects"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn fields_in_any_order_land_in_their_columns() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteCopyStore::open(&dir.path().join("c.db")).unwrap();
+        store.ensure_copy(&conformance::spec()).await.unwrap();
+        // Column order is n, label, flag, score, at, meta; give the fields
+        // reversed, with some missing, as a hand-built change might.
+        let mut c = conformance::upsert("a", 1, 0);
+        c.fields = serde_json::json!({"meta": {"x": 1}, "score": 1.5, "label": "L", "n": 7})
+            .as_object()
+            .cloned()
+            .unwrap();
+        // And one in column order, as the agent projects them.
+        let d = conformance::upsert("b", 1, 9);
+        store
+            .apply("items", &[c, d], conformance::feed_advance(2, 1))
+            .await
+            .unwrap();
+        let a = store.get("items", "a").await.unwrap().unwrap().fields;
+        assert_eq!(
+            Value::Object(a),
+            serde_json::json!({"n": 7, "label": "L", "flag": null, "score": 1.5, "at": null, "meta": {"x": 1}})
+        );
+        let b = store.get("items", "b").await.unwrap().unwrap().fields;
+        assert_eq!(b["n"], serde_json::json!(9));
+        assert_eq!(b["label"], Value::Null);
+    }
+
+    #[tokio::test]
+    async fn the_agent_connection_writes_but_others_still_run_the_guard() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.db");
+        let store = SqliteCopyStore::open(&path).unwrap();
+        store.ensure_copy(&conformance::spec()).await.unwrap();
+        store
+            .apply(
+                "items",
+                &[conformance::upsert("a", 1, 1)],
+                conformance::feed_advance(1, 1),
+            )
+            .await
+            .unwrap();
+        // The flag is never left set, whatever the writer's trigger setting.
+        let other = Connection::open(&path).unwrap();
+        let flag: i64 = other
+            .query_row("SELECT agent_writing FROM _spoke_guard", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(flag, 0);
+        assert!(other.execute("DELETE FROM _spoke_copy_items", []).is_err());
+        // A second store on the same file (a restarted agent) writes too.
+        drop(store);
+        let again = SqliteCopyStore::open(&path).unwrap();
+        again
+            .apply(
+                "items",
+                &[conformance::delete("a", 2)],
+                conformance::feed_advance(2, 1),
+            )
+            .await
+            .unwrap();
+        assert!(again.get("items", "a").await.unwrap().is_none());
     }
 }
