@@ -38,8 +38,12 @@ enum Command {
     Agent(AgentArgs),
     /// Show one row per copy: strategy, position, lag, staleness vs budget.
     Status {
+        /// Deployment config: one row per copy of its agent.
+        #[arg(long, required_unless_present = "cdc", conflicts_with = "cdc")]
+        config: Option<PathBuf>,
+        /// A `spoke cdc` config: the slot's retained WAL, lag and snapshot progress.
         #[arg(long)]
-        config: PathBuf,
+        cdc: Option<PathBuf>,
         #[arg(long)]
         json: bool,
     },
@@ -138,7 +142,11 @@ fn main() -> ExitCode {
         Command::Demo(args) => commands::demo::run(args),
         Command::Hub(args) => commands::serve::hub(args),
         Command::Agent(args) => commands::serve::agent(args),
-        Command::Status { config, json } => commands::status::run(&config, json),
+        Command::Status { config, cdc, json } => match (config, cdc) {
+            (Some(config), _) => commands::status::run(&config, json),
+            (None, Some(cdc)) => commands::status::cdc(&cdc, json),
+            (None, None) => Err(anyhow::anyhow!("give --config FILE or --cdc FILE")),
+        },
         Command::Relay(args) => commands::serve::relay(args),
         Command::Cdc(args) => commands::cdc::run(args),
         Command::Bench(args) => commands::bench::run(args),

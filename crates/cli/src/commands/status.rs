@@ -117,3 +117,112 @@ pub fn run(config: &Path, json: bool) -> anyhow::Result<ExitCode> {
         ExitCode::from(2)
     })
 }
+
+/// `spoke status --cdc FILE`: the CDC slot's standing, read from the owner's
+/// database (works whether or not `spoke cdc` is running). Exit 2 when the
+/// slot is lost, missing, or retains more WAL than the alarm threshold.
+pub fn cdc(file: &Path, json: bool) -> anyhow::Result<ExitCode> {
+    use spoke::cdc::{file::CdcFile, fmt_lsn, slot};
+    let f = CdcFile::load(file)?;
+    let cfg = f.cdc;
+    let (info, state) = runtime()?.block_on(async {
+        let client = slot::connect(&cfg.postgres).await?;
+        let info = slot::slot_info(&client, &cfg.slot).await?;
+        let state = slot::load_state(&client, &cfg).await.unwrap_or_default();
+        Ok::<_, spoke::cdc::CdcError>((info, state))
+    })?;
+    let alarm = cfg.options.wal_alarm_bytes;
+    let problem = match &info {
+        None if state.is_empty() => Some("no slot yet: start spoke cdc".to_owned()),
+        None => Some(format!(
+            "slot {} is gone: run spoke cdc --resnapshot",
+            cfg.slot
+        )),
+        Some(i) if i.wal_status.as_deref() == Some("lost") => Some(format!(
+            "slot {} lost its WAL: run spoke cdc --resnapshot",
+            cfg.slot
+        )),
+        Some(i) if i.retained_bytes.unwrap_or(0) > alarm => Some(format!(
+            "retains {} bytes of WAL, over the alarm of {alarm}",
+            i.retained_bytes.unwrap_or(0)
+        )),
+        Some(_) => None,
+    };
+    if json {
+        let datasets: Vec<_> = state
+            .values()
+            .map(|r| serde_json::json!({ "dataset": r.dataset, "table": r.table, "snapshot_done": r.snapshot_done, "rows_done": r.rows_done }))
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({
+                "slot": cfg.slot,
+                "exists": info.is_some(),
+                "active": info.as_ref().is_some_and(|i| i.active_pid.is_some()),
+                "wal_status": info.as_ref().and_then(|i| i.wal_status.clone()),
+                "confirmed_flush_lsn": info.as_ref().and_then(|i| i.confirmed_flush).map(fmt_lsn),
+                "retained_wal_bytes": info.as_ref().and_then(|i| i.retained_bytes),
+                "lag_bytes": info.as_ref().and_then(|i| i.lag_bytes),
+                "wal_alarm_bytes": alarm,
+                "problem": problem,
+                "datasets": datasets,
+            })
+        );
+    } else {
+        let mut t = Table::new();
+        t.load_preset(UTF8_BORDERS_ONLY);
+        t.set_header([
+            "slot",
+            "active",
+            "wal status",
+            "confirmed",
+            "retained WAL",
+            "lag",
+            "alarm at",
+            "problem",
+        ]);
+        t.add_row([
+            cfg.slot.clone(),
+            info.as_ref().map_or("-".into(), |i| {
+                if i.active_pid.is_some() {
+                    "yes".into()
+                } else {
+                    "no".into()
+                }
+            }),
+            info.as_ref()
+                .and_then(|i| i.wal_status.clone())
+                .unwrap_or_else(|| "-".into()),
+            info.as_ref()
+                .and_then(|i| i.confirmed_flush)
+                .map_or("-".into(), fmt_lsn),
+            info.as_ref()
+                .and_then(|i| i.retained_bytes)
+                .map_or("-".into(), |b| format!("{b} B")),
+            info.as_ref()
+                .and_then(|i| i.lag_bytes)
+                .map_or("-".into(), |b| format!("{b} B")),
+            format!("{alarm} B"),
+            problem.clone().unwrap_or_default(),
+        ]);
+        println!("{t}");
+        for r in state.values() {
+            println!(
+                "  {} ← {}: snapshot {} ({} rows)",
+                r.dataset,
+                r.table,
+                if r.snapshot_done {
+                    "done"
+                } else {
+                    "in progress"
+                },
+                r.rows_done
+            );
+        }
+    }
+    Ok(if problem.is_some() {
+        ExitCode::from(2)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
