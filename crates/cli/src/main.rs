@@ -25,10 +25,19 @@ struct Cli {
 enum Command {
     /// Run the shop example end to end on the embedded default and narrate it.
     Demo(commands::demo::DemoArgs),
-    /// Validate a manifest: exit 0 when valid, 1 with one `file:line: problem` per line otherwise.
+    /// Validate a manifest against every rule: exit 0 when valid (warnings allowed),
+    /// 1 with one `file:line: problem (fix: hint)` per line otherwise.
     Check {
         manifest: PathBuf,
         /// Print problems as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Advise per consumer field: duplicate, call the owner or snapshot, with the
+    /// reason; and each request path's availability with synchronous calls vs copies.
+    Advise {
+        manifest: PathBuf,
+        /// Print the advice as JSON.
         #[arg(long)]
         json: bool,
     },
@@ -139,6 +148,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Check { manifest, json } => return commands::check::run(&manifest, json),
+        Command::Advise { manifest, json } => return commands::advise::run(&manifest, json),
         Command::Demo(args) => commands::demo::run(args),
         Command::Hub(args) => commands::serve::hub(args),
         Command::Agent(args) => commands::serve::agent(args),

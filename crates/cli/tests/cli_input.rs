@@ -36,45 +36,63 @@ fn run_in(cwd: &Path, args: &[&str]) -> (i32, String, String) {
 
 const TYPES: &str = "(expected string, int, float, bool, timestamp or json, with '?' for optional)";
 
-/// (file, its exact `spoke check` output).
+/// (file, its exact `spoke check` output): `file:line: problem (fix: hint)`.
+/// The fix hints were added with the governance rules (issue 5); the
+/// problems themselves kept their text, except that hints which used to be
+/// part of a message (`(add [services.x])`) moved into the hint.
 fn cases() -> Vec<(&'static str, String)> {
     vec![
         (
             "unknown_owner.toml",
-            "unknown_owner.toml:7: dataset customers: owner 'ghost-service' is not a declared service (add [services.ghost-service])".into(),
+            "unknown_owner.toml:7: dataset customers: owner 'ghost-service' is not a declared service (fix: declare it with [services.ghost-service], or name a declared service)".into(),
         ),
         (
             "unknown_consumer.toml",
-            "unknown_consumer.toml:12: subscription consumer 'ghost-service' is not a declared service (add [services.ghost-service])".into(),
+            "unknown_consumer.toml:12: subscription consumer 'ghost-service' is not a declared service (fix: declare it with [services.ghost-service], or name a declared service)".into(),
         ),
-        ("unknown_dataset.toml", "unknown_dataset.toml:13: subscription dataset 'clients' is not a declared dataset".into()),
+        (
+            "unknown_dataset.toml",
+            "unknown_dataset.toml:13: subscription dataset 'clients' is not a declared dataset (fix: declare [datasets.clients], or name a declared dataset: customers)".into(),
+        ),
         (
             "unknown_projected_field.toml",
-            "unknown_projected_field.toml:14: subscription order-service→customers projects field 'nickname', which customers (schema v1) does not have".into(),
+            "unknown_projected_field.toml:14: subscription order-service→customers projects field 'nickname', which customers (schema v1) does not have (fix: remove 'nickname', or project fields customers has: email, name, payment_method_id and preferred_name)".into(),
         ),
         (
             "self_subscription.toml",
-            "self_subscription.toml:12: service customer-service subscribes to its own dataset customers; an owner reads its own data directly".into(),
+            "self_subscription.toml:12: service customer-service subscribes to its own dataset customers; an owner reads its own data directly (fix: remove this subscription)".into(),
         ),
-        ("bad_type.toml", format!("bad_type.toml:9: dataset customers, field payment_method_id: unknown field type 'integer' {TYPES}")),
+        (
+            "bad_type.toml",
+            format!("bad_type.toml:9: dataset customers, field payment_method_id: unknown field type 'integer' {TYPES} (fix: e.g. payment_method_id = \"string\", or \"string?\" when it may be missing)"),
+        ),
         (
             "bad_budget.toml",
-            "bad_budget.toml:16: staleness_budget: invalid duration 'an hour': a number must come before each unit (expected e.g. 250ms, 30s, 5m, 1h, 7d)".into(),
+            "bad_budget.toml:16: staleness_budget: invalid duration 'an hour': a number must come before each unit (expected e.g. 250ms, 30s, 5m, 1h, 7d) (fix: e.g. staleness_budget = \"5m\")".into(),
         ),
-        ("bad_strategy.toml", "bad_strategy.toml:15: unknown strategy 'sometimes' (expected events, cdc, scheduled, ttl or none)".into()),
-        ("toml_syntax_error.toml", "toml_syntax_error.toml:8: invalid basic string".into()),
-        ("unknown_key.toml", "unknown_key.toml:2: unknown field `colour`, expected `availability`".into()),
+        (
+            "bad_strategy.toml",
+            "bad_strategy.toml:15: unknown strategy 'sometimes' (expected events, cdc, scheduled, ttl or none) (fix: e.g. strategy = \"events\" to follow the owner's feed)".into(),
+        ),
+        (
+            "toml_syntax_error.toml",
+            "toml_syntax_error.toml:8: invalid basic string (fix: correct the TOML syntax on this line)".into(),
+        ),
+        (
+            "unknown_key.toml",
+            "unknown_key.toml:2: unknown field `colour`, expected `availability` (fix: remove the key or correct its spelling)".into(),
+        ),
         (
             "duplicate_subscription.toml",
-            "duplicate_subscription.toml:19: order-service subscribes to customers twice; keep one subscription per consumer and dataset".into(),
+            "duplicate_subscription.toml:19: order-service subscribes to customers twice; keep one subscription per consumer and dataset (fix: merge them into one subscription with every field it needs)".into(),
         ),
         (
             "several_problems.toml",
             [
-                format!("several_problems.toml:7: dataset customers, field email: unknown field type 'strin' {TYPES}"),
-                "several_problems.toml:12: subscription order-service→customers projects field 'phone', which customers (schema v1) does not have".into(),
-                "several_problems.toml:14: staleness_budget: invalid duration '1x': unknown unit (expected e.g. 250ms, 30s, 5m, 1h, 7d)".into(),
-                "several_problems.toml:17: service customer-service subscribes to its own dataset customers; an owner reads its own data directly".into(),
+                format!("several_problems.toml:7: dataset customers, field email: unknown field type 'strin' {TYPES} (fix: e.g. email = \"string\", or \"string?\" when it may be missing)"),
+                "several_problems.toml:12: subscription order-service→customers projects field 'phone', which customers (schema v1) does not have (fix: remove 'phone', or project fields customers has: name)".into(),
+                "several_problems.toml:14: staleness_budget: invalid duration '1x': unknown unit (expected e.g. 250ms, 30s, 5m, 1h, 7d) (fix: e.g. staleness_budget = \"5m\")".into(),
+                "several_problems.toml:17: service customer-service subscribes to its own dataset customers; an owner reads its own data directly (fix: remove this subscription)".into(),
             ]
             .join("\n"),
         ),
@@ -127,10 +145,16 @@ fn json_output_parses_and_carries_the_same_problems() {
         let as_lines: Vec<String> = problems
             .iter()
             .map(|p| {
+                assert_eq!(p["severity"], "error", "{file}: {p}");
+                assert!(
+                    p["rule"].as_str().is_some_and(|r| !r.is_empty()),
+                    "{file}: every problem names its rule: {p}"
+                );
                 format!(
-                    "{file}:{}: {}",
+                    "{file}:{}: {} (fix: {})",
                     p["line"].as_u64().expect("line is a number"),
-                    p["message"].as_str().expect("message is text")
+                    p["message"].as_str().expect("message is text"),
+                    p["hint"].as_str().expect("hint is text")
                 )
             })
             .collect();

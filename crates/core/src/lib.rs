@@ -15,8 +15,12 @@
 //!   in-memory copy used as the reference model in tests.
 //! - [`projection`]: the subset of fields a consumer copies.
 //! - [`freshness`]: "fresh as of T", staleness and budgets.
-//! - [`manifest`]: the TOML manifest, loaded with `file:line` errors.
+//! - [`manifest`]: the TOML manifest, loaded with `file:line` errors, and the
+//!   governance rules `spoke check` enforces.
+//! - [`advise`]: the decision framework (duplicate, call the owner or
+//!   snapshot) and request-path availability behind `spoke advise`.
 
+pub mod advise;
 pub mod apply;
 pub mod change;
 pub mod duration;
