@@ -56,7 +56,7 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Forward an SQLite outbox to a hub (a sidecar for owners not linking the library).
+    /// Forward an SQLite or PostgreSQL outbox to a hub or JetStream (a sidecar for owners not linking the library).
     Relay(RelayArgs),
     /// Capture an owner's PostgreSQL tables from the WAL (logical replication) into its feed.
     Cdc(commands::cdc::CdcArgs),
@@ -121,8 +121,19 @@ pub struct AgentArgs {
 #[derive(Args)]
 pub struct RelayArgs {
     /// The owner's SQLite database holding the spoke_outbox table.
-    #[arg(long)]
-    pub outbox: PathBuf,
+    #[arg(
+        long,
+        required_unless_present = "outbox_postgres",
+        conflicts_with = "outbox_postgres"
+    )]
+    pub outbox: Option<PathBuf>,
+    /// The owner's PostgreSQL (connection string) holding the outbox
+    /// (spoke::outbox::postgres); woken by LISTEN/NOTIFY, polled as a fallback.
+    #[arg(long, value_name = "CONNINFO")]
+    pub outbox_postgres: Option<String>,
+    /// Schema of the PostgreSQL outbox [default: spoke].
+    #[arg(long, value_name = "SCHEMA", requires = "outbox_postgres")]
+    pub outbox_schema: Option<String>,
     /// The hub's URL.
     #[arg(long, conflicts_with = "jetstream")]
     pub hub: Option<String>,

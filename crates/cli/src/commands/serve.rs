@@ -19,8 +19,10 @@ use spoke::feed::sqlite::SqliteFeed;
 use spoke::feed::{Feed, Publisher};
 use spoke::hub::FeedBackend;
 use spoke::hub::{self, Tokens};
+use spoke::outbox::postgres::{Outbox, PostgresOutbox};
 use spoke::outbox::relay::Relay;
 use spoke::outbox::sqlite::SqliteOutbox;
+use spoke::outbox::Source;
 use spoke::shutdown::{shutdown_channel, Shutdown};
 use spoke_core::Manifest;
 
@@ -220,7 +222,32 @@ pub fn agent(args: AgentArgs) -> anyhow::Result<ExitCode> {
 
 pub fn relay(args: RelayArgs) -> anyhow::Result<ExitCode> {
     runtime()?.block_on(async move {
-        let source = Arc::new(SqliteOutbox::open(&args.outbox)?);
+        let (source, listener, origin): (Arc<dyn Source>, Option<Arc<PostgresOutbox>>, String) =
+            match (&args.outbox, &args.outbox_postgres) {
+                (Some(_), None) if args.outbox_schema.is_some() => {
+                    return Err(anyhow!("--outbox-schema goes with --outbox-postgres"))
+                }
+                (Some(path), None) => (
+                    Arc::new(SqliteOutbox::open(path)?),
+                    None,
+                    path.display().to_string(),
+                ),
+                (None, Some(url)) => {
+                    let outbox = Outbox::new(
+                        args.outbox_schema
+                            .as_deref()
+                            .unwrap_or(spoke::outbox::postgres::DEFAULT_SCHEMA),
+                    )?;
+                    let origin = format!("the PostgreSQL outbox in schema {}", outbox.schema());
+                    let source = Arc::new(PostgresOutbox::connect(url, outbox).await?);
+                    (source.clone(), Some(source), origin)
+                }
+                _ => {
+                    return Err(anyhow!(
+                        "give exactly one of --outbox DB or --outbox-postgres CONNINFO"
+                    ))
+                }
+            };
         let (publisher, target): (Arc<dyn Publisher>, String) =
             match (args.hub, args.jetstream, args.manifest) {
                 (Some(hub), None, _) => {
@@ -251,13 +278,14 @@ pub fn relay(args: RelayArgs) -> anyhow::Result<ExitCode> {
                 }
                 _ => return Err(anyhow!("give exactly one of --hub URL or --jetstream URL")),
             };
-        eprintln!(
-            "spoke relay forwarding {} to {target}",
-            args.outbox.display()
-        );
+        eprintln!("spoke relay forwarding {origin} to {target}");
         let (trigger, shutdown) = shutdown_channel();
         on_signal(trigger);
-        Relay::new(source, publisher).run(shutdown).await?;
+        let relay = Relay::new(source, publisher);
+        if let Some(pg) = listener {
+            pg.listen(relay.nudger(), shutdown.clone());
+        }
+        relay.run(shutdown).await?;
         Ok(ExitCode::SUCCESS)
     })
 }

@@ -15,8 +15,10 @@
 //! - [`Source`]: the trait every change source implements (this outbox now;
 //!   CDC from PostgreSQL later).
 //! - [`sqlite`]: the outbox for owners whose data lives in SQLite.
+//! - [`postgres`]: the outbox for owners on PostgreSQL (per-key commit order, LISTEN/NOTIFY).
 //! - [`relay`]: forwards any source to any publisher with retry and backoff.
 
+pub mod postgres;
 pub mod relay;
 pub mod sqlite;
 
