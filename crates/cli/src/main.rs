@@ -56,6 +56,19 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Compare each copy with its feed by digest and repair what differs: fetch
+    /// missing and newer records, remove what the source does not have (never
+    /// rolls a record back). Exit 2 when a copy holds records newer than its source.
+    Reconcile {
+        /// Deployment config: the copies of its agent, its store and its feed.
+        #[arg(long)]
+        config: PathBuf,
+        /// Only this dataset's copy.
+        dataset: Option<String>,
+        /// Print the reports as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Forward an SQLite or PostgreSQL outbox to a hub or JetStream (a sidecar for owners not linking the library).
     Relay(RelayArgs),
     /// Capture an owner's PostgreSQL tables from the WAL (logical replication) into its feed.
@@ -168,6 +181,11 @@ fn main() -> ExitCode {
             (None, Some(cdc)) => commands::status::cdc(&cdc, json),
             (None, None) => Err(anyhow::anyhow!("give --config FILE or --cdc FILE")),
         },
+        Command::Reconcile {
+            config,
+            dataset,
+            json,
+        } => commands::reconcile::run(&config, dataset.as_deref(), json),
         Command::Relay(args) => commands::serve::relay(args),
         Command::Cdc(args) => commands::cdc::run(args),
         Command::Bench(args) => commands::bench::run(args),

@@ -90,6 +90,13 @@ impl MemoryCopy {
         true
     }
 
+    /// Drops `key`'s state outright (no tombstone) and returns it. This is
+    /// not a change and bypasses the rule: only reconciliation uses it, for
+    /// rows the source does not hold (see `CopyStore::remove` in `spoke`).
+    pub fn remove(&mut self, key: &str) -> Option<RecordState> {
+        self.records.remove(key)
+    }
+
     /// Drops tombstones older than `horizon` at `now_ms`; returns how many.
     pub fn gc_tombstones(&mut self, now_ms: u64, horizon: Duration) -> usize {
         let before = self.records.len();

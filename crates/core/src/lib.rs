@@ -13,6 +13,7 @@
 //! - [`change`]: the unit that flows from owner to copy, with its per-key version.
 //! - [`apply`]: the apply rule (newer version wins, tombstones kept) and a pure
 //!   in-memory copy used as the reference model in tests.
+//! - [`digest`]: per-bucket digests of (key, version, deleted) for reconciliation.
 //! - [`projection`]: the subset of fields a consumer copies.
 //! - [`freshness`]: "fresh as of T", staleness and budgets.
 //! - [`manifest`]: the TOML manifest, loaded with `file:line` errors, and the
@@ -23,6 +24,7 @@
 pub mod advise;
 pub mod apply;
 pub mod change;
+pub mod digest;
 pub mod duration;
 pub mod freshness;
 pub mod manifest;

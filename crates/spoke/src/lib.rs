@@ -18,6 +18,8 @@
 //! - [`cdc`]: change data capture from an owner's PostgreSQL (logical
 //!   replication, pgoutput): initial snapshot, stream, slot care.
 //! - [`read`]: the read-only library API for Rust consumers.
+//! - [`reconcile`]: compares a copy's digest with its feed's and repairs
+//!   exactly the keys that differ.
 //! - [`config`]: deployment configuration for the hub and agent roles.
 //! - [`shutdown`]: the stop signal every long-running task takes.
 //! - [`clock`]: wall-clock helpers, injectable for tests.
@@ -31,6 +33,7 @@ pub mod feed;
 pub mod hub;
 pub mod outbox;
 pub mod read;
+pub mod reconcile;
 pub mod shutdown;
 #[doc(hidden)]
 pub mod testing;

@@ -14,7 +14,7 @@ use spoke_core::manifest::Strategy;
 use spoke_core::{Duration, Freshness, Manifest, Version};
 
 use crate::clock::Clock;
-use crate::copy::{CopyStore, StoreError};
+use crate::copy::{CopyStore, ReconcileStats, StoreError};
 
 /// A record read from a copy, with how fresh the copy is.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -49,6 +49,10 @@ pub struct CopyStatus {
     pub applied_total: u64,
     pub received_total: u64,
     pub last_error: Option<String>,
+    /// Reconcile runs, the last one's start (`last_run_ms`, consumer clock)
+    /// and duration, and repairs by kind.
+    #[serde(default)]
+    pub reconcile: ReconcileStats,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -174,6 +178,7 @@ impl Copies {
         let info = self.info(dataset)?;
         let cursor = self.store.cursor(dataset).await?;
         let records = self.store.count(dataset).await?;
+        let reconcile = self.store.reconcile_stats(dataset).await?;
         // The head was seen before the cursor was read; the copy may have
         // moved past it meanwhile, and a head behind the position means nothing.
         let head = head.map(|h| h.max(cursor.position.unwrap_or(0)));
@@ -196,6 +201,7 @@ impl Copies {
             applied_total: cursor.applied_total,
             received_total: cursor.received_total,
             last_error,
+            reconcile,
         })
     }
 }

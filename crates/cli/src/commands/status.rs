@@ -28,6 +28,20 @@ fn fmt_ms(ms: Option<u64>) -> String {
     }
 }
 
+/// The last reconcile run: "never", or its age, duration and repairs.
+fn fmt_reconcile(r: &spoke::copy::ReconcileStats) -> String {
+    if r.runs_total == 0 {
+        return "never".into();
+    }
+    let age = Clock::System.now_ms().saturating_sub(r.last_run_ms);
+    format!(
+        "{} ago, {}ms, {} repaired",
+        fmt_ms(Some(age)),
+        r.last_duration_ms,
+        r.last_repaired
+    )
+}
+
 pub fn run(config: &Path, json: bool) -> anyhow::Result<ExitCode> {
     let cfg = DeploymentConfig::load(config)?.agent()?.clone();
     let manifest = Manifest::load(&cfg.manifest).map_err(|e| anyhow!("{e}"))?;
@@ -88,6 +102,7 @@ pub fn run(config: &Path, json: bool) -> anyhow::Result<ExitCode> {
             "ok",
             "records",
             "applied",
+            "last reconcile",
             "last error",
         ]);
         for s in &statuses {
@@ -106,6 +121,7 @@ pub fn run(config: &Path, json: bool) -> anyhow::Result<ExitCode> {
                 },
                 s.records.to_string(),
                 s.applied_total.to_string(),
+                fmt_reconcile(&s.reconcile),
                 s.last_error.clone().unwrap_or_default(),
             ]);
         }

@@ -1,10 +1,18 @@
 //! The agent's HTTP API (DESIGN.md, "Agent HTTP"): records with freshness,
-//! status, and Prometheus metrics.
+//! status, Prometheus metrics, and the copies' digests:
+//!
+//! ```text
+//!  GET /v1/copies/{d}/records/{key}              a record with its freshness
+//!  GET /v1/copies/{d}/digest?level=L&under=a,b   digest nodes (same shape as the hub's)
+//!  GET /v1/copies/{d}/digest/entries?buckets=a,b (key, version, deleted) of those buckets
+//!  GET /v1/status    GET /metrics
+//! ```
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use axum::extract::{Path, State};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -13,7 +21,7 @@ use spoke_core::change::validate_key;
 
 use super::metrics::{render, Sample};
 use super::Agent;
-use crate::feed::http::ErrorBody;
+use crate::feed::http::{bucket_list, digest_query, EntriesBody, ErrorBody};
 use crate::read::{CopyStatus, ReadError};
 
 fn error(status: StatusCode, kind: &str, message: String) -> Response {
@@ -58,6 +66,74 @@ async fn record(
             format!("no record '{key}' in the copy of {dataset}"),
         ),
         Err(e) => read_error(e),
+    }
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DigestParams {
+    level: Option<u8>,
+    under: Option<String>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EntriesParams {
+    buckets: String,
+}
+
+fn bad_query(e: QueryRejection) -> Response {
+    error(
+        StatusCode::BAD_REQUEST,
+        "bad_request",
+        format!("query string: {}", e.body_text()),
+    )
+}
+
+async fn digest(
+    State(agent): State<Arc<Agent>>,
+    Path(dataset): Path<String>,
+    q: Result<Query<DigestParams>, QueryRejection>,
+) -> Response {
+    if let Err(e) = agent.copies().copy(&dataset) {
+        return read_error(e);
+    }
+    let Query(q) = match q {
+        Ok(q) => q,
+        Err(e) => return bad_query(e),
+    };
+    let query = match digest_query(q.level, q.under.as_deref()) {
+        Ok(q) => q,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "bad_request", e),
+    };
+    match agent.store.digest(&dataset).await {
+        Ok(d) => match d.nodes(&query) {
+            Ok(nodes) => Json(nodes).into_response(),
+            Err(e) => error(StatusCode::BAD_REQUEST, "bad_request", e.to_string()),
+        },
+        Err(e) => read_error(ReadError::Store(e)),
+    }
+}
+
+async fn digest_entries(
+    State(agent): State<Arc<Agent>>,
+    Path(dataset): Path<String>,
+    q: Result<Query<EntriesParams>, QueryRejection>,
+) -> Response {
+    if let Err(e) = agent.copies().copy(&dataset) {
+        return read_error(e);
+    }
+    let Query(q) = match q {
+        Ok(q) => q,
+        Err(e) => return bad_query(e),
+    };
+    let buckets = match bucket_list(&q.buckets) {
+        Ok(b) => b,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "bad_request", e),
+    };
+    match agent.store.bucket_entries(&dataset, &buckets).await {
+        Ok(entries) => Json(EntriesBody { entries }).into_response(),
+        Err(e) => read_error(ReadError::Store(e)),
     }
 }
 
@@ -122,6 +198,8 @@ async fn metrics(State(agent): State<Arc<Agent>>) -> Response {
 pub fn router(agent: Arc<Agent>) -> Router {
     Router::new()
         .route("/v1/copies/{dataset}/records/{key}", get(record))
+        .route("/v1/copies/{dataset}/digest", get(digest))
+        .route("/v1/copies/{dataset}/digest/entries", get(digest_entries))
         .route("/v1/status", get(status))
         .route("/metrics", get(metrics))
         .route("/v1/health", get(|| async { "ok" }))
@@ -136,7 +214,7 @@ pub fn router(agent: Arc<Agent>) -> Router {
             error(
                 StatusCode::NOT_FOUND,
                 "not_found",
-                "no such endpoint; see /v1/copies/{dataset}/records/{key}, /v1/status, /metrics"
+                "no such endpoint; see /v1/copies/{dataset}/records/{key}, /v1/copies/{dataset}/digest, /v1/status, /metrics"
                     .into(),
             )
         })

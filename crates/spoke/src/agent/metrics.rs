@@ -1,7 +1,9 @@
 //! The agent's Prometheus metrics, rendered from copy status on each scrape.
 //!
-//! Names are defined once here; the only label is `dataset`, which is bounded
-//! by the manifest.
+//! Names are defined once here; the labels are `dataset`, bounded by the
+//! manifest, and `kind` (missing | stale | extra) on the repair counter.
+//! Reconcile figures come from the copy store's bookkeeping, so runs made
+//! by `spoke reconcile` beside the agent count too.
 
 use std::fmt::Write;
 
@@ -16,6 +18,10 @@ pub const BUDGET_SECONDS: &str = "spoke_staleness_budget_seconds";
 pub const BUDGET_BREACHES: &str = "spoke_budget_breaches_total";
 pub const RECORDS: &str = "spoke_copy_records";
 pub const COPY_ERROR: &str = "spoke_copy_error";
+pub const RECONCILE_RUNS: &str = "spoke_reconcile_runs_total";
+pub const RECONCILE_REPAIRED: &str = "spoke_reconcile_repaired_total";
+pub const RECONCILE_LAST_RUN: &str = "spoke_reconcile_last_run_timestamp_seconds";
+pub const RECONCILE_LAST_DURATION: &str = "spoke_reconcile_last_duration_seconds";
 
 /// One copy's numbers for the scrape.
 pub struct Sample<'a> {
@@ -94,5 +100,48 @@ pub fn render(samples: &[Sample<'_>]) -> String {
             })
         },
     );
+    family(
+        RECONCILE_RUNS,
+        "counter",
+        "Reconcile runs (spoke reconcile) of the copy.",
+        &|s| Some(s.status.reconcile.runs_total as f64),
+    );
+    family(
+        RECONCILE_LAST_RUN,
+        "gauge",
+        "Start of the last reconcile run, Unix seconds (absent: never ran).",
+        &|s| {
+            let r = &s.status.reconcile;
+            (r.runs_total > 0).then(|| r.last_run_ms as f64 / 1000.0)
+        },
+    );
+    family(
+        RECONCILE_LAST_DURATION,
+        "gauge",
+        "Duration of the last reconcile run in seconds.",
+        &|s| {
+            let r = &s.status.reconcile;
+            (r.runs_total > 0).then(|| r.last_duration_ms as f64 / 1000.0)
+        },
+    );
+    let _ = writeln!(
+        out,
+        "# HELP {RECONCILE_REPAIRED} Records repaired by reconcile: missing (fetched), stale (newer version fetched) or extra (removed)."
+    );
+    let _ = writeln!(out, "# TYPE {RECONCILE_REPAIRED} counter");
+    for s in samples {
+        let r = &s.status.reconcile;
+        for (kind, n) in [
+            ("missing", r.repaired_missing_total),
+            ("stale", r.repaired_stale_total),
+            ("extra", r.repaired_extra_total),
+        ] {
+            let _ = writeln!(
+                out,
+                "{RECONCILE_REPAIRED}{{dataset=\"{}\",kind=\"{kind}\"}} {n}",
+                s.status.dataset
+            );
+        }
+    }
     out
 }

@@ -7,7 +7,9 @@ use std::future::Future;
 use serde_json::{json, Map, Value};
 use spoke_core::{Change, Op, Projection, Schema, Version};
 
-use super::{Advance, CopySpec, CopyStore, Cursor, StoreError};
+use spoke_core::digest::{Digest, DigestEntry, BUCKETS};
+
+use super::{Advance, CopySpec, CopyStore, Cursor, ReconcileRun, ReconcileStats, StoreError};
 use crate::clock::Clock;
 
 pub fn schema() -> Schema {
@@ -91,6 +93,179 @@ where
     field_types_round_trip(make(Clock::manual(1_000)).await).await;
     tombstones_are_collected_after_the_horizon(make(Clock::manual(1_000)).await).await;
     unknown_copies_are_errors(make(Clock::manual(1_000)).await).await;
+    digest_follows_every_write(make(Clock::manual(1_000)).await).await;
+    remove_drops_only_the_state_it_names(make(Clock::manual(1_000)).await).await;
+    reconcile_stats_accumulate(make(Clock::manual(1_000)).await).await;
+}
+
+/// The digest computed from scratch over every row (tombstones included).
+pub async fn digest_from_scratch<T: CopyStore + ?Sized>(store: &T, dataset: &str) -> Digest {
+    let dump = store.dump(dataset).await.expect("dump");
+    Digest::from_entries(dump.iter().map(|(k, (v, d, _))| (k.as_str(), *v, *d)))
+}
+
+async fn assert_digest_matches<T: CopyStore>(store: &T, step: &str) {
+    let maintained = store.digest("items").await.expect("digest");
+    let scratch = digest_from_scratch(store, "items").await;
+    assert_eq!(
+        maintained, scratch,
+        "{step}: the maintained digest equals the digest computed from scratch"
+    );
+    let all: Vec<u16> = (0..BUCKETS as u16).collect();
+    let mut listed = store.bucket_entries("items", &all).await.expect("entries");
+    listed.sort();
+    let dump = store.dump("items").await.expect("dump");
+    let want: Vec<DigestEntry> = dump
+        .iter()
+        .map(|(k, (v, d, _))| DigestEntry::new(k.clone(), *v, *d))
+        .collect();
+    assert_eq!(listed, want, "{step}: bucket entries list every row once");
+}
+
+/// A small deterministic generator (the suite runs outside test builds too).
+struct XorShift(u64);
+
+impl XorShift {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+async fn digest_follows_every_write<T: CopyStore>(store: T) {
+    store.ensure_copy(&spec()).await.expect("ensure");
+    assert_eq!(
+        store.digest("items").await.expect("digest"),
+        Digest::new(),
+        "a new copy has the empty digest"
+    );
+    let mut rng = XorShift(0x9E37_79B9_7F4A_7C15);
+    for round in 0..30u64 {
+        // Random keys, versions (duplicates, older, newer), upserts and
+        // deletes, in batches as the feed and bootstrap deliver them.
+        let n = 1 + rng.below(25);
+        let batch: Vec<Change> = (0..n)
+            .map(|_| {
+                let key = format!("k{}", rng.below(40));
+                let version = 1 + rng.below(12);
+                if rng.below(4) == 0 {
+                    delete(&key, version)
+                } else {
+                    upsert(&key, version, rng.below(1000) as i64)
+                }
+            })
+            .collect();
+        let advance = if round % 3 == 0 {
+            BOOTSTRAP
+        } else {
+            feed_advance(round, 1)
+        };
+        store.apply("items", &batch, advance).await.expect("apply");
+        if round % 5 == 4 {
+            assert_digest_matches(&store, &format!("after batch {round}")).await;
+        }
+    }
+    // Removal and tombstone collection keep it too.
+    let dump = store.dump("items").await.expect("dump");
+    let some: Vec<DigestEntry> = dump
+        .iter()
+        .take(5)
+        .map(|(k, (v, d, _))| DigestEntry::new(k.clone(), *v, *d))
+        .collect();
+    store.remove("items", &some).await.expect("remove");
+    assert_digest_matches(&store, "after remove").await;
+    // The clock read 1_000 when every tombstone was written.
+    let collected = store
+        .gc_tombstones("items", 5_000, 1_000)
+        .await
+        .expect("gc");
+    assert!(
+        collected > 0,
+        "the random batches left tombstones to collect"
+    );
+    assert_digest_matches(&store, "after tombstone collection").await;
+}
+
+async fn remove_drops_only_the_state_it_names<T: CopyStore>(store: T) {
+    store.ensure_copy(&spec()).await.expect("ensure");
+    store
+        .apply(
+            "items",
+            &[upsert("a", 2, 2), delete("b", 1), upsert("c", 1, 1)],
+            BOOTSTRAP,
+        )
+        .await
+        .expect("apply");
+    let n = store
+        .remove(
+            "items",
+            &[
+                DigestEntry::new("a", 1, false),   // wrong version
+                DigestEntry::new("b", 1, false),   // wrong state
+                DigestEntry::new("zzz", 1, false), // absent
+                DigestEntry::new("a", 2, false),
+                DigestEntry::new("b", 1, true),
+            ],
+        )
+        .await
+        .expect("remove");
+    assert_eq!(
+        n, 2,
+        "only rows holding exactly the named state are removed"
+    );
+    let dump = store.dump("items").await.expect("dump");
+    assert_eq!(
+        dump.keys().collect::<Vec<_>>(),
+        vec!["c"],
+        "removed rows leave no tombstone"
+    );
+    assert_digest_matches(&store, "after remove").await;
+    let out = store
+        .apply("items", &[upsert("a", 1, 1)], BOOTSTRAP)
+        .await
+        .expect("apply");
+    assert_eq!(
+        out.applied, 1,
+        "nothing blocks the owner's own (lower) version after a removal"
+    );
+    assert_digest_matches(&store, "after re-apply").await;
+}
+
+async fn reconcile_stats_accumulate<T: CopyStore>(store: T) {
+    store.ensure_copy(&spec()).await.expect("ensure");
+    assert_eq!(
+        store.reconcile_stats("items").await.expect("stats"),
+        ReconcileStats::default()
+    );
+    for (t, m, s, e) in [(100, 1, 2, 3), (200, 0, 1, 0)] {
+        store
+            .record_reconcile(
+                "items",
+                &ReconcileRun {
+                    started_ms: t,
+                    duration_ms: t / 10,
+                    missing: m,
+                    stale: s,
+                    extra: e,
+                },
+            )
+            .await
+            .expect("record");
+    }
+    assert_eq!(
+        store.reconcile_stats("items").await.expect("stats"),
+        ReconcileStats {
+            runs_total: 2,
+            last_run_ms: 200,
+            last_duration_ms: 20,
+            last_repaired: 1,
+            repaired_missing_total: 1,
+            repaired_stale_total: 3,
+            repaired_extra_total: 3,
+        }
+    );
 }
 
 async fn newer_versions_apply_and_others_are_ignored<T: CopyStore>(store: T) {

@@ -6,18 +6,29 @@ use std::sync::Mutex;
 
 use async_trait::async_trait;
 use serde_json::{Map, Value};
+use spoke_core::digest::{bucket_of, Digest, DigestEntry};
 use spoke_core::duration::Duration;
-use spoke_core::{Change, MemoryCopy, Version};
+use spoke_core::{Change, MemoryCopy, Op, Version};
 
 use super::{
-    newest_per_key, Advance, ApplyOutcome, CopyRecord, CopySpec, CopyStore, Cursor, StoreError,
+    newest_per_key, Advance, ApplyOutcome, CopyRecord, CopySpec, CopyStore, Cursor, ReconcileRun,
+    ReconcileStats, StoreError,
 };
 use crate::clock::Clock;
+
+/// One copy: its records, cursor, digest and reconcile bookkeeping.
+#[derive(Default)]
+struct Slot {
+    copy: MemoryCopy,
+    cursor: Cursor,
+    digest: Digest,
+    stats: ReconcileStats,
+}
 
 #[derive(Default)]
 pub struct MemoryCopyStore {
     clock: Clock,
-    copies: Mutex<HashMap<String, (MemoryCopy, Cursor)>>,
+    copies: Mutex<HashMap<String, Slot>>,
 }
 
 impl MemoryCopyStore {
@@ -29,6 +40,14 @@ impl MemoryCopyStore {
             clock,
             copies: Mutex::default(),
         }
+    }
+
+    fn with_slot<R>(&self, dataset: &str, f: impl FnOnce(&mut Slot) -> R) -> Result<R, StoreError> {
+        let mut copies = self.copies.lock().expect("memory store");
+        copies
+            .get_mut(dataset)
+            .map(f)
+            .ok_or_else(|| StoreError::UnknownCopy(dataset.to_owned()))
     }
 }
 
@@ -44,11 +63,7 @@ impl CopyStore for MemoryCopyStore {
     }
 
     async fn cursor(&self, dataset: &str) -> Result<Cursor, StoreError> {
-        let copies = self.copies.lock().expect("memory store");
-        copies
-            .get(dataset)
-            .map(|c| c.1)
-            .ok_or_else(|| StoreError::UnknownCopy(dataset.to_owned()))
+        self.with_slot(dataset, |s| s.cursor)
     }
 
     async fn apply(
@@ -58,48 +73,50 @@ impl CopyStore for MemoryCopyStore {
         advance: Advance,
     ) -> Result<ApplyOutcome, StoreError> {
         let now = self.clock.now_ms();
-        let mut copies = self.copies.lock().expect("memory store");
-        let (copy, cursor) = copies
-            .get_mut(dataset)
-            .ok_or_else(|| StoreError::UnknownCopy(dataset.to_owned()))?;
-        let mut out = ApplyOutcome::default();
-        for c in newest_per_key(changes) {
-            if copy.apply(c, now) {
-                out.applied += 1;
+        self.with_slot(dataset, |slot| {
+            let mut out = ApplyOutcome::default();
+            for c in newest_per_key(changes) {
+                let old = slot
+                    .copy
+                    .states()
+                    .get(&c.key)
+                    .map(|r| (r.version, r.is_deleted()));
+                if slot.copy.apply(c, now) {
+                    out.applied += 1;
+                    if let Some((v, d)) = old {
+                        slot.digest.toggle(&c.key, v, d);
+                    }
+                    slot.digest.toggle(&c.key, c.version, c.op == Op::Delete);
+                }
             }
-        }
-        out.ignored = changes.len() as u64 - out.applied;
-        cursor.applied_total += out.applied;
-        if advance.from_feed {
-            cursor.received_total += changes.len() as u64;
-        }
-        if let Some(p) = advance.position {
-            cursor.position = Some(p);
-        }
-        if let Some(f) = advance.fresh_as_of_ms {
-            cursor.fresh_as_of_ms = f;
-        }
-        Ok(out)
+            out.ignored = changes.len() as u64 - out.applied;
+            let cursor = &mut slot.cursor;
+            cursor.applied_total += out.applied;
+            if advance.from_feed {
+                cursor.received_total += changes.len() as u64;
+            }
+            if let Some(p) = advance.position {
+                cursor.position = Some(p);
+            }
+            if let Some(f) = advance.fresh_as_of_ms {
+                cursor.fresh_as_of_ms = f;
+            }
+            out
+        })
     }
 
     async fn get(&self, dataset: &str, key: &str) -> Result<Option<CopyRecord>, StoreError> {
-        let copies = self.copies.lock().expect("memory store");
-        let (copy, _) = copies
-            .get(dataset)
-            .ok_or_else(|| StoreError::UnknownCopy(dataset.to_owned()))?;
-        Ok(copy.get(key).map(|r| CopyRecord {
-            key: key.to_owned(),
-            version: r.version,
-            fields: r.fields.clone(),
-        }))
+        self.with_slot(dataset, |s| {
+            s.copy.get(key).map(|r| CopyRecord {
+                key: key.to_owned(),
+                version: r.version,
+                fields: r.fields.clone(),
+            })
+        })
     }
 
     async fn count(&self, dataset: &str) -> Result<u64, StoreError> {
-        let copies = self.copies.lock().expect("memory store");
-        let (copy, _) = copies
-            .get(dataset)
-            .ok_or_else(|| StoreError::UnknownCopy(dataset.to_owned()))?;
-        Ok(copy.live().len() as u64)
+        self.with_slot(dataset, |s| s.copy.live().len() as u64)
     }
 
     async fn gc_tombstones(
@@ -108,26 +125,83 @@ impl CopyStore for MemoryCopyStore {
         now_ms: u64,
         horizon_ms: u64,
     ) -> Result<u64, StoreError> {
-        let mut copies = self.copies.lock().expect("memory store");
-        let (copy, _) = copies
-            .get_mut(dataset)
-            .ok_or_else(|| StoreError::UnknownCopy(dataset.to_owned()))?;
-        Ok(copy.gc_tombstones(now_ms, Duration::from_millis(horizon_ms)) as u64)
+        self.with_slot(dataset, |s| {
+            let before: Vec<(String, Version)> = s
+                .copy
+                .tombstones()
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v))
+                .collect();
+            let n = s
+                .copy
+                .gc_tombstones(now_ms, Duration::from_millis(horizon_ms));
+            for (k, v) in before {
+                if !s.copy.states().contains_key(&k) {
+                    s.digest.toggle(&k, v, true);
+                }
+            }
+            n as u64
+        })
+    }
+
+    async fn digest(&self, dataset: &str) -> Result<Digest, StoreError> {
+        self.with_slot(dataset, |s| s.digest.clone())
+    }
+
+    async fn bucket_entries(
+        &self,
+        dataset: &str,
+        buckets: &[u16],
+    ) -> Result<Vec<DigestEntry>, StoreError> {
+        let wanted: std::collections::HashSet<u16> = buckets.iter().copied().collect();
+        self.with_slot(dataset, |s| {
+            s.copy
+                .states()
+                .iter()
+                .filter(|(k, _)| wanted.contains(&bucket_of(k)))
+                .map(|(k, r)| DigestEntry::new(k.clone(), r.version, r.is_deleted()))
+                .collect()
+        })
+    }
+
+    async fn remove(&self, dataset: &str, entries: &[DigestEntry]) -> Result<u64, StoreError> {
+        self.with_slot(dataset, |s| {
+            let mut n = 0;
+            for e in entries {
+                let holds = s
+                    .copy
+                    .states()
+                    .get(&e.key)
+                    .is_some_and(|r| r.version == e.version && r.is_deleted() == e.deleted);
+                if holds {
+                    s.copy.remove(&e.key);
+                    s.digest.toggle(&e.key, e.version, e.deleted);
+                    n += 1;
+                }
+            }
+            n
+        })
+    }
+
+    async fn reconcile_stats(&self, dataset: &str) -> Result<ReconcileStats, StoreError> {
+        self.with_slot(dataset, |s| s.stats)
+    }
+
+    async fn record_reconcile(&self, dataset: &str, run: &ReconcileRun) -> Result<(), StoreError> {
+        self.with_slot(dataset, |s| s.stats = s.stats.with_run(run))
     }
 
     async fn dump(
         &self,
         dataset: &str,
     ) -> Result<BTreeMap<String, (Version, bool, Map<String, Value>)>, StoreError> {
-        let copies = self.copies.lock().expect("memory store");
-        let (copy, _) = copies
-            .get(dataset)
-            .ok_or_else(|| StoreError::UnknownCopy(dataset.to_owned()))?;
-        Ok(copy
-            .states()
-            .iter()
-            .map(|(k, r)| (k.clone(), (r.version, r.is_deleted(), r.fields.clone())))
-            .collect())
+        self.with_slot(dataset, |s| {
+            s.copy
+                .states()
+                .iter()
+                .map(|(k, r)| (k.clone(), (r.version, r.is_deleted(), r.fields.clone())))
+                .collect()
+        })
     }
 }
 

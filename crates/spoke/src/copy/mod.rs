@@ -20,6 +20,27 @@
 //! - **Projection.** Only the fields of the [`CopySpec`]'s projection are
 //!   stored; the agent projects before applying.
 //! - **Concurrency.** One agent writes a store; reads may run concurrently.
+//!   `spoke reconcile` may write beside a running agent: writes are
+//!   serialised by the store (SQLite's write lock, a PostgreSQL advisory
+//!   lock per copy), and both go through the apply rule.
+//! - **Digest.** Every store keeps the copy's [`Digest`] of `(key, version,
+//!   deleted)` per bucket, tombstones included, and updates it in the *same
+//!   transaction* as the records it covers: `apply`, `remove` and
+//!   `gc_tombstones` XOR out each key's old state and XOR in its new one
+//!   (O(1) per change). At every commit, [`CopyStore::digest`] equals
+//!   [`Digest::from_entries`] over every row of the copy, and
+//!   [`CopyStore::bucket_entries`] lists those rows by bucket.
+//! - **Removal, for reconciliation only.** [`CopyStore::remove`] drops a row
+//!   outright — no tombstone — but only while it still holds exactly the
+//!   state reconcile saw. Reconcile uses it for rows the source does not
+//!   have at all ("extra": a tombstone at the copy's version would block the
+//!   owner from ever creating that key with a lower version) and for a row
+//!   whose version the source holds in the other state (a corrupt row, which
+//!   the source's change then replaces). It does not weaken rule 1: rule 1
+//!   is about applying the owner's changes, and `remove` applies none. A row
+//!   the owner's feed produced is never removed, because the feed still
+//!   holds that key at that version or newer, so reconcile never classifies
+//!   it as extra; and a changed row fails the state check and is left alone.
 
 pub mod conformance;
 pub mod memory;
@@ -29,6 +50,7 @@ pub mod sqlite;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
+use spoke_core::digest::{Digest, DigestEntry};
 use spoke_core::{Change, Projection, Version};
 
 use crate::feed::Position;
@@ -80,6 +102,45 @@ pub struct CopyRecord {
     pub key: String,
     pub version: Version,
     pub fields: Map<String, Value>,
+}
+
+/// Reconciliation bookkeeping of one copy. It is kept in the store, so a
+/// run made by `spoke reconcile` shows in the agent's status and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct ReconcileStats {
+    pub runs_total: u64,
+    /// Consumer-clock start of the last run (0 = never).
+    pub last_run_ms: u64,
+    pub last_duration_ms: u64,
+    /// Repairs made by the last run.
+    pub last_repaired: u64,
+    pub repaired_missing_total: u64,
+    pub repaired_stale_total: u64,
+    pub repaired_extra_total: u64,
+}
+
+/// One finished reconcile run, to add to the [`ReconcileStats`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ReconcileRun {
+    pub started_ms: u64,
+    pub duration_ms: u64,
+    pub missing: u64,
+    pub stale: u64,
+    pub extra: u64,
+}
+
+impl ReconcileStats {
+    /// The stats after `run`.
+    pub fn with_run(mut self, run: &ReconcileRun) -> Self {
+        self.runs_total += 1;
+        self.last_run_ms = run.started_ms;
+        self.last_duration_ms = run.duration_ms;
+        self.last_repaired = run.missing + run.stale + run.extra;
+        self.repaired_missing_total += run.missing;
+        self.repaired_stale_total += run.stale;
+        self.repaired_extra_total += run.extra;
+        self
+    }
 }
 
 /// Why a store operation failed.
@@ -147,6 +208,27 @@ pub trait CopyStore: Send + Sync {
         now_ms: u64,
         horizon_ms: u64,
     ) -> Result<u64, StoreError>;
+
+    /// The copy's digest, as of the last commit (see "Digest" above).
+    async fn digest(&self, dataset: &str) -> Result<Digest, StoreError>;
+
+    /// Every row (live record or tombstone) whose key falls in `buckets`.
+    async fn bucket_entries(
+        &self,
+        dataset: &str,
+        buckets: &[u16],
+    ) -> Result<Vec<DigestEntry>, StoreError>;
+
+    /// Drops the rows that still hold exactly these states, updating the
+    /// digest; returns how many it dropped. Only reconcile calls this (see
+    /// "Removal" above).
+    async fn remove(&self, dataset: &str, entries: &[DigestEntry]) -> Result<u64, StoreError>;
+
+    /// The copy's reconciliation bookkeeping.
+    async fn reconcile_stats(&self, dataset: &str) -> Result<ReconcileStats, StoreError>;
+
+    /// Adds a finished run to the bookkeeping.
+    async fn record_reconcile(&self, dataset: &str, run: &ReconcileRun) -> Result<(), StoreError>;
 
     /// Every live record and tombstone, for tests and small comparisons:
     /// key → (version, deleted, fields).

@@ -5,16 +5,27 @@
 //! rows and tombstones, and a view named after the dataset showing live rows.
 //!
 //! ```text
-//!   <schema>.customers (VIEW)  ◀──  <schema>._spoke_copy_customers (TABLE, tombstones included)
+//!   <schema>.customers (VIEW)  ◀──  <schema>._spoke_copy_customers (TABLE, tombstones included, _spoke_bucket indexed)
 //!   <schema>._spoke_copies: dataset | owner | position | fresh_as_of_ms | received_total | applied_total
+//!   <schema>._spoke_digest: dataset | bucket | h1 | h2     (the 128-bit leaf as two bigints)
+//!   <schema>._spoke_reconcile: dataset | runs_total | last_run_ms | …
 //!
 //!   apply(batch):  BEGIN
 //!                  SET LOCAL spoke.agent = 'on'            ─ opens the read-only guard for this transaction
-//!                  INSERT … SELECT * FROM unnest($1, $2, …)  ─ newest change per key, one statement
-//!                    ON CONFLICT DO UPDATE … WHERE excluded._spoke_version > t._spoke_version
+//!                  SELECT pg_advisory_xact_lock(…)          ─ one writer per copy (agent, spoke reconcile)
+//!                  WITH old AS (SELECT … WHERE key = ANY($1)),     ─ the keys' old states, same snapshot
+//!                       up AS (INSERT … SELECT * FROM unnest($1, $2, …)  ─ newest change per key, one statement
+//!                              ON CONFLICT DO UPDATE … WHERE excluded._spoke_version > t._spoke_version
+//!                              RETURNING …)
+//!                  SELECT up.*, old.* FROM up LEFT JOIN old …   ─ old and new state of every applied key
+//!                  INSERT INTO _spoke_digest … ON CONFLICT DO UPDATE SET h1 = h1 # …  ─ XOR the deltas in
 //!                  UPDATE _spoke_copies SET position = …    ─ same transaction: nothing lost or doubled
 //!                  COMMIT
 //! ```
+//!
+//! The digest costs one more round trip per batch that changed something
+//! (the XOR upsert); the old states come back from the apply statement
+//! itself. Copies made before digests existed are migrated by `ensure_copy`.
 //!
 //! # Read-only enforcement, two layers
 //! - **Privileges**: the tables belong to the agent's role; `PUBLIC` gets
@@ -36,6 +47,7 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use serde_json::{Map, Value};
+use spoke_core::digest::{bucket_of, entry_hash, Digest, DigestDelta, DigestEntry};
 use spoke_core::manifest::is_identifier;
 use spoke_core::{Change, FieldSpec, FieldType, Op, Version};
 use tokio_postgres::types::ToSql;
@@ -43,7 +55,8 @@ use tokio_postgres::{Client, NoTls, Row};
 
 use super::sqlite::read_only_message;
 use super::{
-    newest_per_key, Advance, ApplyOutcome, CopyRecord, CopySpec, CopyStore, Cursor, StoreError,
+    newest_per_key, Advance, ApplyOutcome, CopyRecord, CopySpec, CopyStore, Cursor, ReconcileRun,
+    ReconcileStats, StoreError,
 };
 use crate::clock::Clock;
 
@@ -135,17 +148,20 @@ impl Layout {
         let params: String = columns
             .iter()
             .enumerate()
-            .map(|(i, (_, s))| format!(", {}", array_param(s.ty, i + 4)))
+            .map(|(i, (_, s))| format!(", {}", array_param(s.ty, i + 5)))
             .collect();
         let sets: String = columns
             .iter()
             .map(|(n, _)| format!(", \"{n}\" = excluded.\"{n}\""))
             .collect();
         let upsert = format!(
-            "INSERT INTO {base} AS t (_spoke_key, _spoke_version, _spoke_deleted_at{names})
-             SELECT * FROM unnest($1::text[], $2::int8[], $3::int8[]{params})
-             ON CONFLICT (_spoke_key) DO UPDATE SET _spoke_version = excluded._spoke_version, _spoke_deleted_at = excluded._spoke_deleted_at{sets}
-             WHERE excluded._spoke_version > t._spoke_version"
+            "WITH old AS (SELECT _spoke_key AS k, _spoke_version AS v, _spoke_deleted_at IS NOT NULL AS d FROM {base} WHERE _spoke_key = ANY($1::text[])),
+             up AS (INSERT INTO {base} AS t (_spoke_key, _spoke_version, _spoke_deleted_at, _spoke_bucket{names})
+                SELECT * FROM unnest($1::text[], $2::int8[], $3::int8[], $4::int4[]{params})
+                ON CONFLICT (_spoke_key) DO UPDATE SET _spoke_version = excluded._spoke_version, _spoke_deleted_at = excluded._spoke_deleted_at{sets}
+                WHERE excluded._spoke_version > t._spoke_version
+                RETURNING t._spoke_key, t._spoke_version, t._spoke_deleted_at IS NOT NULL AS d, t._spoke_bucket)
+             SELECT up._spoke_key, up._spoke_version, up.d, up._spoke_bucket, old.v, old.d FROM up LEFT JOIN old ON old.k = up._spoke_key"
         );
         let cols: String = columns
             .iter()
@@ -230,6 +246,116 @@ impl Column {
             Column::Bool(c) => c,
         }
     }
+}
+
+/// A 128-bit digest value as the two bigints stored for it.
+fn split(h: u128) -> (i64, i64) {
+    (h as u64 as i64, (h >> 64) as u64 as i64)
+}
+
+fn join(h1: i64, h2: i64) -> u128 {
+    u128::from(h1 as u64) | (u128::from(h2 as u64) << 64)
+}
+
+/// XORs a batch's deltas into `<schema>._spoke_digest`, in the caller's transaction.
+async fn write_delta(
+    tx: &tokio_postgres::Transaction<'_>,
+    schema: &str,
+    dataset: &str,
+    delta: &DigestDelta,
+) -> Result<(), tokio_postgres::Error> {
+    if delta.is_empty() {
+        return Ok(());
+    }
+    let mut buckets: Vec<i32> = Vec::new();
+    let mut h1: Vec<i64> = Vec::new();
+    let mut h2: Vec<i64> = Vec::new();
+    for (b, h) in delta.buckets() {
+        let (x, y) = split(h);
+        buckets.push(i32::from(b));
+        h1.push(x);
+        h2.push(y);
+    }
+    let sql = format!(
+        "INSERT INTO \"{schema}\"._spoke_digest AS g (dataset, bucket, h1, h2)
+         SELECT $1, b, x, y FROM unnest($2::int4[], $3::int8[], $4::int8[]) AS u(b, x, y)
+         ON CONFLICT (dataset, bucket) DO UPDATE SET h1 = g.h1 # excluded.h1, h2 = g.h2 # excluded.h2"
+    );
+    tx.execute(&sql, &[&dataset, &buckets, &h1, &h2]).await?;
+    Ok(())
+}
+
+/// Opens the read-only guard and takes the copy's writer lock for this
+/// transaction (one round trip). The lock serialises the agent and
+/// `spoke reconcile` writing the same copy, which keeps each statement's
+/// view of the old states, and so the digest, exact.
+fn guard_sql(schema: &str, dataset: &str) -> String {
+    format!(
+        "SET LOCAL spoke.agent = 'on'; SELECT pg_advisory_xact_lock(hashtext('spoke:copy:{schema}.{dataset}'))"
+    )
+}
+
+/// Adds what digests need to a copy made before them — the bucket column,
+/// its index and the digest built from the rows — in the caller's transaction.
+async fn migrate_digest(
+    tx: &tokio_postgres::Transaction<'_>,
+    schema: &str,
+    dataset: &str,
+    base: &str,
+) -> Result<(), tokio_postgres::Error> {
+    let has: bool = tx
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM information_schema.columns WHERE table_schema = $1 AND table_name = $2 AND column_name = '_spoke_bucket')",
+            &[&schema, &format!("_spoke_copy_{dataset}")],
+        )
+        .await?
+        .get(0);
+    if has {
+        return Ok(());
+    }
+    tx.batch_execute(&format!(
+        "{}; ALTER TABLE {base} ADD COLUMN _spoke_bucket int NOT NULL DEFAULT 0",
+        guard_sql(schema, dataset)
+    ))
+    .await?;
+    let rows = tx
+        .query(
+            &format!(
+                "SELECT _spoke_key, _spoke_version, _spoke_deleted_at IS NOT NULL FROM {base}"
+            ),
+            &[],
+        )
+        .await?;
+    let mut keys: Vec<String> = Vec::with_capacity(rows.len());
+    let mut buckets: Vec<i32> = Vec::with_capacity(rows.len());
+    let mut digest = Digest::new();
+    for r in &rows {
+        let key: String = r.get(0);
+        let version: i64 = r.get(1);
+        digest.toggle(&key, version as Version, r.get(2));
+        buckets.push(i32::from(bucket_of(&key)));
+        keys.push(key);
+    }
+    tx.execute(
+        &format!("UPDATE {base} SET _spoke_bucket = u.b FROM unnest($1::text[], $2::int4[]) AS u(k, b) WHERE _spoke_key = u.k"),
+        &[&keys, &buckets],
+    )
+    .await?;
+    tx.batch_execute(&format!(
+        "CREATE INDEX ON {base} (_spoke_bucket); DELETE FROM \"{schema}\"._spoke_digest WHERE dataset = '{dataset}'"
+    ))
+    .await?;
+    let mut delta = DigestDelta::new();
+    for (b, &h) in digest.leaves().iter().enumerate() {
+        delta.xor(b as u16, h);
+    }
+    write_delta(tx, schema, dataset, &delta).await?;
+    tracing::info!(
+        dataset,
+        rows = rows.len(),
+        "built the digest of a copy made before digests existed"
+    );
+    Ok(())
 }
 
 pub struct PostgresCopyStore {
@@ -368,6 +494,15 @@ impl CopyStore for PostgresCopyStore {
                         position bigint, fresh_as_of_ms bigint NOT NULL DEFAULT 0,
                         received_total bigint NOT NULL DEFAULT 0, applied_total bigint NOT NULL DEFAULT 0);
                      REVOKE ALL ON \"{schema}\"._spoke_copies FROM PUBLIC;
+                     CREATE TABLE IF NOT EXISTS \"{schema}\"._spoke_digest (
+                        dataset text NOT NULL, bucket int NOT NULL, h1 bigint NOT NULL, h2 bigint NOT NULL,
+                        PRIMARY KEY (dataset, bucket));
+                     REVOKE ALL ON \"{schema}\"._spoke_digest FROM PUBLIC;
+                     CREATE TABLE IF NOT EXISTS \"{schema}\"._spoke_reconcile (
+                        dataset text PRIMARY KEY, runs_total bigint NOT NULL DEFAULT 0, last_run_ms bigint NOT NULL DEFAULT 0,
+                        last_duration_ms bigint NOT NULL DEFAULT 0, last_repaired bigint NOT NULL DEFAULT 0,
+                        missing_total bigint NOT NULL DEFAULT 0, stale_total bigint NOT NULL DEFAULT 0, extra_total bigint NOT NULL DEFAULT 0);
+                     REVOKE ALL ON \"{schema}\"._spoke_reconcile FROM PUBLIC;
                      CREATE OR REPLACE FUNCTION \"{schema}\"._spoke_guard() RETURNS trigger LANGUAGE plpgsql AS $f$
                      BEGIN
                         IF coalesce(current_setting('spoke.agent', true), '') <> 'on' THEN
@@ -386,7 +521,9 @@ impl CopyStore for PostgresCopyStore {
                     let view_cols: String = columns.iter().map(|(n, _)| format!(", \"{n}\"")).collect();
                     let escaped = msg.replace('\'', "''");
                     tx.batch_execute(&format!(
-                        "CREATE TABLE {base} (_spoke_key text PRIMARY KEY, _spoke_version bigint NOT NULL, _spoke_deleted_at bigint{cols});
+                        "CREATE TABLE {base} (_spoke_key text PRIMARY KEY, _spoke_version bigint NOT NULL, _spoke_deleted_at bigint{cols}, _spoke_bucket int NOT NULL DEFAULT 0);
+                         CREATE INDEX ON {base} (_spoke_bucket);
+                         DELETE FROM \"{schema}\"._spoke_digest WHERE dataset = '{ds}';
                          CREATE VIEW \"{schema}\".\"{ds}\" AS SELECT _spoke_key AS \"{key}\"{view_cols}, _spoke_version FROM {base} WHERE _spoke_deleted_at IS NULL;
                          COMMENT ON VIEW \"{schema}\".\"{ds}\" IS '{escaped}';
                          CREATE TRIGGER _spoke_read_only BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ON {base}
@@ -399,11 +536,13 @@ impl CopyStore for PostgresCopyStore {
                         &[&ds, &owner, &key, &fields_json],
                     )
                     .await?;
+                } else if existing.as_deref() == Some(fields_json.as_str()) {
+                    migrate_digest(&tx, &schema, &ds, &base).await?;
                 }
                 for r in &readers {
                     tx.batch_execute(&format!(
                         "GRANT USAGE ON SCHEMA \"{schema}\" TO \"{r}\";
-                         GRANT SELECT ON \"{schema}\".\"{ds}\", {base}, \"{schema}\"._spoke_copies TO \"{r}\";"
+                         GRANT SELECT ON \"{schema}\".\"{ds}\", {base}, \"{schema}\"._spoke_copies, \"{schema}\"._spoke_digest, \"{schema}\"._spoke_reconcile TO \"{r}\";"
                     ))
                     .await?;
                 }
@@ -455,6 +594,7 @@ impl CopyStore for PostgresCopyStore {
         let mut keys = Vec::with_capacity(n);
         let mut versions = Vec::with_capacity(n);
         let mut deleted_at: Vec<Option<i64>> = Vec::with_capacity(n);
+        let mut buckets: Vec<i32> = Vec::with_capacity(n);
         let mut columns: Vec<Column> = layout
             .columns
             .iter()
@@ -464,6 +604,7 @@ impl CopyStore for PostgresCopyStore {
             keys.push(c.key.as_str());
             versions.push(c.version as i64);
             deleted_at.push((c.op == Op::Delete).then_some(now));
+            buckets.push(i32::from(bucket_of(&c.key)));
             for ((name, spec), col) in layout.columns.iter().zip(columns.iter_mut()) {
                 col.push(
                     spec.ty,
@@ -475,7 +616,7 @@ impl CopyStore for PostgresCopyStore {
                 );
             }
         }
-        let mut params: Vec<&(dyn ToSql + Sync)> = vec![&keys, &versions, &deleted_at];
+        let mut params: Vec<&(dyn ToSql + Sync)> = vec![&keys, &versions, &deleted_at, &buckets];
         params.extend(columns.iter().map(Column::as_sql));
         let cursor_sql = format!(
             "UPDATE \"{}\"._spoke_copies SET position = COALESCE($1, position), fresh_as_of_ms = COALESCE($2, fresh_as_of_ms),
@@ -490,12 +631,30 @@ impl CopyStore for PostgresCopyStore {
         let position = advance.position.map(|p| p as i64);
         let fresh = advance.fresh_as_of_ms.map(|f| f as i64);
         let ds = dataset.to_owned();
+        let schema = self.options.schema.clone();
+        let guard = guard_sql(&schema, dataset);
         let applied = self
             .with_client(&self.writer, async |c| {
                 let tx = c.transaction().await?;
-                tx.batch_execute("SET LOCAL spoke.agent = 'on'").await?;
+                tx.batch_execute(&guard).await?;
                 let applied = if n > 0 {
-                    tx.execute(&layout.upsert, &params).await?
+                    let rows = tx.query(&layout.upsert, &params).await?;
+                    let mut delta = DigestDelta::new();
+                    for r in &rows {
+                        let key: &str = r.get(0);
+                        let version: i64 = r.get(1);
+                        let deleted: bool = r.get(2);
+                        let bucket: i32 = r.get(3);
+                        let old_v: Option<i64> = r.get(4);
+                        let old_d: Option<bool> = r.get(5);
+                        let mut h = entry_hash(key, version as Version, deleted);
+                        if let Some(v) = old_v {
+                            h ^= entry_hash(key, v as Version, old_d.unwrap_or(false));
+                        }
+                        delta.xor(bucket as u16, h);
+                    }
+                    write_delta(&tx, &schema, &ds, &delta).await?;
+                    rows.len() as u64
                 } else {
                     0
                 };
@@ -553,16 +712,153 @@ impl CopyStore for PostgresCopyStore {
     ) -> Result<u64, StoreError> {
         let layout = self.layout(dataset).await?;
         let sql = format!(
-            "DELETE FROM {} WHERE _spoke_deleted_at IS NOT NULL AND _spoke_deleted_at < $1",
+            "DELETE FROM {} WHERE _spoke_deleted_at IS NOT NULL AND _spoke_deleted_at < $1 RETURNING _spoke_key, _spoke_version, _spoke_bucket",
             layout.base
         );
         let cutoff = now_ms.saturating_sub(horizon_ms) as i64;
+        let schema = self.options.schema.clone();
+        let guard = guard_sql(&schema, dataset);
+        let ds = dataset.to_owned();
         self.with_client(&self.writer, async |c| {
             let tx = c.transaction().await?;
-            tx.batch_execute("SET LOCAL spoke.agent = 'on'").await?;
-            let n = tx.execute(&sql, &[&cutoff]).await?;
+            tx.batch_execute(&guard).await?;
+            let rows = tx.query(&sql, &[&cutoff]).await?;
+            let mut delta = DigestDelta::new();
+            for r in &rows {
+                let key: &str = r.get(0);
+                let version: i64 = r.get(1);
+                let bucket: i32 = r.get(2);
+                delta.xor(bucket as u16, entry_hash(key, version as Version, true));
+            }
+            write_delta(&tx, &schema, &ds, &delta).await?;
             tx.commit().await?;
-            Ok(n)
+            Ok(rows.len() as u64)
+        })
+        .await
+    }
+
+    async fn digest(&self, dataset: &str) -> Result<Digest, StoreError> {
+        self.layout(dataset).await?;
+        let sql = format!(
+            "SELECT bucket, h1, h2 FROM \"{}\"._spoke_digest WHERE dataset = $1",
+            self.options.schema
+        );
+        let ds = dataset.to_owned();
+        let rows = self
+            .with_client(&self.reader, async |c| c.query(&sql, &[&ds]).await)
+            .await?;
+        let mut d = Digest::new();
+        for r in rows {
+            let b: i32 = r.get(0);
+            d.xor(b as u16, join(r.get(1), r.get(2)));
+        }
+        Ok(d)
+    }
+
+    async fn bucket_entries(
+        &self,
+        dataset: &str,
+        buckets: &[u16],
+    ) -> Result<Vec<DigestEntry>, StoreError> {
+        let layout = self.layout(dataset).await?;
+        let sql = format!(
+            "SELECT _spoke_key, _spoke_version, _spoke_deleted_at IS NOT NULL FROM {} WHERE _spoke_bucket = ANY($1::int4[])",
+            layout.base
+        );
+        let buckets: Vec<i32> = buckets.iter().map(|&b| i32::from(b)).collect();
+        let rows = self
+            .with_client(&self.reader, async |c| c.query(&sql, &[&buckets]).await)
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                DigestEntry::new(
+                    r.get::<_, String>(0),
+                    r.get::<_, i64>(1) as Version,
+                    r.get(2),
+                )
+            })
+            .collect())
+    }
+
+    async fn remove(&self, dataset: &str, entries: &[DigestEntry]) -> Result<u64, StoreError> {
+        let layout = self.layout(dataset).await?;
+        let sql = format!(
+            "DELETE FROM {} AS t USING unnest($1::text[], $2::int8[], $3::bool[]) AS u(k, v, d)
+             WHERE t._spoke_key = u.k AND t._spoke_version = u.v AND (t._spoke_deleted_at IS NOT NULL) = u.d
+             RETURNING t._spoke_key, t._spoke_version, u.d, t._spoke_bucket",
+            layout.base
+        );
+        let keys: Vec<&str> = entries.iter().map(|e| e.key.as_str()).collect();
+        let versions: Vec<i64> = entries.iter().map(|e| e.version as i64).collect();
+        let deleted: Vec<bool> = entries.iter().map(|e| e.deleted).collect();
+        let schema = self.options.schema.clone();
+        let guard = guard_sql(&schema, dataset);
+        let ds = dataset.to_owned();
+        self.with_client(&self.writer, async |c| {
+            let tx = c.transaction().await?;
+            tx.batch_execute(&guard).await?;
+            let rows = tx.query(&sql, &[&keys, &versions, &deleted]).await?;
+            let mut delta = DigestDelta::new();
+            for r in &rows {
+                let key: &str = r.get(0);
+                let version: i64 = r.get(1);
+                let bucket: i32 = r.get(3);
+                delta.xor(bucket as u16, entry_hash(key, version as Version, r.get(2)));
+            }
+            write_delta(&tx, &schema, &ds, &delta).await?;
+            tx.commit().await?;
+            Ok(rows.len() as u64)
+        })
+        .await
+    }
+
+    async fn reconcile_stats(&self, dataset: &str) -> Result<ReconcileStats, StoreError> {
+        self.layout(dataset).await?;
+        let sql = format!(
+            "SELECT runs_total, last_run_ms, last_duration_ms, last_repaired, missing_total, stale_total, extra_total
+             FROM \"{}\"._spoke_reconcile WHERE dataset = $1",
+            self.options.schema
+        );
+        let ds = dataset.to_owned();
+        let row = self
+            .with_client(&self.reader, async |c| c.query_opt(&sql, &[&ds]).await)
+            .await?;
+        Ok(
+            row.map_or_else(ReconcileStats::default, |r| ReconcileStats {
+                runs_total: r.get::<_, i64>(0) as u64,
+                last_run_ms: r.get::<_, i64>(1) as u64,
+                last_duration_ms: r.get::<_, i64>(2) as u64,
+                last_repaired: r.get::<_, i64>(3) as u64,
+                repaired_missing_total: r.get::<_, i64>(4) as u64,
+                repaired_stale_total: r.get::<_, i64>(5) as u64,
+                repaired_extra_total: r.get::<_, i64>(6) as u64,
+            }),
+        )
+    }
+
+    async fn record_reconcile(&self, dataset: &str, run: &ReconcileRun) -> Result<(), StoreError> {
+        let sql = format!(
+            "INSERT INTO \"{}\"._spoke_reconcile AS r (dataset, runs_total, last_run_ms, last_duration_ms, last_repaired, missing_total, stale_total, extra_total)
+             VALUES ($1, 1, $2::int8, $3::int8, $4::int8 + $5::int8 + $6::int8, $4::int8, $5::int8, $6::int8)
+             ON CONFLICT (dataset) DO UPDATE SET runs_total = r.runs_total + 1, last_run_ms = excluded.last_run_ms,
+                last_duration_ms = excluded.last_duration_ms, last_repaired = excluded.last_repaired,
+                missing_total = r.missing_total + excluded.missing_total, stale_total = r.stale_total + excluded.stale_total,
+                extra_total = r.extra_total + excluded.extra_total",
+            self.options.schema
+        );
+        let ds = dataset.to_owned();
+        let v = [
+            run.started_ms as i64,
+            run.duration_ms as i64,
+            run.missing as i64,
+            run.stale as i64,
+            run.extra as i64,
+        ];
+        self.with_client(&self.writer, async |c| {
+            c.execute(&sql, &[&ds, &v[0], &v[1], &v[2], &v[3], &v[4]])
+                .await
+                .map(|_| ())
         })
         .await
     }
@@ -620,6 +916,57 @@ mod tests {
         for s in schemas.into_inner().unwrap() {
             postgres_exec(&url, &format!("DROP SCHEMA IF EXISTS \"{s}\" CASCADE")).await;
         }
+    }
+
+    #[tokio::test]
+    async fn a_copy_made_before_digests_gets_its_digest_built_on_open() {
+        let Some(url) = postgres_or_skip("postgres digest migration").await else {
+            return;
+        };
+        let schema = unique_name("spoke_t");
+        let s = store(&url, &schema, Clock::System).await;
+        s.ensure_copy(&conformance::spec()).await.unwrap();
+        let changes: Vec<Change> = (0..200)
+            .map(|i| {
+                if i % 6 == 0 {
+                    conformance::delete(&format!("k{i}"), 2)
+                } else {
+                    conformance::upsert(&format!("k{i}"), 1 + i % 3, i as i64)
+                }
+            })
+            .collect();
+        s.apply("items", &changes, conformance::feed_advance(1, 1))
+            .await
+            .unwrap();
+        let want = conformance::digest_from_scratch(&s, "items").await;
+        assert_eq!(s.digest("items").await.unwrap(), want);
+        drop(s);
+        postgres_exec(
+            &url,
+            &format!(
+                "ALTER TABLE \"{schema}\"._spoke_copy_items DROP COLUMN _spoke_bucket;
+                 DELETE FROM \"{schema}\"._spoke_digest;"
+            ),
+        )
+        .await;
+        let s = store(&url, &schema, Clock::System).await;
+        s.ensure_copy(&conformance::spec()).await.unwrap();
+        assert_eq!(s.digest("items").await.unwrap(), want, "rebuilt on open");
+        let all: Vec<u16> = (0..4096).collect();
+        assert_eq!(s.bucket_entries("items", &all).await.unwrap().len(), 200);
+        s.apply(
+            "items",
+            &[conformance::upsert("k0", 9, 9)],
+            conformance::feed_advance(2, 1),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            s.digest("items").await.unwrap(),
+            conformance::digest_from_scratch(&s, "items").await
+        );
+        drop(s);
+        postgres_exec(&url, &format!("DROP SCHEMA \"{schema}\" CASCADE")).await;
     }
 
     #[tokio::test]

@@ -6,10 +6,27 @@
 //!
 //! ```text
 //!   customers (VIEW)                      _spoke_copy_customers (TABLE)
-//!   id | name | email | _spoke_version ◀── _spoke_key | name | email | _spoke_version | _spoke_deleted_at
-//!                                         (rows with _spoke_deleted_at set are tombstones)
+//!   id | name | email | _spoke_version ◀── _spoke_key | name | email | _spoke_version | _spoke_deleted_at | _spoke_bucket
+//!                                         (rows with _spoke_deleted_at set are tombstones; index on _spoke_bucket)
 //!   _spoke_copies: dataset | owner | position | fresh_as_of_ms | received_total | applied_total
+//!   _spoke_digest: dataset | chunk | hashes    (64 chunks of 64 bucket hashes, 1 KiB each)
+//!   _spoke_reconcile: dataset | runs_total | last_run_ms | … (reconcile bookkeeping)
 //! ```
+//!
+//! # Digest
+//! Each apply reads the old `(version, deleted)` of every key it is about to
+//! write (one primary-key look-up, on pages the write then touches anyway),
+//! decides by the apply rule, and collects the XOR deltas per bucket. Before
+//! commit it rewrites the touched chunks of `_spoke_digest` — read, XOR,
+//! write, inside the same transaction, so the digest commits or rolls back
+//! with the records and is correct even when `spoke reconcile` writes beside
+//! the agent. Chunks hold the 64 leaves under one level-1 node, so a batch
+//! of 1,000 changes rewrites at most 64 small rows instead of up to 1,000
+//! bucket rows; a missing chunk row means 64 empty buckets. `_spoke_bucket`
+//! is written once per key (inserts only; updates leave it and its index
+//! alone) and lets reconcile list a bucket's rows without a scan. Copies
+//! made before digests existed are migrated by `ensure_copy`: the column,
+//! the index and the digest are built from the rows in one transaction.
 //!
 //! # Read-only enforcement
 //! SQLite has no users, so the guard is a flag: triggers on the base table
@@ -44,10 +61,15 @@ use async_trait::async_trait;
 use rusqlite::types::Value as SqlValue;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use serde_json::{Map, Value};
+use spoke_core::digest::{
+    bucket_of, entry_hash, xor_chunk, Digest, DigestDelta, DigestEntry, BUCKETS, CHUNK_BYTES,
+    FANOUT,
+};
 use spoke_core::{Change, FieldSpec, FieldType, Op, Version};
 
 use super::{
-    newest_per_key, Advance, ApplyOutcome, CopyRecord, CopySpec, CopyStore, Cursor, StoreError,
+    newest_per_key, Advance, ApplyOutcome, CopyRecord, CopySpec, CopyStore, Cursor, ReconcileRun,
+    ReconcileStats, StoreError,
 };
 use crate::clock::Clock;
 
@@ -67,7 +89,94 @@ CREATE TABLE IF NOT EXISTS _spoke_copies (
     received_total INTEGER NOT NULL DEFAULT 0,
     applied_total INTEGER NOT NULL DEFAULT 0
 );
+CREATE TABLE IF NOT EXISTS _spoke_digest (
+    dataset TEXT NOT NULL,
+    chunk INTEGER NOT NULL,
+    hashes BLOB NOT NULL,
+    PRIMARY KEY (dataset, chunk)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS _spoke_reconcile (
+    dataset TEXT PRIMARY KEY,
+    runs_total INTEGER NOT NULL DEFAULT 0,
+    last_run_ms INTEGER NOT NULL DEFAULT 0,
+    last_duration_ms INTEGER NOT NULL DEFAULT 0,
+    last_repaired INTEGER NOT NULL DEFAULT 0,
+    missing_total INTEGER NOT NULL DEFAULT 0,
+    stale_total INTEGER NOT NULL DEFAULT 0,
+    extra_total INTEGER NOT NULL DEFAULT 0
+);
 ";
+
+/// Reads the stored digest of `dataset` from `table` (chunk rows; absent = empty).
+pub(crate) fn read_digest(
+    conn: &Connection,
+    table: &str,
+    dataset: &str,
+) -> rusqlite::Result<Digest> {
+    let mut digest = Digest::new();
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT chunk, hashes FROM {table} WHERE dataset = ?1"
+    ))?;
+    let rows = stmt.query_map([dataset], |r| {
+        Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?))
+    })?;
+    for row in rows {
+        let (chunk, bytes) = row?;
+        digest
+            .set_chunk_bytes(chunk as usize, &bytes)
+            .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+    }
+    Ok(digest)
+}
+
+/// XORs a batch's deltas into the stored digest, inside the caller's transaction.
+pub(crate) fn write_digest_delta(
+    conn: &Connection,
+    table: &str,
+    dataset: &str,
+    delta: &DigestDelta,
+) -> rusqlite::Result<()> {
+    if delta.is_empty() {
+        return Ok(());
+    }
+    let mut read = conn.prepare_cached(&format!(
+        "SELECT hashes FROM {table} WHERE dataset = ?1 AND chunk = ?2"
+    ))?;
+    let mut write = conn.prepare_cached(&format!(
+        "INSERT INTO {table} (dataset, chunk, hashes) VALUES (?1, ?2, ?3)
+         ON CONFLICT (dataset, chunk) DO UPDATE SET hashes = excluded.hashes"
+    ))?;
+    for (chunk, deltas) in delta.chunks() {
+        let mut bytes: Vec<u8> = read
+            .query_row(params![dataset, chunk as i64], |r| r.get(0))
+            .optional()?
+            .filter(|b: &Vec<u8>| b.len() == CHUNK_BYTES)
+            .unwrap_or_else(|| vec![0; CHUNK_BYTES]);
+        xor_chunk(&mut bytes, &deltas);
+        write.execute(params![dataset, chunk as i64, bytes])?;
+    }
+    Ok(())
+}
+
+/// Replaces the stored digest of `dataset` with `digest` (migrations).
+pub(crate) fn write_digest(
+    conn: &Connection,
+    table: &str,
+    dataset: &str,
+    digest: &Digest,
+) -> rusqlite::Result<()> {
+    conn.execute(
+        &format!("DELETE FROM {table} WHERE dataset = ?1"),
+        [dataset],
+    )?;
+    let mut write = conn.prepare_cached(&format!(
+        "INSERT INTO {table} (dataset, chunk, hashes) VALUES (?1, ?2, ?3)"
+    ))?;
+    for chunk in 0..BUCKETS / FANOUT {
+        write.execute(params![dataset, chunk as i64, digest.chunk_bytes(chunk)])?;
+    }
+    Ok(())
+}
 
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(e.to_string())
@@ -81,13 +190,15 @@ struct Layout {
     upsert: String,
     delete: String,
     select: String,
+    /// The old state of a key: version and whether it is a tombstone.
+    lookup: String,
 }
 
 impl Layout {
     fn new(dataset: &str, columns: Vec<(String, FieldSpec)>) -> Self {
         let base = format!("\"_spoke_copy_{dataset}\"");
         let names: Vec<String> = columns.iter().map(|(n, _)| format!("\"{n}\"")).collect();
-        let placeholders: Vec<String> = (0..columns.len()).map(|i| format!("?{}", i + 3)).collect();
+        let placeholders: Vec<String> = (0..columns.len()).map(|i| format!("?{}", i + 4)).collect();
         let sets: Vec<String> = names
             .iter()
             .map(|n| format!("{n} = excluded.{n}"))
@@ -95,7 +206,7 @@ impl Layout {
         let nulls: Vec<String> = names.iter().map(|n| format!("{n} = NULL")).collect();
         let comma = |v: &[String]| v.iter().map(|s| format!(", {s}")).collect::<String>();
         let upsert = format!(
-            "INSERT INTO {base} (_spoke_key, _spoke_version, _spoke_deleted_at{}) VALUES (?1, ?2, NULL{})
+            "INSERT INTO {base} (_spoke_key, _spoke_version, _spoke_bucket, _spoke_deleted_at{}) VALUES (?1, ?2, ?3, NULL{})
              ON CONFLICT (_spoke_key) DO UPDATE SET _spoke_version = excluded._spoke_version, _spoke_deleted_at = NULL{}
              WHERE excluded._spoke_version > {base}._spoke_version",
             comma(&names),
@@ -103,7 +214,7 @@ impl Layout {
             comma(&sets),
         );
         let delete = format!(
-            "INSERT INTO {base} (_spoke_key, _spoke_version, _spoke_deleted_at) VALUES (?1, ?2, ?3)
+            "INSERT INTO {base} (_spoke_key, _spoke_version, _spoke_bucket, _spoke_deleted_at) VALUES (?1, ?2, ?3, ?4)
              ON CONFLICT (_spoke_key) DO UPDATE SET _spoke_version = excluded._spoke_version, _spoke_deleted_at = excluded._spoke_deleted_at{}
              WHERE excluded._spoke_version > {base}._spoke_version",
             comma(&nulls),
@@ -112,12 +223,16 @@ impl Layout {
             "SELECT _spoke_key, _spoke_version, _spoke_deleted_at{} FROM {base}",
             comma(&names)
         );
+        let lookup = format!(
+            "SELECT _spoke_version, _spoke_deleted_at IS NOT NULL FROM {base} WHERE _spoke_key = ?1"
+        );
         Layout {
             base,
             columns,
             upsert,
             delete,
             select,
+            lookup,
         }
     }
 
@@ -212,6 +327,16 @@ fn open_conn(path: &Path, read_only: bool) -> rusqlite::Result<Connection> {
     Ok(conn)
 }
 
+/// Readers map the file: reads that hop around a large copy (a bucket's
+/// rows for reconcile, point reads) then cost no system call per page.
+const READER_MMAP_BYTES: i64 = 256 * 1024 * 1024;
+
+fn open_reader(path: &Path, read_only: bool) -> rusqlite::Result<Connection> {
+    let conn = open_conn(path, read_only)?;
+    conn.pragma_update(None, "mmap_size", READER_MMAP_BYTES)?;
+    Ok(conn)
+}
+
 impl SqliteCopyStore {
     /// Opens the store as its writer (the agent).
     pub fn open(path: &Path) -> Result<Self, StoreError> {
@@ -228,7 +353,7 @@ impl SqliteCopyStore {
                 false,
             )
             .map_err(unavailable)?;
-        let reader = open_conn(path, false).map_err(unavailable)?;
+        let reader = open_reader(path, false).map_err(unavailable)?;
         Ok(SqliteCopyStore {
             clock,
             path: path.to_owned(),
@@ -240,7 +365,7 @@ impl SqliteCopyStore {
 
     /// Opens an existing store for reading only (a service reading its copies).
     pub fn open_read_only(path: &Path) -> Result<Self, StoreError> {
-        let reader = open_conn(path, true).map_err(unavailable)?;
+        let reader = open_reader(path, true).map_err(unavailable)?;
         Ok(SqliteCopyStore {
             clock: Clock::System,
             path: path.to_owned(),
@@ -276,6 +401,52 @@ impl SqliteCopyStore {
         .await
         .map_err(unavailable)?
     }
+}
+
+/// Adds what digests need to a copy made before them — the bucket column,
+/// its index and the digest built from the rows — in the caller's
+/// transaction. Returns the number of rows when it migrated, `None` when
+/// the copy already had them.
+fn migrate_digest(
+    tx: &rusqlite::Transaction<'_>,
+    dataset: &str,
+    base: &str,
+) -> rusqlite::Result<Option<usize>> {
+    let has_bucket: i64 = tx.query_row(
+        "SELECT COUNT(*) FROM pragma_table_info(?1) WHERE name = '_spoke_bucket'",
+        [format!("_spoke_copy_{dataset}")],
+        |r| r.get(0),
+    )?;
+    if has_bucket > 0 {
+        return Ok(None);
+    }
+    tx.execute_batch(&format!(
+        "ALTER TABLE {base} ADD COLUMN _spoke_bucket INTEGER NOT NULL DEFAULT 0"
+    ))?;
+    let rows: Vec<(String, i64, bool)> = {
+        let mut stmt = tx.prepare(&format!(
+            "SELECT _spoke_key, _spoke_version, _spoke_deleted_at IS NOT NULL FROM {base}"
+        ))?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+        rows.collect::<rusqlite::Result<_>>()?
+    };
+    let mut digest = Digest::new();
+    tx.execute("UPDATE _spoke_guard SET agent_writing = 1 WHERE id = 1", [])?;
+    {
+        let mut set = tx.prepare(&format!(
+            "UPDATE {base} SET _spoke_bucket = ?1 WHERE _spoke_key = ?2"
+        ))?;
+        for (key, version, deleted) in &rows {
+            set.execute(params![bucket_of(key), key])?;
+            digest.toggle(key, *version as Version, *deleted);
+        }
+    }
+    tx.execute("UPDATE _spoke_guard SET agent_writing = 0 WHERE id = 1", [])?;
+    tx.execute_batch(&format!(
+        "CREATE INDEX \"_spoke_copy_{dataset}_bucket\" ON {base} (_spoke_bucket)"
+    ))?;
+    write_digest(tx, "_spoke_digest", dataset, &digest)?;
+    Ok(Some(rows.len()))
 }
 
 /// The layout of `dataset`'s copy, cached after the first look-up.
@@ -326,6 +497,10 @@ impl CopyStore for SqliteCopyStore {
                         "the copy of {ds} in this store holds fields {existing}, but the subscription now projects {fields_json}; drop the copy (DROP VIEW {ds}; DROP TABLE _spoke_copy_{ds}; DELETE FROM _spoke_copies WHERE dataset = '{ds}') and the agent rebuilds it from a snapshot"
                     )));
                 }
+                let base = Layout::new(ds, columns.clone()).base;
+                if let Some(rows) = migrate_digest(&tx, ds, &base).map_err(unavailable)? {
+                    tracing::info!(dataset = %ds, rows, "built the digest of a copy made before digests existed");
+                }
             } else {
                 let layout = Layout::new(ds, columns.clone());
                 let base = &layout.base;
@@ -334,7 +509,9 @@ impl CopyStore for SqliteCopyStore {
                 let msg = read_only_message(ds, &spec.owner);
                 let key = &spec.key_name;
                 let mut sql = format!(
-                    "CREATE TABLE {base} (_spoke_key TEXT PRIMARY KEY NOT NULL, _spoke_version INTEGER NOT NULL, _spoke_deleted_at INTEGER{cols});
+                    "CREATE TABLE {base} (_spoke_key TEXT PRIMARY KEY NOT NULL, _spoke_version INTEGER NOT NULL, _spoke_deleted_at INTEGER{cols}, _spoke_bucket INTEGER NOT NULL DEFAULT 0);
+                     CREATE INDEX \"_spoke_copy_{ds}_bucket\" ON {base} (_spoke_bucket);
+                     DELETE FROM _spoke_digest WHERE dataset = '{ds}';
                      CREATE VIEW \"{ds}\" AS SELECT _spoke_key AS \"{key}\"{view_cols}, _spoke_version FROM {base} WHERE _spoke_deleted_at IS NULL;"
                 );
                 for op in ["INSERT", "UPDATE", "DELETE"] {
@@ -450,24 +627,166 @@ impl CopyStore for SqliteCopyStore {
             let conn = writer.lock().expect("copy writer");
             layout_of(&self.layouts, &conn, dataset)?
         };
+        let ds = dataset.to_owned();
         tokio::task::spawn_blocking(move || {
             let mut conn = writer.lock().expect("copy writer");
             let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
             tx.execute("UPDATE _spoke_guard SET agent_writing = 1 WHERE id = 1", [])?;
-            let n = tx.execute(
-                &format!(
-                    "DELETE FROM {} WHERE _spoke_deleted_at IS NOT NULL AND _spoke_deleted_at < ?1",
+            let mut delta = DigestDelta::new();
+            let mut n = 0u64;
+            {
+                let mut stmt = tx.prepare(&format!(
+                    "DELETE FROM {} WHERE _spoke_deleted_at IS NOT NULL AND _spoke_deleted_at < ?1
+                     RETURNING _spoke_key, _spoke_version, _spoke_bucket",
                     layout.base
-                ),
-                [now_ms.saturating_sub(horizon_ms) as i64],
-            )?;
+                ))?;
+                let mut rows = stmt.query([now_ms.saturating_sub(horizon_ms) as i64])?;
+                while let Some(r) = rows.next()? {
+                    let key: String = r.get(0)?;
+                    let version: i64 = r.get(1)?;
+                    let bucket: i64 = r.get(2)?;
+                    delta.xor(bucket as u16, entry_hash(&key, version as Version, true));
+                    n += 1;
+                }
+            }
+            write_digest_delta(&tx, "_spoke_digest", &ds, &delta)?;
             tx.execute("UPDATE _spoke_guard SET agent_writing = 0 WHERE id = 1", [])?;
             tx.commit()?;
-            Ok(n as u64)
+            Ok(n)
         })
         .await
         .map_err(unavailable)?
         .map_err(|e: rusqlite::Error| unavailable(e))
+    }
+
+    async fn digest(&self, dataset: &str) -> Result<Digest, StoreError> {
+        let ds = dataset.to_owned();
+        self.read(dataset, move |conn, _| {
+            read_digest(conn, "_spoke_digest", &ds).map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn bucket_entries(
+        &self,
+        dataset: &str,
+        buckets: &[u16],
+    ) -> Result<Vec<DigestEntry>, StoreError> {
+        let buckets = buckets.to_vec();
+        let ds = dataset.to_owned();
+        self.read(dataset, move |conn, layout| {
+            let mut stmt = conn
+                .prepare_cached(&format!(
+                    "SELECT _spoke_key, _spoke_version, _spoke_deleted_at IS NOT NULL FROM {} INDEXED BY \"_spoke_copy_{ds}_bucket\" WHERE _spoke_bucket = ?1",
+                    layout.base
+                ))
+                .map_err(unavailable)?;
+            let mut out = Vec::new();
+            for b in buckets {
+                let rows = stmt
+                    .query_map([i64::from(b)], |r| {
+                        Ok(DigestEntry::new(
+                            r.get::<_, String>(0)?,
+                            r.get::<_, i64>(1)? as Version,
+                            r.get(2)?,
+                        ))
+                    })
+                    .map_err(unavailable)?;
+                for e in rows {
+                    out.push(e.map_err(unavailable)?);
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn remove(&self, dataset: &str, entries: &[DigestEntry]) -> Result<u64, StoreError> {
+        let writer = self.writer()?;
+        let layout = {
+            let conn = writer.lock().expect("copy writer");
+            layout_of(&self.layouts, &conn, dataset)?
+        };
+        let entries = entries.to_vec();
+        let ds = dataset.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let mut conn = writer.lock().expect("copy writer");
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            tx.execute("UPDATE _spoke_guard SET agent_writing = 1 WHERE id = 1", [])?;
+            let mut delta = DigestDelta::new();
+            let mut n = 0u64;
+            {
+                let mut del = tx.prepare_cached(&format!(
+                    "DELETE FROM {} WHERE _spoke_key = ?1 AND _spoke_version = ?2 AND (_spoke_deleted_at IS NOT NULL) = ?3",
+                    layout.base
+                ))?;
+                for e in &entries {
+                    if del.execute(params![e.key, e.version as i64, e.deleted])? > 0 {
+                        delta.xor(e.bucket(), e.hash());
+                        n += 1;
+                    }
+                }
+            }
+            write_digest_delta(&tx, "_spoke_digest", &ds, &delta)?;
+            tx.execute("UPDATE _spoke_guard SET agent_writing = 0 WHERE id = 1", [])?;
+            tx.commit()?;
+            Ok(n)
+        })
+        .await
+        .map_err(unavailable)?
+        .map_err(|e: rusqlite::Error| unavailable(e))
+    }
+
+    async fn reconcile_stats(&self, dataset: &str) -> Result<ReconcileStats, StoreError> {
+        let ds = dataset.to_owned();
+        self.read(dataset, move |conn, _| {
+            let row = conn.query_row(
+                "SELECT runs_total, last_run_ms, last_duration_ms, last_repaired, missing_total, stale_total, extra_total
+                 FROM _spoke_reconcile WHERE dataset = ?1",
+                [&ds],
+                |r| {
+                    Ok(ReconcileStats {
+                        runs_total: r.get::<_, i64>(0)? as u64,
+                        last_run_ms: r.get::<_, i64>(1)? as u64,
+                        last_duration_ms: r.get::<_, i64>(2)? as u64,
+                        last_repaired: r.get::<_, i64>(3)? as u64,
+                        repaired_missing_total: r.get::<_, i64>(4)? as u64,
+                        repaired_stale_total: r.get::<_, i64>(5)? as u64,
+                        repaired_extra_total: r.get::<_, i64>(6)? as u64,
+                    })
+                },
+            );
+            match row {
+                Ok(s) => Ok(s),
+                Err(rusqlite::Error::QueryReturnedNoRows) => Ok(ReconcileStats::default()),
+                // A store written before reconciliation existed, opened read-only.
+                Err(e) if e.to_string().contains("no such table") => Ok(ReconcileStats::default()),
+                Err(e) => Err(unavailable(e)),
+            }
+        })
+        .await
+    }
+
+    async fn record_reconcile(&self, dataset: &str, run: &ReconcileRun) -> Result<(), StoreError> {
+        let writer = self.writer()?;
+        let ds = dataset.to_owned();
+        let run = *run;
+        tokio::task::spawn_blocking(move || {
+            let conn = writer.lock().expect("copy writer");
+            conn.execute(
+                "INSERT INTO _spoke_reconcile (dataset, runs_total, last_run_ms, last_duration_ms, last_repaired, missing_total, stale_total, extra_total)
+                 VALUES (?1, 1, ?2, ?3, ?4 + ?5 + ?6, ?4, ?5, ?6)
+                 ON CONFLICT (dataset) DO UPDATE SET runs_total = runs_total + 1, last_run_ms = excluded.last_run_ms,
+                    last_duration_ms = excluded.last_duration_ms, last_repaired = excluded.last_repaired,
+                    missing_total = missing_total + excluded.missing_total, stale_total = stale_total + excluded.stale_total,
+                    extra_total = extra_total + excluded.extra_total",
+                params![ds, run.started_ms as i64, run.duration_ms as i64, run.missing as i64, run.stale as i64, run.extra as i64],
+            )
+            .map(|_| ())
+        })
+        .await
+        .map_err(unavailable)?
+        .map_err(unavailable)
     }
 
     async fn dump(
@@ -498,25 +817,35 @@ impl CopyStore for SqliteCopyStore {
 /// could not change the copy.
 struct Rows {
     ops: Vec<Op>,
-    /// Per change, `stride` values: key, version, then one per column of the
-    /// layout (NULL for deletes).
+    /// Per change, `stride` values: key, version, bucket, then one per
+    /// column of the layout (NULL for deletes).
     values: Vec<SqlValue>,
     stride: usize,
+    /// Per change: key, version, and the digest hash of its new state.
+    digest: Vec<(String, Version, u128)>,
 }
 
 impl Rows {
     fn new(layout: &Layout, changes: &[Change]) -> Self {
         let newest = newest_per_key(changes);
-        let stride = layout.columns.len() + 2;
+        let stride = layout.columns.len() + 3;
         let mut rows = Rows {
             ops: Vec::with_capacity(newest.len()),
             values: Vec::with_capacity(newest.len() * stride),
             stride,
+            digest: Vec::with_capacity(newest.len()),
         };
         for c in newest {
             rows.ops.push(c.op);
             rows.values.push(SqlValue::Text(c.key.clone()));
             rows.values.push(SqlValue::Integer(c.version as i64));
+            rows.values
+                .push(SqlValue::Integer(i64::from(bucket_of(&c.key))));
+            rows.digest.push((
+                c.key.clone(),
+                c.version,
+                entry_hash(&c.key, c.version, c.op == Op::Delete),
+            ));
             match c.op {
                 Op::Upsert => push_columns(&mut rows.values, &layout.columns, &c.fields),
                 Op::Delete => rows
@@ -527,11 +856,13 @@ impl Rows {
         rows
     }
 
-    fn iter(&self) -> impl Iterator<Item = (Op, &[SqlValue])> {
+    fn iter(&self) -> impl Iterator<Item = (Op, &[SqlValue], &(String, Version, u128))> {
         self.ops
             .iter()
             .copied()
             .zip(self.values.chunks_exact(self.stride))
+            .zip(&self.digest)
+            .map(|((op, values), digest)| (op, values, digest))
     }
 }
 
@@ -563,7 +894,14 @@ fn push_columns(
     }
 }
 
-/// One apply transaction: records, cursor and counters together.
+fn bucket_of_value(v: &SqlValue) -> u16 {
+    match v {
+        SqlValue::Integer(b) => *b as u16,
+        _ => 0,
+    }
+}
+
+/// One apply transaction: records, digest, cursor and counters together.
 fn apply_batch(
     conn: &mut Connection,
     dataset: &str,
@@ -577,19 +915,33 @@ fn apply_batch(
     tx.prepare_cached("UPDATE _spoke_guard SET agent_writing = 1 WHERE id = 1")?
         .execute([])?;
     let mut out = ApplyOutcome::default();
+    let mut delta = DigestDelta::new();
     {
+        let mut lookup = tx.prepare_cached(&layout.lookup)?;
         let mut upsert = tx.prepare_cached(&layout.upsert)?;
         let mut delete = tx.prepare_cached(&layout.delete)?;
-        for (op, values) in rows.iter() {
+        for (op, values, (key, version, new_hash)) in rows.iter() {
+            // The old state, for the apply rule and the digest.
+            let old: Option<(i64, bool)> = lookup
+                .query_row([&values[0]], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()?;
+            if old.is_some_and(|(v, _)| v as Version >= *version) {
+                continue;
+            }
             let n = match op {
                 Op::Upsert => upsert.execute(rusqlite::params_from_iter(values))?,
-                Op::Delete => delete.execute(params![values[0], values[1], now_ms as i64])?,
+                Op::Delete => {
+                    delete.execute(params![values[0], values[1], values[2], now_ms as i64])?
+                }
             };
             if n > 0 {
                 out.applied += 1;
+                let old_hash = old.map_or(0, |(v, d)| entry_hash(key, v as Version, d));
+                delta.xor(bucket_of_value(&values[2]), old_hash ^ new_hash);
             }
         }
     }
+    write_digest_delta(&tx, "_spoke_digest", dataset, &delta)?;
     out.ignored = received - out.applied;
     let received = if advance.from_feed {
         received as i64
@@ -622,6 +974,68 @@ mod tests {
             async move { SqliteCopyStore::open_with_clock(&path, clock).unwrap() }
         })
         .await;
+    }
+
+    #[tokio::test]
+    async fn a_copy_made_before_digests_gets_its_digest_built_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("copy.db");
+        let store = SqliteCopyStore::open(&path).unwrap();
+        store.ensure_copy(&conformance::spec()).await.unwrap();
+        let changes: Vec<Change> = (0..300)
+            .map(|i| {
+                if i % 7 == 0 {
+                    conformance::delete(&format!("k{i}"), 2)
+                } else {
+                    conformance::upsert(&format!("k{i}"), 1 + i % 3, i as i64)
+                }
+            })
+            .collect();
+        store
+            .apply("items", &changes, conformance::feed_advance(1, 1))
+            .await
+            .unwrap();
+        let want = conformance::digest_from_scratch(&store, "items").await;
+        assert_eq!(store.digest("items").await.unwrap(), want);
+        drop(store);
+        // Back to the layout of a copy made before digests.
+        let old = Connection::open(&path).unwrap();
+        old.execute_batch(
+            "DROP INDEX \"_spoke_copy_items_bucket\";
+             ALTER TABLE _spoke_copy_items DROP COLUMN _spoke_bucket;
+             DELETE FROM _spoke_digest;",
+        )
+        .unwrap();
+        drop(old);
+        let store = SqliteCopyStore::open(&path).unwrap();
+        store.ensure_copy(&conformance::spec()).await.unwrap();
+        assert_eq!(
+            store.digest("items").await.unwrap(),
+            want,
+            "rebuilt on open"
+        );
+        let all: Vec<u16> = (0..BUCKETS as u16).collect();
+        assert_eq!(
+            store.bucket_entries("items", &all).await.unwrap().len(),
+            300
+        );
+        store
+            .apply(
+                "items",
+                &[conformance::upsert("k0", 9, 9)],
+                conformance::feed_advance(2, 1),
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            store.digest("items").await.unwrap(),
+            conformance::digest_from_scratch(&store, "items").await,
+            "and maintained from then on"
+        );
+        store
+            .ensure_copy(&conformance::spec())
+            .await
+            .expect("idempotent");
     }
 
     #[tokio::test]

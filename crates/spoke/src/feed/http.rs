@@ -5,15 +5,92 @@
 //! handle a remote feed exactly like a local one. Connection failures,
 //! timeouts and 5xx answers are [`FeedError::Unavailable`] (retry).
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
-use spoke_core::Schema;
+use spoke_core::digest::{
+    parse_indices, DigestEntry, DigestNodes, DigestQuery, BUCKETS, LEAF_LEVEL,
+};
+use spoke_core::{Change, Schema};
 
 use super::{
     ChangeInput, Feed, FeedBatch, FeedError, Position, PublishReceipt, Publisher, SnapshotPage,
+    MAX_DIGEST_BUCKETS, MAX_PAGE,
 };
+
+/// The body of `GET …/digest/entries?buckets=…` (hub and agent).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EntriesBody {
+    pub entries: Vec<DigestEntry>,
+}
+
+/// The body of `POST /v1/datasets/{dataset}/records`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecordsRequest {
+    pub keys: Vec<String>,
+}
+
+/// The answer to `POST /v1/datasets/{dataset}/records`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RecordsBody {
+    pub records: Vec<Change>,
+}
+
+/// The query string of a digest request, `?level=L&under=a,b`, as a
+/// [`DigestQuery`] (shared by the hub and the agent).
+pub fn digest_query(level: Option<u8>, under: Option<&str>) -> Result<DigestQuery, String> {
+    let level = level.unwrap_or(0);
+    if level > LEAF_LEVEL {
+        return Err(format!(
+            "level must be 0 (root), 1 (64 nodes) or 2 ({BUCKETS} buckets), got {level}"
+        ));
+    }
+    let under = match under {
+        None => None,
+        Some(_) if level == 0 => {
+            return Err("'under' names parent nodes: use it with level 1 or 2".into())
+        }
+        Some(u) => Some(
+            parse_indices(u, DigestQuery::width(level - 1), "under").map_err(|e| e.to_string())?,
+        ),
+    };
+    Ok(DigestQuery { level, under })
+}
+
+/// The `buckets=a,b,c` of an entries request.
+pub fn bucket_list(s: &str) -> Result<Vec<u16>, String> {
+    let b = parse_indices(s, BUCKETS, "buckets").map_err(|e| e.to_string())?;
+    if b.is_empty() {
+        return Err("buckets: name at least one bucket".into());
+    }
+    if b.len() > MAX_DIGEST_BUCKETS {
+        return Err(format!(
+            "buckets: {} named; at most {MAX_DIGEST_BUCKETS} per request",
+            b.len()
+        ));
+    }
+    Ok(b.into_iter().map(|b| b as u16).collect())
+}
+
+/// Bytes a [`HubClient`] sent and received: request line, headers and body
+/// each way (what crossed the socket, minus TCP/TLS framing).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub struct Traffic {
+    pub requests: u64,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+}
+
+#[derive(Debug, Default)]
+struct TrafficCounters {
+    requests: AtomicU64,
+    sent: AtomicU64,
+    received: AtomicU64,
+}
 
 /// The error body every hub and agent endpoint returns.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -94,6 +171,7 @@ pub struct HubClient {
     base: String,
     token: Option<String>,
     http: reqwest::Client,
+    traffic: Arc<TrafficCounters>,
 }
 
 impl std::fmt::Debug for HubClient {
@@ -119,6 +197,16 @@ impl HubClient {
             base: base.trim_end_matches('/').to_owned(),
             token,
             http,
+            traffic: Arc::default(),
+        }
+    }
+
+    /// What this client (and its clones) sent and received so far.
+    pub fn traffic(&self) -> Traffic {
+        Traffic {
+            requests: self.traffic.requests.load(Ordering::Relaxed),
+            bytes_sent: self.traffic.sent.load(Ordering::Relaxed),
+            bytes_received: self.traffic.received.load(Ordering::Relaxed),
         }
     }
 
@@ -138,13 +226,33 @@ impl HubClient {
             Some(t) => req.bearer_auth(t),
             None => req,
         };
-        let resp = req.send().await.map_err(|e| {
+        let req = req.build().map_err(|e| {
+            FeedError::BadRequest(format!("hub {}: {}", self.base, error_chain(&e)))
+        })?;
+        let headers = |h: &reqwest::header::HeaderMap| -> u64 {
+            h.iter()
+                .map(|(k, v)| (k.as_str().len() + v.len() + 4) as u64)
+                .sum()
+        };
+        let sent = (req.method().as_str().len() + req.url().as_str().len() + 12) as u64
+            + headers(req.headers())
+            + req
+                .body()
+                .and_then(reqwest::Body::as_bytes)
+                .map_or(0, |b| b.len() as u64);
+        self.traffic.requests.fetch_add(1, Ordering::Relaxed);
+        self.traffic.sent.fetch_add(sent, Ordering::Relaxed);
+        let resp = self.http.execute(req).await.map_err(|e| {
             FeedError::Unavailable(format!("hub {}: {}", self.base, error_chain(&e)))
         })?;
         let status = resp.status().as_u16();
+        let head = 17 + headers(resp.headers());
         let bytes = resp.bytes().await.map_err(|e| {
             FeedError::Unavailable(format!("hub {}: {}", self.base, error_chain(&e)))
         })?;
+        self.traffic
+            .received
+            .fetch_add(head + bytes.len() as u64, Ordering::Relaxed);
         if (200..300).contains(&status) {
             return serde_json::from_slice(&bytes).map_err(|e| {
                 FeedError::Unavailable(format!("hub {} sent an unreadable answer: {e}", self.base))
@@ -230,5 +338,66 @@ impl Feed for HubClient {
                 .timeout(Duration::from_secs(30)),
         )
         .await
+    }
+
+    async fn digest(&self, dataset: &str, query: &DigestQuery) -> Result<DigestNodes, FeedError> {
+        let mut q = vec![("level", query.level.to_string())];
+        if let Some(under) = &query.under {
+            let list: Vec<String> = under.iter().map(u32::to_string).collect();
+            q.push(("under", list.join(",")));
+        }
+        let nodes: DigestNodes = self
+            .send(
+                self.http
+                    .get(self.url(dataset, "digest"))
+                    .query(&q)
+                    .timeout(Duration::from_secs(30)),
+            )
+            .await?;
+        nodes
+            .check_layout()
+            .map_err(|e| FeedError::Corrupt(format!("hub {}: {e}", self.base)))?;
+        Ok(nodes)
+    }
+
+    /// Asks in requests of at most [`MAX_DIGEST_BUCKETS`] buckets.
+    async fn bucket_entries(
+        &self,
+        dataset: &str,
+        buckets: &[u16],
+    ) -> Result<Vec<DigestEntry>, FeedError> {
+        let mut out = Vec::new();
+        for chunk in buckets.chunks(MAX_DIGEST_BUCKETS) {
+            let list: Vec<String> = chunk.iter().map(u16::to_string).collect();
+            let body: EntriesBody = self
+                .send(
+                    self.http
+                        .get(self.url(dataset, "digest/entries"))
+                        .query(&[("buckets", list.join(","))])
+                        .timeout(Duration::from_secs(60)),
+                )
+                .await?;
+            out.extend(body.entries);
+        }
+        Ok(out)
+    }
+
+    /// Asks in requests of at most [`MAX_PAGE`] keys.
+    async fn records(&self, dataset: &str, keys: &[String]) -> Result<Vec<Change>, FeedError> {
+        let mut out = Vec::new();
+        for chunk in keys.chunks(MAX_PAGE) {
+            let body: RecordsBody = self
+                .send(
+                    self.http
+                        .post(self.url(dataset, "records"))
+                        .json(&RecordsRequest {
+                            keys: chunk.to_vec(),
+                        })
+                        .timeout(Duration::from_secs(60)),
+                )
+                .await?;
+            out.extend(body.records);
+        }
+        Ok(out)
     }
 }

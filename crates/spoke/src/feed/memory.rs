@@ -5,12 +5,13 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 
 use async_trait::async_trait;
-use spoke_core::{decide, Change, Decision, Manifest, Schema};
+use spoke_core::digest::{bucket_of, Digest, DigestEntry, DigestNodes, DigestQuery};
+use spoke_core::{decide, Change, Decision, Manifest, Op, Schema};
 use tokio::sync::watch;
 
 use super::{
-    check_after_key, Catalog, ChangeInput, Feed, FeedBatch, FeedEntry, FeedError, Position,
-    PublishReceipt, Publisher, SnapshotPage, MAX_PAGE,
+    check_after_key, check_digest_request, Catalog, ChangeInput, Feed, FeedBatch, FeedEntry,
+    FeedError, Position, PublishReceipt, Publisher, SnapshotPage, MAX_PAGE,
 };
 use crate::clock::Clock;
 
@@ -18,6 +19,8 @@ use crate::clock::Clock;
 struct Log {
     entries: Vec<Change>,
     state: BTreeMap<String, Change>,
+    /// The digest of `state`, updated with every change to it.
+    digest: Digest,
 }
 
 pub struct MemoryFeed {
@@ -77,6 +80,12 @@ impl Publisher for MemoryFeed {
             }
             log.entries.push(change.clone());
             positions.push(Some(log.entries.len() as Position));
+            if let Some(old) = log.state.get(&change.key) {
+                log.digest
+                    .toggle(&old.key, old.version, old.op == Op::Delete);
+            }
+            log.digest
+                .toggle(&change.key, change.version, change.op == Op::Delete);
             log.state.insert(change.key.clone(), change);
         }
         let head = log.entries.len() as Position;
@@ -173,6 +182,45 @@ impl Feed for MemoryFeed {
 
     async fn schema(&self, dataset: &str) -> Result<Schema, FeedError> {
         Ok(self.catalog.get(dataset)?.schema.clone())
+    }
+
+    async fn digest(&self, dataset: &str, query: &DigestQuery) -> Result<DigestNodes, FeedError> {
+        self.catalog.get(dataset)?;
+        let logs = self.logs.lock().expect("memory feed lock");
+        let empty = Digest::new();
+        let digest = logs.get(dataset).map_or(&empty, |l| &l.digest);
+        digest
+            .nodes(query)
+            .map_err(|e| FeedError::BadRequest(e.to_string()))
+    }
+
+    async fn bucket_entries(
+        &self,
+        dataset: &str,
+        buckets: &[u16],
+    ) -> Result<Vec<DigestEntry>, FeedError> {
+        self.catalog.get(dataset)?;
+        check_digest_request(buckets, 0)?;
+        let wanted: std::collections::HashSet<u16> = buckets.iter().copied().collect();
+        let logs = self.logs.lock().expect("memory feed lock");
+        Ok(logs.get(dataset).map_or_else(Vec::new, |log| {
+            log.state
+                .values()
+                .filter(|c| wanted.contains(&bucket_of(&c.key)))
+                .map(|c| DigestEntry::new(c.key.clone(), c.version, c.op == Op::Delete))
+                .collect()
+        }))
+    }
+
+    async fn records(&self, dataset: &str, keys: &[String]) -> Result<Vec<Change>, FeedError> {
+        self.catalog.get(dataset)?;
+        check_digest_request(&[], keys.len())?;
+        let logs = self.logs.lock().expect("memory feed lock");
+        Ok(logs.get(dataset).map_or_else(Vec::new, |log| {
+            keys.iter()
+                .filter_map(|k| log.state.get(k).cloned())
+                .collect()
+        }))
     }
 }
 

@@ -33,6 +33,17 @@
 //!   an old replayed upsert.
 //! - **Concurrency.** Implementations are `Send + Sync`; concurrent publishes
 //!   to one dataset are serialised.
+//! - **Digests** (for reconciliation, optional per backend). A feed that
+//!   serves them keeps a [`Digest`] of its compacted state — `(key, version,
+//!   deleted)` per bucket, tombstones included — updated in the same commit
+//!   as the state, so every answer equals the digest computed from scratch
+//!   over the state at some commit. [`Feed::digest`] answers by tree level
+//!   (root, 64 nodes, 4096 buckets, or only the children of given nodes),
+//!   [`Feed::bucket_entries`] lists a bucket's keys with version and
+//!   tombstone flag, and [`Feed::records`] returns the latest state of given
+//!   keys (tombstones included) for repairs. The embedded SQLite log, the
+//!   in-memory feed and the hub's HTTP client serve them; JetStream does not
+//!   yet and answers [`FeedError::BadRequest`] saying so (the defaults below).
 
 pub mod conformance;
 pub mod http;
@@ -47,6 +58,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use spoke_core::change::validate_key;
+use spoke_core::digest::{DigestEntry, DigestNodes, DigestQuery};
 use spoke_core::manifest::Dataset;
 use spoke_core::{Change, Manifest, Op, Schema, Version};
 
@@ -195,6 +207,65 @@ pub trait Feed: Send + Sync {
 
     /// The dataset's current schema.
     async fn schema(&self, dataset: &str) -> Result<Schema, FeedError>;
+
+    /// Nodes of the compacted state's digest (see "Digests" above).
+    async fn digest(&self, dataset: &str, query: &DigestQuery) -> Result<DigestNodes, FeedError> {
+        let _ = query;
+        Err(digests_not_supported(dataset))
+    }
+
+    /// Every key of the compacted state in `buckets` (at most
+    /// [`MAX_DIGEST_BUCKETS`] per call), with version and tombstone flag.
+    async fn bucket_entries(
+        &self,
+        dataset: &str,
+        buckets: &[u16],
+    ) -> Result<Vec<DigestEntry>, FeedError> {
+        let _ = buckets;
+        Err(digests_not_supported(dataset))
+    }
+
+    /// The latest state of each of `keys` that the feed holds (tombstones
+    /// included; absent keys are left out), at most [`MAX_PAGE`] per call.
+    async fn records(&self, dataset: &str, keys: &[String]) -> Result<Vec<Change>, FeedError> {
+        let _ = keys;
+        Err(digests_not_supported(dataset))
+    }
+}
+
+/// Most buckets one [`Feed::bucket_entries`] call may ask for.
+pub const MAX_DIGEST_BUCKETS: usize = 256;
+
+/// The answer of a feed that keeps no digests.
+pub fn digests_not_supported(dataset: &str) -> FeedError {
+    FeedError::BadRequest(format!(
+        "this feed does not serve digests, bucket entries or records for reconciliation yet (dataset {dataset}); reconcile against the embedded hub"
+    ))
+}
+
+/// Checks the size of a [`Feed::bucket_entries`] or [`Feed::records`] request.
+pub fn check_digest_request(buckets: &[u16], keys: usize) -> Result<(), FeedError> {
+    if buckets.len() > MAX_DIGEST_BUCKETS {
+        return Err(FeedError::BadRequest(format!(
+            "{} buckets asked for; at most {MAX_DIGEST_BUCKETS} per request",
+            buckets.len()
+        )));
+    }
+    if let Some(b) = buckets
+        .iter()
+        .find(|&&b| b as usize >= spoke_core::digest::BUCKETS)
+    {
+        return Err(FeedError::BadRequest(format!(
+            "bucket {b} is out of range (0..{})",
+            spoke_core::digest::BUCKETS
+        )));
+    }
+    if keys > MAX_PAGE {
+        return Err(FeedError::BadRequest(format!(
+            "{keys} keys asked for; at most {MAX_PAGE} per request"
+        )));
+    }
+    Ok(())
 }
 
 /// Datasets a feed backend serves, resolved from the manifest once.

@@ -3,9 +3,18 @@
 //!
 //! ```text
 //!  publish(batch) ─▶ BEGIN IMMEDIATE
-//!                     for each change: version in `state`? newer ─▶ INSERT log, UPSERT state
+//!                     for each change: version in `state`? newer ─▶ INSERT log, UPSERT state, XOR digest delta
+//!                     rewrite the touched `digest` chunks
 //!                   COMMIT (synchronous=FULL) ─▶ head watch ─▶ wakes long-polls
 //! ```
+//!
+//! The compacted state's digest (see [`spoke_core::digest`]) lives in the
+//! `digest` table as 64 chunks of 64 bucket hashes per dataset, updated in
+//! the publish transaction from each key's old and new `(version, deleted)`;
+//! `state.bucket` (written once per key) and the covering index
+//! `state_entries (dataset, bucket, key, version, op)` list a bucket's keys
+//! from a few contiguous index pages; the index costs one more B-tree update
+//! per published change. A hub file from before digests is migrated at open.
 //!
 //! SQLite was chosen because it is embedded (no server to run), its WAL gives
 //! concurrent readers beside the single writer, and batched commits reach
@@ -20,14 +29,18 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension};
+use spoke_core::digest::{
+    bucket_of, entry_hash, Digest, DigestDelta, DigestEntry, DigestNodes, DigestQuery,
+};
 use spoke_core::{decide, Change, Decision, Manifest, Op, Schema};
 use tokio::sync::watch;
 
 use super::{
-    check_after_key, Catalog, ChangeInput, Feed, FeedBatch, FeedEntry, FeedError, Position,
-    PublishReceipt, Publisher, SnapshotPage, MAX_PAGE,
+    check_after_key, check_digest_request, Catalog, ChangeInput, Feed, FeedBatch, FeedEntry,
+    FeedError, Position, PublishReceipt, Publisher, SnapshotPage, MAX_PAGE,
 };
 use crate::clock::Clock;
+use crate::copy::sqlite::{read_digest, write_digest, write_digest_delta};
 
 const SCHEMA_SQL: &str = "
 CREATE TABLE IF NOT EXISTS log (
@@ -52,9 +65,61 @@ CREATE TABLE IF NOT EXISTS state (
     ts INTEGER NOT NULL,
     schema_version INTEGER NOT NULL,
     pos INTEGER NOT NULL,
+    bucket INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (dataset, key)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS digest (
+    dataset TEXT NOT NULL,
+    chunk INTEGER NOT NULL,
+    hashes BLOB NOT NULL,
+    PRIMARY KEY (dataset, chunk)
+) WITHOUT ROWID;
 ";
+
+/// Adds the bucket column and the digests to a hub file from before
+/// digests (idempotent), then makes sure the bucket index exists.
+fn migrate_digest(conn: &mut Connection) -> rusqlite::Result<()> {
+    let has_bucket: i64 = conn.query_row(
+        "SELECT COUNT(*) FROM pragma_table_info('state') WHERE name = 'bucket'",
+        [],
+        |r| r.get(0),
+    )?;
+    if has_bucket == 0 {
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        tx.execute_batch("ALTER TABLE state ADD COLUMN bucket INTEGER NOT NULL DEFAULT 0")?;
+        let rows: Vec<(String, String, i64, String)> = {
+            let mut stmt = tx.prepare("SELECT dataset, key, version, op FROM state")?;
+            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
+            rows.collect::<rusqlite::Result<_>>()?
+        };
+        let mut digests: HashMap<String, Digest> = HashMap::new();
+        {
+            let mut set =
+                tx.prepare("UPDATE state SET bucket = ?1 WHERE dataset = ?2 AND key = ?3")?;
+            for (ds, key, version, op) in &rows {
+                set.execute(params![bucket_of(key), ds, key])?;
+                digests
+                    .entry(ds.clone())
+                    .or_default()
+                    .toggle(key, *version as u64, op == "delete");
+            }
+        }
+        for (ds, d) in &digests {
+            write_digest(&tx, "digest", ds, d)?;
+        }
+        tx.commit()?;
+        tracing::info!(
+            rows = rows.len(),
+            "built the digests of a hub file made before digests existed"
+        );
+    }
+    // Covering, so listing a bucket reads a few contiguous index pages
+    // instead of one table look-up per key.
+    conn.execute_batch(
+        "DROP INDEX IF EXISTS state_bucket;
+         CREATE INDEX IF NOT EXISTS state_entries ON state (dataset, bucket, key, version, op);",
+    )
+}
 
 fn unavailable(e: impl std::fmt::Display) -> FeedError {
     FeedError::Unavailable(format!("hub store: {e}"))
@@ -108,8 +173,9 @@ impl SqliteFeed {
         clock: Clock,
     ) -> Result<Self, FeedError> {
         let catalog = Catalog::new(manifest);
-        let conn = open(path).map_err(unavailable)?;
+        let mut conn = open(path).map_err(unavailable)?;
         conn.execute_batch(SCHEMA_SQL).map_err(unavailable)?;
+        migrate_digest(&mut conn).map_err(unavailable)?;
         let mut heads = HashMap::new();
         for name in catalog.names() {
             let head: Option<i64> = conn
@@ -180,19 +246,20 @@ impl Publisher for SqliteFeed {
             let mut head = *head_tx.borrow();
             let mut positions = Vec::with_capacity(changes.len());
             let mut ignored = 0;
+            let mut delta = DigestDelta::new();
             {
-                let mut get_version = tx.prepare_cached("SELECT version FROM state WHERE dataset = ?1 AND key = ?2")?;
+                let mut get_version = tx.prepare_cached("SELECT version, op = 'delete' FROM state WHERE dataset = ?1 AND key = ?2")?;
                 let mut insert_log = tx.prepare_cached(
                     "INSERT INTO log (dataset, pos, key, version, op, fields, owner, ts, schema_version) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
                 )?;
                 let mut upsert_state = tx.prepare_cached(
-                    "INSERT INTO state (dataset, key, version, op, fields, owner, ts, schema_version, pos) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+                    "INSERT INTO state (dataset, key, version, op, fields, owner, ts, schema_version, pos, bucket) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
                      ON CONFLICT (dataset, key) DO UPDATE SET version = excluded.version, op = excluded.op, fields = excluded.fields,
                         owner = excluded.owner, ts = excluded.ts, schema_version = excluded.schema_version, pos = excluded.pos",
                 )?;
                 for c in &changes {
-                    let local: Option<i64> = get_version.query_row(params![dataset, c.key], |r| r.get(0)).optional()?;
-                    if decide(local.map(|v| v as u64), c.version) == Decision::Ignore {
+                    let local: Option<(i64, bool)> = get_version.query_row(params![dataset, c.key], |r| Ok((r.get(0)?, r.get(1)?))).optional()?;
+                    if decide(local.map(|(v, _)| v as u64), c.version) == Decision::Ignore {
                         positions.push(None);
                         ignored += 1;
                         continue;
@@ -200,10 +267,17 @@ impl Publisher for SqliteFeed {
                     head += 1;
                     let fields = serde_json::to_string(&c.fields).unwrap_or_else(|_| "{}".into());
                     insert_log.execute(params![dataset, head as i64, c.key, c.version as i64, c.op.as_str(), fields, c.owner, c.ts as i64, c.schema_version])?;
-                    upsert_state.execute(params![dataset, c.key, c.version as i64, c.op.as_str(), fields, c.owner, c.ts as i64, c.schema_version, head as i64])?;
+                    let bucket = bucket_of(&c.key);
+                    upsert_state.execute(params![dataset, c.key, c.version as i64, c.op.as_str(), fields, c.owner, c.ts as i64, c.schema_version, head as i64, bucket])?;
+                    let mut h = entry_hash(&c.key, c.version, c.op == Op::Delete);
+                    if let Some((v, d)) = local {
+                        h ^= entry_hash(&c.key, v as u64, d);
+                    }
+                    delta.xor(bucket, h);
                     positions.push(Some(head));
                 }
             }
+            write_digest_delta(&tx, "digest", &dataset, &delta)?;
             tx.commit()?;
             // Published only after commit, still under the writer lock, so a
             // head value always names committed, readable positions.
@@ -288,6 +362,76 @@ impl Feed for SqliteFeed {
     async fn schema(&self, dataset: &str) -> Result<Schema, FeedError> {
         Ok(self.catalog.get(dataset)?.schema.clone())
     }
+
+    async fn digest(&self, dataset: &str, query: &DigestQuery) -> Result<DigestNodes, FeedError> {
+        self.catalog.get(dataset)?;
+        query
+            .indices()
+            .map_err(|e| FeedError::BadRequest(e.to_string()))?;
+        let ds = dataset.to_owned();
+        let digest = self
+            .with_reader(move |conn| read_digest(conn, "digest", &ds))
+            .await?;
+        digest
+            .nodes(query)
+            .map_err(|e| FeedError::BadRequest(e.to_string()))
+    }
+
+    async fn bucket_entries(
+        &self,
+        dataset: &str,
+        buckets: &[u16],
+    ) -> Result<Vec<DigestEntry>, FeedError> {
+        self.catalog.get(dataset)?;
+        check_digest_request(buckets, 0)?;
+        let ds = dataset.to_owned();
+        let buckets = buckets.to_vec();
+        self.with_reader(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                // Without statistics SQLite prefers the primary key's dataset
+                // prefix (a scan of the dataset); the covering bucket index
+                // keeps this proportional to the bucket's size.
+                "SELECT key, version, op = 'delete' FROM state INDEXED BY state_entries WHERE dataset = ?1 AND bucket = ?2",
+            )?;
+            let mut out = Vec::new();
+            for b in buckets {
+                let rows = stmt.query_map(params![ds, b], |r| {
+                    Ok(DigestEntry::new(
+                        r.get::<_, String>(0)?,
+                        r.get::<_, i64>(1)? as u64,
+                        r.get(2)?,
+                    ))
+                })?;
+                for e in rows {
+                    out.push(e?);
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn records(&self, dataset: &str, keys: &[String]) -> Result<Vec<Change>, FeedError> {
+        self.catalog.get(dataset)?;
+        check_digest_request(&[], keys.len())?;
+        let ds = dataset.to_owned();
+        let keys = keys.to_vec();
+        self.with_reader(move |conn| {
+            let mut stmt =
+                conn.prepare_cached("SELECT * FROM state WHERE dataset = ?1 AND key = ?2")?;
+            let mut out = Vec::with_capacity(keys.len());
+            for k in &keys {
+                if let Some(c) = stmt
+                    .query_row(params![ds, k], |row| row_to_change(&ds, row))
+                    .optional()?
+                {
+                    out.push(c);
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
 }
 
 #[cfg(test)]
@@ -304,6 +448,47 @@ mod tests {
             async move { SqliteFeed::open(&path, &m).unwrap() }
         })
         .await;
+    }
+
+    #[tokio::test]
+    async fn a_hub_file_from_before_digests_gets_its_digest_built_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hub.db");
+        let m = super::super::conformance::manifest();
+        let memory = crate::feed::memory::MemoryFeed::new(&m);
+        {
+            let feed = SqliteFeed::open(&path, &m).unwrap();
+            let f = serde_json::json!({"n": 1}).as_object().cloned().unwrap();
+            let batch: Vec<ChangeInput> = (0..200)
+                .map(|i| {
+                    if i % 5 == 0 {
+                        ChangeInput::delete(format!("k{i}"), 3)
+                    } else {
+                        ChangeInput::upsert(format!("k{i}"), 1, f.clone())
+                    }
+                })
+                .collect();
+            feed.publish("items", batch.clone()).await.unwrap();
+            memory.publish("items", batch).await.unwrap();
+        }
+        let old = Connection::open(&path).unwrap();
+        old.execute_batch(
+            "DROP INDEX state_entries; ALTER TABLE state DROP COLUMN bucket; DELETE FROM digest;",
+        )
+        .unwrap();
+        drop(old);
+        let feed = SqliteFeed::open(&path, &m).unwrap();
+        for q in [DigestQuery::root(), DigestQuery::level(2)] {
+            assert_eq!(
+                feed.digest("items", &q).await.unwrap(),
+                memory.digest("items", &q).await.unwrap()
+            );
+        }
+        let some: Vec<u16> = (0..256).collect();
+        assert_eq!(
+            feed.bucket_entries("items", &some).await.unwrap().len(),
+            memory.bucket_entries("items", &some).await.unwrap().len()
+        );
     }
 
     #[tokio::test]

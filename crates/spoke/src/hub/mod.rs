@@ -4,6 +4,9 @@
 //!  POST /v1/datasets/{d}/changes  ─ auth: owner only ─▶ Publisher::publish (all-or-nothing)
 //!  GET  /v1/datasets/{d}/changes  ─ auth: owner or subscriber ─▶ Feed::read (long-poll)
 //!  GET  /v1/datasets/{d}/snapshot ─▶ Feed::snapshot      GET /v1/datasets/{d}/schema ─▶ Feed::schema
+//!  GET  /v1/datasets/{d}/digest?level=L&under=a,b   ─▶ Feed::digest (reconciliation; see spoke_core::digest)
+//!  GET  /v1/datasets/{d}/digest/entries?buckets=a,b ─▶ Feed::bucket_entries
+//!  POST /v1/datasets/{d}/records  {"keys": […]}     ─▶ Feed::records (a read: latest state of those keys)
 //! ```
 //!
 //! The hub is generic over the feed backend, so the same server fronts the
@@ -27,7 +30,9 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use spoke_core::Manifest;
 
-use crate::feed::http::ErrorBody;
+use crate::feed::http::{
+    bucket_list, digest_query, EntriesBody, ErrorBody, RecordsBody, RecordsRequest,
+};
 use crate::feed::{ChangeInput, Feed, FeedError, Publisher};
 
 /// Largest publish body accepted, in bytes.
@@ -272,9 +277,72 @@ async fn schema(
     Ok(Json(hub.feed.schema(&dataset).await?).into_response())
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DigestParams {
+    level: Option<u8>,
+    under: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EntriesParams {
+    buckets: String,
+}
+
+async fn digest(
+    State(hub): State<Arc<Hub>>,
+    Path(dataset): Path<String>,
+    headers: HeaderMap,
+    q: Result<Query<DigestParams>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let caller = hub.tokens.authenticate(&headers)?;
+    hub.may_read(&caller, &dataset)?;
+    let Query(q) = q.map_err(query_error)?;
+    let query = digest_query(q.level, q.under.as_deref()).map_err(FeedError::BadRequest)?;
+    Ok(Json(hub.feed.digest(&dataset, &query).await?).into_response())
+}
+
+async fn digest_entries(
+    State(hub): State<Arc<Hub>>,
+    Path(dataset): Path<String>,
+    headers: HeaderMap,
+    q: Result<Query<EntriesParams>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let caller = hub.tokens.authenticate(&headers)?;
+    hub.may_read(&caller, &dataset)?;
+    let Query(q) = q.map_err(query_error)?;
+    let buckets = bucket_list(&q.buckets).map_err(FeedError::BadRequest)?;
+    let entries = hub.feed.bucket_entries(&dataset, &buckets).await?;
+    Ok(Json(EntriesBody { entries }).into_response())
+}
+
+async fn records(
+    State(hub): State<Arc<Hub>>,
+    Path(dataset): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let caller = hub.tokens.authenticate(&headers)?;
+    hub.may_read(&caller, &dataset)?;
+    let body = body.map_err(|e| FeedError::BadRequest(format!("body: {}", e.body_text())))?;
+    let req: RecordsRequest = serde_json::from_slice(&body).map_err(|e| {
+        FeedError::BadRequest(format!(
+            "body must be {{\"keys\": [\"key\", …]}} (at most {} keys): {e}",
+            crate::feed::MAX_PAGE
+        ))
+    })?;
+    for k in &req.keys {
+        spoke_core::change::validate_key(k)
+            .map_err(|e| FeedError::BadRequest(format!("key '{k}': {e}")))?;
+    }
+    let records = hub.feed.records(&dataset, &req.keys).await?;
+    Ok(Json(RecordsBody { records }).into_response())
+}
+
 async fn fallback() -> Response {
     let body = ErrorBody {
-        error: "no such endpoint; see /v1/datasets/{dataset}/changes|snapshot|schema".into(),
+        error: "no such endpoint; see /v1/datasets/{dataset}/changes|snapshot|schema|digest|digest/entries|records".into(),
         kind: "not_found".into(),
         index: None,
     };
@@ -283,7 +351,7 @@ async fn fallback() -> Response {
 
 async fn method_not_allowed() -> Response {
     let body = ErrorBody {
-        error: "method not allowed: publish with POST, read with GET".into(),
+        error: "method not allowed: publish with POST …/changes, read with GET (and POST …/records for records by key)".into(),
         kind: "method_not_allowed".into(),
         index: None,
     };
@@ -304,6 +372,12 @@ pub fn router(feed: Arc<dyn FeedBackend>, manifest: Arc<Manifest>, tokens: Token
         .route("/v1/datasets/{dataset}/changes", get(read).post(publish))
         .route("/v1/datasets/{dataset}/snapshot", get(snapshot))
         .route("/v1/datasets/{dataset}/schema", get(schema))
+        .route("/v1/datasets/{dataset}/digest", get(digest))
+        .route("/v1/datasets/{dataset}/digest/entries", get(digest_entries))
+        .route(
+            "/v1/datasets/{dataset}/records",
+            axum::routing::post(records),
+        )
         .route("/v1/health", get(|| async { "ok" }))
         .fallback(fallback)
         .method_not_allowed_fallback(method_not_allowed)

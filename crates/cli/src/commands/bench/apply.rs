@@ -15,6 +15,9 @@
 //! statement, so it is the best this upsert can do on this machine. Batches
 //! alternate between the two sides so that background load on the machine
 //! hits both equally.
+//!
+//! `--store postgres` measures the PostgreSQL copy store the same way
+//! ([`super::apply_pg`]).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -28,10 +31,14 @@ use spoke::copy::sqlite::SqliteCopyStore;
 use spoke::copy::{Advance, CopySpec, CopyStore};
 use spoke_core::{Change, Op, Projection};
 
-use super::{manifest, progress, thousands, Machine, Row, ScratchDir, DATASET, OWNER};
+use super::{
+    manifest, pg, progress, thousands, Machine, Row, ScratchDir, StoreKind, DATASET, OWNER,
+};
 
 /// The ratio spoke/raw the apply path should reach.
 pub const TARGET_RATIO: f64 = 0.7;
+/// The same for the PostgreSQL copy store.
+pub const POSTGRES_TARGET_RATIO: f64 = 0.6;
 
 #[derive(clap::Args)]
 pub struct ApplyArgs {
@@ -51,6 +58,12 @@ pub struct ApplyArgs {
     /// Directory for the scratch databases (default: the system temp dir).
     #[arg(long)]
     dir: Option<PathBuf>,
+    /// The copy store to measure.
+    #[arg(long, value_enum, default_value_t = StoreKind::Sqlite)]
+    store: StoreKind,
+    /// The PostgreSQL of `--store postgres` (a fresh schema, dropped at the end).
+    #[arg(long, default_value = pg::DEFAULT_POSTGRES)]
+    postgres: String,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
@@ -62,20 +75,20 @@ const RAW_UPSERT: &str = "INSERT INTO raw (key, version, deleted_at, name, email
     WHERE excluded.version > raw.version";
 
 /// Generates changes: uniformly random keys, each key's version counting up.
-struct Generator {
+pub(super) struct Generator {
     rng: fastrand::Rng,
     versions: Vec<u64>,
 }
 
 impl Generator {
-    fn new(seed: u64, keys: u64) -> Self {
+    pub(super) fn new(seed: u64, keys: u64) -> Self {
         Generator {
             rng: fastrand::Rng::with_seed(seed),
             versions: vec![0; keys as usize],
         }
     }
 
-    fn batch(&mut self, n: u64) -> Vec<Row> {
+    pub(super) fn batch(&mut self, n: u64) -> Vec<Row> {
         (0..n)
             .map(|_| {
                 let k = self.rng.usize(0..self.versions.len());
@@ -87,7 +100,7 @@ impl Generator {
 }
 
 /// A change as the agent hands it to the store: already projected.
-fn change(row: &Row) -> Change {
+pub(super) fn change(row: &Row) -> Change {
     Change {
         dataset: DATASET.into(),
         key: row.key.clone(),
@@ -124,7 +137,7 @@ fn raw_batch(conn: &mut Connection, rows: &[Row]) -> rusqlite::Result<u64> {
 }
 
 #[derive(Debug, Serialize)]
-struct Side {
+pub(super) struct Side {
     applied: u64,
     seconds: f64,
     changes_per_s: f64,
@@ -132,7 +145,7 @@ struct Side {
 }
 
 impl Side {
-    fn new(n: u64, applied: u64, time: Duration) -> Self {
+    pub(super) fn new(n: u64, applied: u64, time: Duration) -> Self {
         let s = time.as_secs_f64().max(1e-9);
         Side {
             applied,
@@ -147,6 +160,7 @@ impl Side {
 struct Report {
     bench: &'static str,
     machine: Machine,
+    store: StoreKind,
     changes: u64,
     batch: u64,
     keys: u64,
@@ -166,20 +180,12 @@ pub fn run(args: ApplyArgs) -> anyhow::Result<ExitCode> {
         bail!("--n and --batch must be at least 1");
     }
     let keys = args.keys.unwrap_or(args.n / 2).max(1);
+    if args.store == StoreKind::Postgres {
+        return run_postgres(&args, keys);
+    }
     let scratch = ScratchDir::new(args.dir.as_deref())?;
     let machine = Machine::probe(scratch.path());
-    let m = manifest()?;
-    let ds = &m.datasets[DATASET];
-    let sub = m
-        .subscriptions_of(super::CONSUMER)
-        .next()
-        .context("bench manifest has a subscription")?;
-    let spec = CopySpec {
-        dataset: DATASET.into(),
-        owner: ds.owner.clone(),
-        key_name: ds.key.clone(),
-        projection: Projection::new(&ds.schema, &sub.fields).context("bench projection")?,
-    };
+    let spec = copy_spec()?;
 
     let rt = super::super::runtime()?;
     let copy_path = scratch.path().join("copy.db");
@@ -241,6 +247,7 @@ pub fn run(args: ApplyArgs) -> anyhow::Result<ExitCode> {
     let report = Report {
         bench: "apply",
         machine,
+        store: StoreKind::Sqlite,
         changes: args.n,
         batch: args.batch,
         keys,
@@ -250,6 +257,62 @@ pub fn run(args: ApplyArgs) -> anyhow::Result<ExitCode> {
         ratio,
         target_ratio: TARGET_RATIO,
         target_met: ratio >= TARGET_RATIO,
+        verified: true,
+    };
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print_table(&report);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The copy the bench applies into: the bench manifest's projection.
+pub(super) fn copy_spec() -> anyhow::Result<CopySpec> {
+    let m = manifest()?;
+    let ds = &m.datasets[DATASET];
+    let sub = m
+        .subscriptions_of(super::CONSUMER)
+        .next()
+        .context("bench manifest has a subscription")?;
+    Ok(CopySpec {
+        dataset: DATASET.into(),
+        owner: ds.owner.clone(),
+        key_name: ds.key.clone(),
+        projection: Projection::new(&ds.schema, &sub.fields).context("bench projection")?,
+    })
+}
+
+/// `--store postgres`: the same workload against [`super::apply_pg`].
+fn run_postgres(args: &ApplyArgs, keys: u64) -> anyhow::Result<ExitCode> {
+    let scratch = ScratchDir::new(args.dir.as_deref())?;
+    let mut machine = Machine::probe(scratch.path());
+    machine.dir = format!("PostgreSQL at '{}'", args.postgres);
+    let spec = copy_spec()?;
+    let rt = super::super::runtime()?;
+    let out = rt.block_on(super::apply_pg::measure(
+        &args.postgres,
+        &spec,
+        args.n,
+        args.batch,
+        keys,
+        args.seed,
+    ))?;
+    drop(rt);
+    let ratio = out.spoke.changes_per_s / out.raw.changes_per_s;
+    let report = Report {
+        bench: "apply",
+        machine,
+        store: StoreKind::Postgres,
+        changes: args.n,
+        batch: args.batch,
+        keys,
+        distinct_keys: out.distinct_keys,
+        spoke: out.spoke,
+        raw: out.raw,
+        ratio,
+        target_ratio: POSTGRES_TARGET_RATIO,
+        target_met: ratio >= POSTGRES_TARGET_RATIO,
         verified: true,
     };
     if args.json {
@@ -310,10 +373,17 @@ fn print_table(r: &Report) {
     let mut t = Table::new();
     t.load_preset(UTF8_BORDERS_ONLY);
     t.set_header(["path", "rows written", "seconds", "changes/s", "µs/change"]);
-    for (name, s) in [
-        ("spoke SqliteCopyStore::apply", &r.spoke),
-        ("raw rusqlite upsert (ceiling)", &r.raw),
-    ] {
+    let names = match r.store {
+        StoreKind::Sqlite => [
+            "spoke SqliteCopyStore::apply",
+            "raw rusqlite upsert (ceiling)",
+        ],
+        StoreKind::Postgres => [
+            "spoke PostgresCopyStore::apply",
+            "raw COPY + INSERT … ON CONFLICT (ceiling)",
+        ],
+    };
+    for (name, s) in [(names[0], &r.spoke), (names[1], &r.raw)] {
         t.add_row([
             name.to_owned(),
             thousands(s.applied as f64),
