@@ -7,7 +7,7 @@
 //! compares, and a version names one state of a record.
 //!
 //! ```text
-//!   key ──BLAKE3──▶ bucket (12 bits)          (key, version, deleted) ──keyed BLAKE3──▶ 128-bit entry hash
+//!   key ──FNV-1a+fmix64──▶ bucket (12 bits)   (key, version, deleted) ──keyed BLAKE3──▶ 128-bit entry hash
 //!
 //!   level 2: 4096 buckets   leaf = XOR of the entry hashes of the bucket's keys
 //!   level 1:   64 nodes     node = XOR of its 64 leaves
@@ -49,11 +49,22 @@ pub type Hash = u128;
 /// plain BLAKE3 of the key that picks its bucket ("spoke digest entry v1").
 const ENTRY_KEY: [u8; 32] = *b"spoke digest entry v1 (k,v,d)..!";
 
-/// A key's bucket: the first 12 bits of BLAKE3(key).
+/// A key's bucket: FNV-1a (64 bits) over the key, mixed by the MurmurHash3
+/// finalizer, top 12 bits. The bucket only has to spread keys evenly and
+/// never change (it is stored), so it uses a hash ten times cheaper than
+/// BLAKE3; the entry hashes, which are XORed together, use BLAKE3.
 pub fn bucket_of(key: &str) -> u16 {
-    let h = blake3::hash(key.as_bytes());
-    let b = h.as_bytes();
-    u16::from_le_bytes([b[0], b[1]]) & (BUCKETS as u16 - 1)
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in key.as_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^= h >> 33;
+    (h >> (64 - 12)) as u16
 }
 
 /// The hash of one key's state. The version and flag are fixed-size and
@@ -551,10 +562,26 @@ mod tests {
         assert_ne!(entry_hash("a", 1, false), entry_hash("a", 1, true));
         assert_ne!(entry_hash("a", 1, false), entry_hash("a", 2, false));
         assert_ne!(entry_hash("a1", 1, false), entry_hash("a", 11, false));
-        assert_eq!(bucket_of("a"), 1559);
+        assert_eq!(bucket_of("a"), PINNED_BUCKET_OF_A);
         assert_eq!(
             format!("{:032x}", entry_hash("a", 1, false)),
             "3cc371e60c229390741019877d036950"
+        );
+    }
+
+    const PINNED_BUCKET_OF_A: u16 = 2090;
+
+    #[test]
+    fn buckets_spread_keys_evenly() {
+        let mut counts = vec![0u32; BUCKETS];
+        for i in 0..409_600u32 {
+            counts[bucket_of(&format!("c{i}")) as usize] += 1;
+        }
+        // 100 expected per bucket; a fair hash stays well within ±50%.
+        assert!(
+            counts.iter().all(|&c| (50..150).contains(&c)),
+            "{:?}",
+            (counts.iter().min(), counts.iter().max())
         );
     }
 

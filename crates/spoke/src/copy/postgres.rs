@@ -13,19 +13,23 @@
 //!   apply(batch):  BEGIN
 //!                  SET LOCAL spoke.agent = 'on'            ─ opens the read-only guard for this transaction
 //!                  SELECT pg_advisory_xact_lock(…)          ─ one writer per copy (agent, spoke reconcile)
-//!                  WITH old AS (SELECT … WHERE key = ANY($1)),     ─ the keys' old states, same snapshot
-//!                       up AS (INSERT … SELECT * FROM unnest($1, $2, …)  ─ newest change per key, one statement
-//!                              ON CONFLICT DO UPDATE … WHERE excluded._spoke_version > t._spoke_version
-//!                              RETURNING …)
-//!                  SELECT up.*, old.* FROM up LEFT JOIN old …   ─ old and new state of every applied key
-//!                  INSERT INTO _spoke_digest … ON CONFLICT DO UPDATE SET h1 = h1 # …  ─ XOR the deltas in
+//!                  WITH up AS (INSERT … SELECT * FROM unnest($1, $2, …)  ─ newest change per key
+//!                              ON CONFLICT DO UPDATE SET …, _spoke_p = t._spoke_h  ─ keep the replaced hash
+//!                              WHERE excluded._spoke_version > t._spoke_version
+//!                              RETURNING bucket, new hash # replaced hash),
+//!                       d AS (per bucket: bit_xor of those),
+//!                       g AS (INSERT INTO _spoke_digest … ON CONFLICT DO UPDATE SET h1 = h1 # …)
+//!                  SELECT count(*) FROM up                   ─ one statement, one round trip
 //!                  UPDATE _spoke_copies SET position = …    ─ same transaction: nothing lost or doubled
 //!                  COMMIT
 //! ```
 //!
-//! The digest costs one more round trip per batch that changed something
-//! (the XOR upsert); the old states come back from the apply statement
-//! itself. Copies made before digests existed are migrated by `ensure_copy`.
+//! Each row stores the 128-bit hash of its `(key, version, deleted)` as
+//! `_spoke_h1`, `_spoke_h2` (computed by the agent, which passes the new
+//! rows' hashes in) and, after an update, the hash it replaced as
+//! `_spoke_p1`, `_spoke_p2`, so the server XORs the replaced hash out
+//! without a second look-up and without it coming back to the agent. `bit_xor` needs PostgreSQL 14 or later.
+//! Copies made before digests existed are migrated by `ensure_copy`.
 //!
 //! # Read-only enforcement, two layers
 //! - **Privileges**: the tables belong to the agent's role; `PUBLIC` gets
@@ -103,6 +107,8 @@ struct Layout {
     base: String,
     columns: Vec<(String, FieldSpec)>,
     upsert: String,
+    remove: String,
+    gc: String,
     select: String,
 }
 
@@ -148,21 +154,48 @@ impl Layout {
         let params: String = columns
             .iter()
             .enumerate()
-            .map(|(i, (_, s))| format!(", {}", array_param(s.ty, i + 5)))
+            .map(|(i, (_, s))| format!(", {}", array_param(s.ty, i + 7)))
             .collect();
         let sets: String = columns
             .iter()
             .map(|(n, _)| format!(", \"{n}\" = excluded.\"{n}\""))
             .collect();
+        // One statement, one round trip, one key probe: each row stores the
+        // hash of its state (_spoke_h1, _spoke_h2); an update moves the
+        // replaced hash into _spoke_p1, _spoke_p2 (NULL on a fresh insert),
+        // so the digest delta of a bucket is the XOR of new and replaced
+        // hashes, computed by the server.
+        let digest = format!("\"{schema}\"._spoke_digest");
         let upsert = format!(
-            "WITH old AS (SELECT _spoke_key AS k, _spoke_version AS v, _spoke_deleted_at IS NOT NULL AS d FROM {base} WHERE _spoke_key = ANY($1::text[])),
-             up AS (INSERT INTO {base} AS t (_spoke_key, _spoke_version, _spoke_deleted_at, _spoke_bucket{names})
-                SELECT * FROM unnest($1::text[], $2::int8[], $3::int8[], $4::int4[]{params})
-                ON CONFLICT (_spoke_key) DO UPDATE SET _spoke_version = excluded._spoke_version, _spoke_deleted_at = excluded._spoke_deleted_at{sets}
+            "WITH up AS (INSERT INTO {base} AS t (_spoke_key, _spoke_version, _spoke_deleted_at, _spoke_bucket, _spoke_h1, _spoke_h2{names})
+                SELECT * FROM unnest($1::text[], $2::int8[], $3::int8[], $4::int4[], $5::int8[], $6::int8[]{params})
+                ON CONFLICT (_spoke_key) DO UPDATE SET _spoke_version = excluded._spoke_version, _spoke_deleted_at = excluded._spoke_deleted_at,
+                    _spoke_h1 = excluded._spoke_h1, _spoke_h2 = excluded._spoke_h2, _spoke_p1 = t._spoke_h1, _spoke_p2 = t._spoke_h2{sets}
                 WHERE excluded._spoke_version > t._spoke_version
-                RETURNING t._spoke_key, t._spoke_version, t._spoke_deleted_at IS NOT NULL AS d, t._spoke_bucket)
-             SELECT up._spoke_key, up._spoke_version, up.d, up._spoke_bucket, old.v, old.d FROM up LEFT JOIN old ON old.k = up._spoke_key"
+                RETURNING t._spoke_bucket AS b, t._spoke_h1 # coalesce(t._spoke_p1, 0) AS x, t._spoke_h2 # coalesce(t._spoke_p2, 0) AS y),
+             d AS (SELECT b, bit_xor(x) AS x, bit_xor(y) AS y FROM up GROUP BY b),
+             g AS (INSERT INTO {digest} AS g (dataset, bucket, h1, h2) SELECT '{dataset}', b, x, y FROM d
+                ON CONFLICT (dataset, bucket) DO UPDATE SET h1 = g.h1 # excluded.h1, h2 = g.h2 # excluded.h2)
+             SELECT count(*) FROM up"
         );
+        // Removals (reconcile) and tombstone collection: the removed rows'
+        // stored hashes XORed out, in the same statement.
+        let removed = |gone: &str| {
+            format!(
+                "WITH gone AS ({gone} RETURNING _spoke_bucket AS b, _spoke_h1 AS h1, _spoke_h2 AS h2),
+                 d AS (SELECT b, bit_xor(h1) AS x, bit_xor(h2) AS y FROM gone GROUP BY b),
+                 g AS (INSERT INTO {digest} AS g (dataset, bucket, h1, h2) SELECT '{dataset}', b, x, y FROM d
+                    ON CONFLICT (dataset, bucket) DO UPDATE SET h1 = g.h1 # excluded.h1, h2 = g.h2 # excluded.h2)
+                 SELECT count(*) FROM gone"
+            )
+        };
+        let remove = removed(&format!(
+            "DELETE FROM {base} AS t USING unnest($1::text[], $2::int8[], $3::bool[]) AS u(k, v, d)
+             WHERE t._spoke_key = u.k AND t._spoke_version = u.v AND (t._spoke_deleted_at IS NOT NULL) = u.d"
+        ));
+        let gc = removed(&format!(
+            "DELETE FROM {base} WHERE _spoke_deleted_at IS NOT NULL AND _spoke_deleted_at < $1"
+        ));
         let cols: String = columns
             .iter()
             .map(|(n, s)| format!(", {}", select_expr(n, s.ty)))
@@ -173,6 +206,8 @@ impl Layout {
             base,
             columns,
             upsert,
+            remove,
+            gc,
             select,
         }
     }
@@ -303,18 +338,26 @@ async fn migrate_digest(
     dataset: &str,
     base: &str,
 ) -> Result<(), tokio_postgres::Error> {
-    let has: bool = tx
-        .query_one(
-            "SELECT EXISTS (SELECT 1 FROM information_schema.columns WHERE table_schema = $1 AND table_name = $2 AND column_name = '_spoke_bucket')",
-            &[&schema, &format!("_spoke_copy_{dataset}")],
-        )
-        .await?
-        .get(0);
-    if has {
+    let table = format!("_spoke_copy_{dataset}");
+    let has = |column: &'static str| {
+        let table = table.clone();
+        async move {
+            tx.query_one(
+                "SELECT EXISTS (SELECT 1 FROM information_schema.columns WHERE table_schema = $1 AND table_name = $2 AND column_name = $3)",
+                &[&schema, &table, &column],
+            )
+            .await
+            .map(|r| r.get::<_, bool>(0))
+        }
+    };
+    let has_bucket = has("_spoke_bucket").await?;
+    if has_bucket && has("_spoke_p1").await? {
         return Ok(());
     }
     tx.batch_execute(&format!(
-        "{}; ALTER TABLE {base} ADD COLUMN _spoke_bucket int NOT NULL DEFAULT 0",
+        "{}; ALTER TABLE {base} ADD COLUMN IF NOT EXISTS _spoke_bucket int NOT NULL DEFAULT 0,
+            ADD COLUMN IF NOT EXISTS _spoke_h1 bigint, ADD COLUMN IF NOT EXISTS _spoke_h2 bigint,
+            ADD COLUMN IF NOT EXISTS _spoke_p1 bigint, ADD COLUMN IF NOT EXISTS _spoke_p2 bigint",
         guard_sql(schema, dataset)
     ))
     .await?;
@@ -328,21 +371,31 @@ async fn migrate_digest(
         .await?;
     let mut keys: Vec<String> = Vec::with_capacity(rows.len());
     let mut buckets: Vec<i32> = Vec::with_capacity(rows.len());
+    let mut h1s: Vec<i64> = Vec::with_capacity(rows.len());
+    let mut h2s: Vec<i64> = Vec::with_capacity(rows.len());
     let mut digest = Digest::new();
     for r in &rows {
         let key: String = r.get(0);
         let version: i64 = r.get(1);
-        digest.toggle(&key, version as Version, r.get(2));
+        let h = entry_hash(&key, version as Version, r.get(2));
+        digest.xor(bucket_of(&key), h);
+        let (h1, h2) = split(h);
         buckets.push(i32::from(bucket_of(&key)));
+        h1s.push(h1);
+        h2s.push(h2);
         keys.push(key);
     }
     tx.execute(
-        &format!("UPDATE {base} SET _spoke_bucket = u.b FROM unnest($1::text[], $2::int4[]) AS u(k, b) WHERE _spoke_key = u.k"),
-        &[&keys, &buckets],
+        &format!("UPDATE {base} SET _spoke_bucket = u.b, _spoke_h1 = u.x, _spoke_h2 = u.y FROM unnest($1::text[], $2::int4[], $3::int8[], $4::int8[]) AS u(k, b, x, y) WHERE _spoke_key = u.k"),
+        &[&keys, &buckets, &h1s, &h2s],
     )
     .await?;
+    if !has_bucket {
+        tx.batch_execute(&format!("CREATE INDEX ON {base} (_spoke_bucket)"))
+            .await?;
+    }
     tx.batch_execute(&format!(
-        "CREATE INDEX ON {base} (_spoke_bucket); DELETE FROM \"{schema}\"._spoke_digest WHERE dataset = '{dataset}'"
+        "DELETE FROM \"{schema}\"._spoke_digest WHERE dataset = '{dataset}'"
     ))
     .await?;
     let mut delta = DigestDelta::new();
@@ -521,7 +574,7 @@ impl CopyStore for PostgresCopyStore {
                     let view_cols: String = columns.iter().map(|(n, _)| format!(", \"{n}\"")).collect();
                     let escaped = msg.replace('\'', "''");
                     tx.batch_execute(&format!(
-                        "CREATE TABLE {base} (_spoke_key text PRIMARY KEY, _spoke_version bigint NOT NULL, _spoke_deleted_at bigint{cols}, _spoke_bucket int NOT NULL DEFAULT 0);
+                        "CREATE TABLE {base} (_spoke_key text PRIMARY KEY, _spoke_version bigint NOT NULL, _spoke_deleted_at bigint{cols}, _spoke_bucket int NOT NULL DEFAULT 0, _spoke_h1 bigint, _spoke_h2 bigint, _spoke_p1 bigint, _spoke_p2 bigint);
                          CREATE INDEX ON {base} (_spoke_bucket);
                          DELETE FROM \"{schema}\"._spoke_digest WHERE dataset = '{ds}';
                          CREATE VIEW \"{schema}\".\"{ds}\" AS SELECT _spoke_key AS \"{key}\"{view_cols}, _spoke_version FROM {base} WHERE _spoke_deleted_at IS NULL;
@@ -595,6 +648,8 @@ impl CopyStore for PostgresCopyStore {
         let mut versions = Vec::with_capacity(n);
         let mut deleted_at: Vec<Option<i64>> = Vec::with_capacity(n);
         let mut buckets: Vec<i32> = Vec::with_capacity(n);
+        let mut h1s: Vec<i64> = Vec::with_capacity(n);
+        let mut h2s: Vec<i64> = Vec::with_capacity(n);
         let mut columns: Vec<Column> = layout
             .columns
             .iter()
@@ -605,6 +660,9 @@ impl CopyStore for PostgresCopyStore {
             versions.push(c.version as i64);
             deleted_at.push((c.op == Op::Delete).then_some(now));
             buckets.push(i32::from(bucket_of(&c.key)));
+            let (h1, h2) = split(entry_hash(&c.key, c.version, c.op == Op::Delete));
+            h1s.push(h1);
+            h2s.push(h2);
             for ((name, spec), col) in layout.columns.iter().zip(columns.iter_mut()) {
                 col.push(
                     spec.ty,
@@ -616,7 +674,8 @@ impl CopyStore for PostgresCopyStore {
                 );
             }
         }
-        let mut params: Vec<&(dyn ToSql + Sync)> = vec![&keys, &versions, &deleted_at, &buckets];
+        let mut params: Vec<&(dyn ToSql + Sync)> =
+            vec![&keys, &versions, &deleted_at, &buckets, &h1s, &h2s];
         params.extend(columns.iter().map(Column::as_sql));
         let cursor_sql = format!(
             "UPDATE \"{}\"._spoke_copies SET position = COALESCE($1, position), fresh_as_of_ms = COALESCE($2, fresh_as_of_ms),
@@ -638,23 +697,8 @@ impl CopyStore for PostgresCopyStore {
                 let tx = c.transaction().await?;
                 tx.batch_execute(&guard).await?;
                 let applied = if n > 0 {
-                    let rows = tx.query(&layout.upsert, &params).await?;
-                    let mut delta = DigestDelta::new();
-                    for r in &rows {
-                        let key: &str = r.get(0);
-                        let version: i64 = r.get(1);
-                        let deleted: bool = r.get(2);
-                        let bucket: i32 = r.get(3);
-                        let old_v: Option<i64> = r.get(4);
-                        let old_d: Option<bool> = r.get(5);
-                        let mut h = entry_hash(key, version as Version, deleted);
-                        if let Some(v) = old_v {
-                            h ^= entry_hash(key, v as Version, old_d.unwrap_or(false));
-                        }
-                        delta.xor(bucket as u16, h);
-                    }
-                    write_delta(&tx, &schema, &ds, &delta).await?;
-                    rows.len() as u64
+                    let count: i64 = tx.query_one(&layout.upsert, &params).await?.get(0);
+                    count as u64
                 } else {
                     0
                 };
@@ -711,28 +755,14 @@ impl CopyStore for PostgresCopyStore {
         horizon_ms: u64,
     ) -> Result<u64, StoreError> {
         let layout = self.layout(dataset).await?;
-        let sql = format!(
-            "DELETE FROM {} WHERE _spoke_deleted_at IS NOT NULL AND _spoke_deleted_at < $1 RETURNING _spoke_key, _spoke_version, _spoke_bucket",
-            layout.base
-        );
         let cutoff = now_ms.saturating_sub(horizon_ms) as i64;
-        let schema = self.options.schema.clone();
-        let guard = guard_sql(&schema, dataset);
-        let ds = dataset.to_owned();
+        let guard = guard_sql(&self.options.schema, dataset);
         self.with_client(&self.writer, async |c| {
             let tx = c.transaction().await?;
             tx.batch_execute(&guard).await?;
-            let rows = tx.query(&sql, &[&cutoff]).await?;
-            let mut delta = DigestDelta::new();
-            for r in &rows {
-                let key: &str = r.get(0);
-                let version: i64 = r.get(1);
-                let bucket: i32 = r.get(2);
-                delta.xor(bucket as u16, entry_hash(key, version as Version, true));
-            }
-            write_delta(&tx, &schema, &ds, &delta).await?;
+            let n: i64 = tx.query_one(&layout.gc, &[&cutoff]).await?.get(0);
             tx.commit().await?;
-            Ok(rows.len() as u64)
+            Ok(n as u64)
         })
         .await
     }
@@ -783,32 +813,19 @@ impl CopyStore for PostgresCopyStore {
 
     async fn remove(&self, dataset: &str, entries: &[DigestEntry]) -> Result<u64, StoreError> {
         let layout = self.layout(dataset).await?;
-        let sql = format!(
-            "DELETE FROM {} AS t USING unnest($1::text[], $2::int8[], $3::bool[]) AS u(k, v, d)
-             WHERE t._spoke_key = u.k AND t._spoke_version = u.v AND (t._spoke_deleted_at IS NOT NULL) = u.d
-             RETURNING t._spoke_key, t._spoke_version, u.d, t._spoke_bucket",
-            layout.base
-        );
         let keys: Vec<&str> = entries.iter().map(|e| e.key.as_str()).collect();
         let versions: Vec<i64> = entries.iter().map(|e| e.version as i64).collect();
         let deleted: Vec<bool> = entries.iter().map(|e| e.deleted).collect();
-        let schema = self.options.schema.clone();
-        let guard = guard_sql(&schema, dataset);
-        let ds = dataset.to_owned();
+        let guard = guard_sql(&self.options.schema, dataset);
         self.with_client(&self.writer, async |c| {
             let tx = c.transaction().await?;
             tx.batch_execute(&guard).await?;
-            let rows = tx.query(&sql, &[&keys, &versions, &deleted]).await?;
-            let mut delta = DigestDelta::new();
-            for r in &rows {
-                let key: &str = r.get(0);
-                let version: i64 = r.get(1);
-                let bucket: i32 = r.get(3);
-                delta.xor(bucket as u16, entry_hash(key, version as Version, r.get(2)));
-            }
-            write_delta(&tx, &schema, &ds, &delta).await?;
+            let n: i64 = tx
+                .query_one(&layout.remove, &[&keys, &versions, &deleted])
+                .await?
+                .get(0);
             tx.commit().await?;
-            Ok(rows.len() as u64)
+            Ok(n as u64)
         })
         .await
     }
@@ -944,7 +961,7 @@ mod tests {
         postgres_exec(
             &url,
             &format!(
-                "ALTER TABLE \"{schema}\"._spoke_copy_items DROP COLUMN _spoke_bucket;
+                "ALTER TABLE \"{schema}\"._spoke_copy_items DROP COLUMN _spoke_bucket, DROP COLUMN _spoke_h1, DROP COLUMN _spoke_h2, DROP COLUMN _spoke_p1, DROP COLUMN _spoke_p2;
                  DELETE FROM \"{schema}\"._spoke_digest;"
             ),
         )

@@ -73,7 +73,7 @@ CREATE TABLE IF NOT EXISTS digest (
     chunk INTEGER NOT NULL,
     hashes BLOB NOT NULL,
     PRIMARY KEY (dataset, chunk)
-) WITHOUT ROWID;
+);
 ";
 
 /// Adds the bucket column and the digests to a hub file from before
