@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Map, Value};
 use spoke_core::{Manifest, MemoryCopy, Op};
 
-use super::{ChangeInput, Feed, FeedError, Publisher};
+use super::{ChangeInput, Feed, FeedEntry, FeedError, Position, Publisher};
 
 /// The manifest every conformance run uses: one dataset `items`.
 pub const MANIFEST: &str = r#"
@@ -175,30 +175,60 @@ async fn reads_are_ordered_limited_and_carry_the_head<T: Feed + Publisher>(feed:
         .map(|i| ChangeInput::upsert(format!("k{i:02}"), 1, fields(i)))
         .collect();
     feed.publish("items", batch).await.expect("publish");
-    let b = feed
-        .read("items", 0, 10, Duration::ZERO)
-        .await
-        .expect("read");
+    let (first, head) = read_n(&feed, 0, 10, 10).await;
     assert_eq!(
-        b.entries.iter().map(|e| e.position).collect::<Vec<_>>(),
+        first.iter().map(|e| e.position).collect::<Vec<_>>(),
         (1..=10).collect::<Vec<_>>()
     );
-    assert_eq!(b.head, 25, "head is the last appended position");
-    let b = feed
-        .read("items", 20, 10, Duration::ZERO)
-        .await
-        .expect("read");
+    assert_eq!(head, 25, "head is the last appended position");
+    let (tail, _) = read_n(&feed, 20, 10, 5).await;
     assert_eq!(
-        b.entries.iter().map(|e| e.position).collect::<Vec<_>>(),
+        tail.iter().map(|e| e.position).collect::<Vec<_>>(),
         (21..=25).collect::<Vec<_>>()
     );
-    assert_eq!(b.entries[0].change.key, "k21");
-    assert_eq!(b.entries[0].change.owner, "owner-svc");
+    assert_eq!(tail[0].change.key, "k21");
+    assert_eq!(tail[0].change.owner, "owner-svc");
     let b = feed
         .read("items", 25, 10, Duration::ZERO)
         .await
         .expect("read at head");
     assert!(b.entries.is_empty() && b.head == 25);
+}
+
+/// Reads from `after` until `n` entries came back, never asking for more
+/// than `limit` at once and checking that no answer exceeds what was asked.
+/// A streaming feed may answer with fewer entries than the limit while the
+/// rest are still in flight to it; the contract allows that.
+async fn read_n<T: Feed>(
+    feed: &T,
+    after: Position,
+    limit: usize,
+    n: usize,
+) -> (Vec<FeedEntry>, Position) {
+    let mut entries: Vec<FeedEntry> = Vec::new();
+    let mut head = 0;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while entries.len() < n {
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {n} entries arrived",
+            entries.len()
+        );
+        let ask = limit.min(n - entries.len());
+        let from = entries.last().map_or(after, |e| e.position);
+        let b = feed
+            .read("items", from, ask, Duration::from_millis(200))
+            .await
+            .expect("read");
+        assert!(
+            b.entries.len() <= ask,
+            "asked for {ask}, got {}",
+            b.entries.len()
+        );
+        head = b.head;
+        entries.extend(b.entries);
+    }
+    (entries, head)
 }
 
 async fn long_poll_wakes_on_publish<T: Feed + Publisher + 'static>(feed: T) {

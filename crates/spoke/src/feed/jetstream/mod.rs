@@ -10,13 +10,25 @@
 //!
 //! # Publish
 //! ```text
-//!  for the newest change of each key in the batch (concurrently):
-//!    last message on the key's subject ──version ≥ incoming──▶ ignored
-//!          │ older or none
-//!          ▼
+//!  for the newest change of each key in the batch (concurrently, pipelined on one connection):
+//!    the key's last (version, subject sequence): from this publisher's cache,
+//!        else assumed absent for a key the cache has never seen
+//!          │ version ≥ incoming ──▶ ignored
+//!          ▼ older or none
 //!    publish with Nats-Msg-Id = d/key/version              (a retried publish is deduplicated)
-//!             and Nats-Expected-Last-Subject-Sequence = seq (a racing publisher makes us re-check)
+//!             and Nats-Expected-Last-Subject-Sequence = seq (wrong ⇒ the server refuses it)
+//!          │ refused: another publisher wrote the key, or the cache never saw it
+//!          ▼
+//!    ask the server for the key's last message, and go round again
 //! ```
+//! The cache only holds what this publisher saw on the log, and every
+//! publish carries the subject sequence it expects, so a stale or missing
+//! cache entry costs one refused publish and one look-up, never a wrong
+//! answer. In the steady state a batch is one round trip: the publishes go
+//! out back to back and the acks come back together; the head of the
+//! receipt is the highest sequence acknowledged (a look-up of the stream
+//! only when the whole batch was ignored).
+//!
 //! Validation is all-or-nothing, as for every feed. A transport failure in
 //! the middle of a batch can leave part of it appended; retrying the batch
 //! appends the rest and nothing twice, because of the version check and the
@@ -78,6 +90,9 @@ const STARTUP_PATIENCE: Duration = Duration::from_secs(60);
 const DELIVERY_GRACE: Duration = Duration::from_secs(5);
 /// Header JetStream adds to sourced messages: `<origin stream> <origin sequence> …`.
 const SOURCE_HEADER: &str = "Nats-Stream-Source";
+/// Keys per dataset whose last (version, subject sequence) a publisher
+/// remembers; past this the memory is dropped and rebuilt from the server.
+const KNOWN_KEYS_MAX: usize = 1_000_000;
 
 /// How to reach JetStream and lay out the streams.
 #[derive(Debug, Clone)]
@@ -172,7 +187,14 @@ pub struct JetStreamFeed {
     js: Context,
     clock: Clock,
     tails: Mutex<HashMap<String, Tail>>,
+    /// Per dataset, per key: the last (version, subject sequence) this
+    /// publisher saw on the log. A hint: publishes state the sequence they
+    /// expect, so the server refuses any that a stale hint would misplace.
+    known: std::sync::Mutex<HashMap<String, KnownKeys>>,
 }
+
+/// Per key, the last (version, subject sequence) a publisher saw on the log.
+type KnownKeys = HashMap<String, (Version, u64)>;
 
 impl JetStreamFeed {
     /// Connects and creates (or checks) the streams of every dataset.
@@ -204,6 +226,7 @@ impl JetStreamFeed {
             js,
             clock: Clock::System,
             tails: Mutex::new(HashMap::new()),
+            known: std::sync::Mutex::new(HashMap::new()),
         };
         // A cluster that is still electing its leader refuses stream
         // operations for a few seconds; keep trying rather than fail a start.
@@ -273,7 +296,7 @@ impl JetStreamFeed {
     /// Version and subject sequence of the latest change for `subject`.
     async fn latest(
         &self,
-        log: &async_nats::jetstream::stream::Stream,
+        log: &async_nats::jetstream::stream::Stream<()>,
         subject: &str,
     ) -> Result<Option<(Version, u64)>, FeedError> {
         match log.get_last_raw_message_by_subject(subject).await {
@@ -290,16 +313,43 @@ impl JetStreamFeed {
         }
     }
 
+    fn known(&self, dataset: &str, key: &str) -> Option<(Version, u64)> {
+        let known = self.known.lock().unwrap_or_else(|p| p.into_inner());
+        known.get(dataset).and_then(|m| m.get(key)).copied()
+    }
+
+    fn remember(&self, dataset: &str, key: &str, last: Option<(Version, u64)>) {
+        let mut known = self.known.lock().unwrap_or_else(|p| p.into_inner());
+        let m = known.entry(dataset.to_owned()).or_default();
+        match last {
+            Some(l) => {
+                if m.len() >= KNOWN_KEYS_MAX && !m.contains_key(key) {
+                    m.clear();
+                }
+                m.insert(key.to_owned(), l);
+            }
+            None => {
+                m.remove(key);
+            }
+        }
+    }
+
     /// Appends one change unless the log already holds its version or newer.
     async fn publish_one(
         &self,
-        log: &async_nats::jetstream::stream::Stream,
+        log: &async_nats::jetstream::stream::Stream<()>,
         c: &Change,
     ) -> Result<Option<Position>, FeedError> {
         let subject = self.options.key_subject(&c.dataset, &c.key);
         let payload = serde_json::to_vec(c).map_err(unavailable)?;
-        for _ in 0..16 {
-            let last = self.latest(log, &subject).await?;
+        // First from memory (a key never seen is tried as new); after a
+        // refusal, from the server.
+        let mut last = self.known(&c.dataset, &c.key);
+        for attempt in 0..16 {
+            if attempt > 0 {
+                last = self.latest(log, &subject).await?;
+                self.remember(&c.dataset, &c.key, last);
+            }
             if last.is_some_and(|(v, _)| v >= c.version) {
                 return Ok(None);
             }
@@ -320,8 +370,16 @@ impl JetStreamFeed {
                 .map_err(unavailable)?
                 .await;
             match ack {
-                Ok(a) if a.duplicate => return Ok(None),
-                Ok(a) => return Ok(Some(a.sequence)),
+                Ok(a) if a.duplicate => {
+                    // Appended before (a retry): what the key's last is now,
+                    // the server says on the next publish.
+                    self.remember(&c.dataset, &c.key, None);
+                    return Ok(None);
+                }
+                Ok(a) => {
+                    self.remember(&c.dataset, &c.key, Some((c.version, a.sequence)));
+                    return Ok(Some(a.sequence));
+                }
                 Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => continue,
                 Err(e) => return Err(unavailable(e)),
             }
@@ -431,9 +489,10 @@ impl Publisher for JetStreamFeed {
         let changes = self
             .catalog
             .prepare(dataset, changes, self.clock.now_ms())?;
+        // A handle only: no round trip (the streams exist since `connect`).
         let log = self
             .js
-            .get_stream(self.options.log_stream(dataset))
+            .get_stream_no_info(self.options.log_stream(dataset))
             .await
             .map_err(unavailable)?;
         let newest = newest_per_key(&changes);
@@ -451,9 +510,13 @@ impl Publisher for JetStreamFeed {
             positions.push(by_key.remove(&(c.key.as_str(), c.version)));
         }
         let ignored = positions.iter().filter(|p| p.is_none()).count();
-        let head = self
-            .last_sequence(&self.options.log_stream(dataset))
-            .await?;
+        let head = match positions.iter().flatten().max() {
+            Some(&p) => p,
+            None => {
+                self.last_sequence(&self.options.log_stream(dataset))
+                    .await?
+            }
+        };
         Ok(PublishReceipt {
             positions,
             ignored,
@@ -510,6 +573,9 @@ impl Feed for JetStreamFeed {
                 }
             }
         }
+        let head = self
+            .last_sequence(&self.options.log_stream(dataset))
+            .await?;
         if let Some(f) = failure {
             tails.remove(dataset);
             if entries.is_empty() {
@@ -517,9 +583,6 @@ impl Feed for JetStreamFeed {
             }
         }
         drop(tails);
-        let head = self
-            .last_sequence(&self.options.log_stream(dataset))
-            .await?;
         Ok(FeedBatch {
             entries,
             head,
@@ -664,6 +727,65 @@ mod server_tests {
             async move { JetStreamFeed::connect(o, &m).await.expect("connect") }
         })
         .await;
+        nats_delete_streams(&url, &prefix.to_uppercase()).await;
+    }
+
+    /// Two publishers on one dataset: each one's memory of a key's last
+    /// version goes stale when the other writes it. A stale memory costs a
+    /// refused publish and a look-up, never an older version appended after
+    /// a newer one or a newer one dropped.
+    #[tokio::test]
+    async fn a_publishers_stale_memory_never_appends_out_of_order() {
+        let Some(url) = nats_or_skip("jetstream two publishers").await else {
+            return;
+        };
+        let prefix = unique_name("spoketwo");
+        let m = super::super::conformance::manifest();
+        let o = options(&url, &prefix);
+        let a = JetStreamFeed::connect(o.clone(), &m)
+            .await
+            .expect("connect a");
+        let b = JetStreamFeed::connect(o.clone(), &m)
+            .await
+            .expect("connect b");
+        let up = |key: &str, v: u64| {
+            let fields = serde_json::json!({"n": v}).as_object().cloned().unwrap();
+            vec![ChangeInput::upsert(key, v, fields)]
+        };
+        let pos = |r: PublishReceipt| r.positions[0];
+        assert_eq!(pos(a.publish("items", up("k", 1)).await.unwrap()), Some(1));
+        // b has never seen k: it tries it as new, is refused, looks it up.
+        assert_eq!(pos(b.publish("items", up("k", 1)).await.unwrap()), None);
+        assert_eq!(pos(b.publish("items", up("k", 3)).await.unwrap()), Some(2));
+        // a remembers version 1 at sequence 1: stale. Version 2 must be
+        // ignored (3 is on the log), version 4 appended after 3.
+        assert_eq!(pos(a.publish("items", up("k", 2)).await.unwrap()), None);
+        let r = a.publish("items", up("k", 4)).await.unwrap();
+        assert_eq!((r.positions[0], r.head), (Some(3), 3));
+        // b now remembers 3 at sequence 2; 4 is on the log.
+        let r = b.publish("items", up("k", 4)).await.unwrap();
+        assert_eq!((r.positions[0], r.ignored), (None, 1));
+        assert_eq!(r.head, 3, "an all-ignored publish still reports the head");
+        let got = a
+            .read("items", 0, 10, Duration::from_secs(5))
+            .await
+            .unwrap();
+        let mut entries = got.entries;
+        while entries.len() < 3 {
+            let more = a
+                .read(
+                    "items",
+                    entries.last().map_or(0, |e| e.position),
+                    10,
+                    Duration::from_secs(5),
+                )
+                .await
+                .unwrap();
+            assert!(!more.entries.is_empty(), "the log holds 3 entries");
+            entries.extend(more.entries);
+        }
+        let versions: Vec<u64> = entries.iter().map(|e| e.change.version).collect();
+        assert_eq!(versions, [1, 3, 4]);
         nats_delete_streams(&url, &prefix.to_uppercase()).await;
     }
 
