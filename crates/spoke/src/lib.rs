@@ -17,7 +17,11 @@
 //!   [`outbox::Source`] trait and the relay that forwards a source to a publisher.
 //! - [`cdc`]: change data capture from an owner's PostgreSQL (logical
 //!   replication, pgoutput): initial snapshot, stream, slot care.
-//! - [`read`]: the read-only library API for Rust consumers.
+//! - [`read`]: the read-only library API for Rust consumers, with
+//!   bounded-staleness reads.
+//! - [`owner`]: reading one record from its owner's `owner_url` (HTTP and
+//!   in-memory [`owner::OwnerSource`]s).
+//! - [`ttl`]: the `ttl` strategy's read-through cache.
 //! - [`reconcile`]: compares a copy's digest with its feed's and repairs
 //!   exactly the keys that differ.
 //! - [`config`]: deployment configuration for the hub and agent roles.
@@ -32,8 +36,10 @@ pub mod copy;
 pub mod feed;
 pub mod hub;
 pub mod outbox;
+pub mod owner;
 pub mod read;
 pub mod reconcile;
 pub mod shutdown;
 #[doc(hidden)]
 pub mod testing;
+pub mod ttl;

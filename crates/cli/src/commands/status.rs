@@ -112,7 +112,15 @@ pub fn run(config: &Path, json: bool) -> anyhow::Result<ExitCode> {
                 s.strategy.clone(),
                 s.position.map_or("-".into(), |p| p.to_string()),
                 s.lag_positions.map_or("?".into(), |l| l.to_string()),
-                fmt_ms(s.staleness_ms),
+                match &s.cache {
+                    // A ttl cache: each entry carries its own age, kept within the ttl.
+                    Some(c) => format!(
+                        "per entry ({} hits, {} owner calls)",
+                        c.hits_total, c.owner_calls_total
+                    ),
+                    None if s.strategy == "ttl" => "per entry".into(),
+                    None => fmt_ms(s.staleness_ms),
+                },
                 s.staleness_budget.clone(),
                 if s.within_budget {
                     "yes".into()

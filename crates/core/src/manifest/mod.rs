@@ -16,6 +16,7 @@
 //! hint, so `spoke check` can print `file:line: problem (fix: hint)`.
 //! Errors make a manifest invalid; warnings are reported and allowed.
 
+mod owner_url;
 mod problem;
 mod raw;
 mod resolve;
@@ -28,6 +29,7 @@ use std::path::Path;
 use crate::duration::Duration;
 use crate::schema::{FieldType, Schema};
 
+pub use owner_url::{percent_encode, OwnerUrl, KEY_PLACEHOLDER};
 pub use problem::{ManifestError, Problem, Rule, Severity};
 pub use traits::{format_size, parse_size, Access, Changes, FieldTraits, Impact};
 
@@ -42,6 +44,14 @@ pub const DEFAULT_BUDGET_FLOOR: Duration = Duration::from_secs(1);
 /// Fields declared larger than this (bytes) warn when copied;
 /// `[policy] large_field` overrides it.
 pub const DEFAULT_LARGE_FIELD_BYTES: u64 = 4 * 1024;
+
+/// Most entries a `ttl` cache keeps unless `max_entries` says otherwise.
+pub const DEFAULT_MAX_ENTRIES: usize = 10_000;
+/// The largest `max_entries` accepted: a bound on the agent's memory.
+pub const MAX_MAX_ENTRIES: usize = 10_000_000;
+/// How long a `ttl` cache remembers that the owner has no such key (a 404),
+/// unless `negative_ttl` says otherwise; never longer than the `ttl`.
+pub const DEFAULT_NEGATIVE_TTL: Duration = Duration::from_secs(30);
 
 /// How a subscription keeps its copy in sync.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
@@ -187,9 +197,30 @@ pub struct Subscription {
     pub interval: Option<Duration>,
     /// How long a `ttl` subscription keeps an entry.
     pub ttl: Option<Duration>,
+    /// The owner's read endpoint: where a `ttl` subscription reads through,
+    /// and where bounded-staleness reads of a copy fall back to.
+    pub owner_url: Option<OwnerUrl>,
+    /// The cache of a `ttl` subscription, defaults filled in; `None` for
+    /// every other strategy.
+    pub cache: Option<CacheSettings>,
     /// Declared decision traits, per projected field.
     pub traits: BTreeMap<String, FieldTraits>,
     pub line: usize,
+}
+
+/// How a `ttl` subscription's read-through cache behaves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheSettings {
+    /// An entry is served from the cache for this long after it was read.
+    pub ttl: Duration,
+    /// A "no such key" answer (404) is remembered this long; `0s` = never.
+    pub negative_ttl: Duration,
+    /// When the owner fails, an expired entry may still be served (flagged
+    /// stale) while it is at most `ttl + stale_if_error` old (a remembered
+    /// 404: `negative_ttl + stale_if_error`); `None` = never.
+    pub stale_if_error: Option<Duration>,
+    /// Most entries kept; the least recently used go first.
+    pub max_entries: usize,
 }
 
 /// A request path: a request served by `service` that calls `calls`.
@@ -732,7 +763,7 @@ derived_from = ["a"]
         );
         let ttl = SHOP.replace(
             "strategy = \"events\"\nstaleness_budget = \"1h\"",
-            "strategy = \"ttl\"\nstaleness_budget = \"5m\"\nttl = \"10m\"",
+            "strategy = \"ttl\"\nstaleness_budget = \"5m\"\nttl = \"10m\"\nowner_url = \"http://o/{key}\"",
         );
         assert_eq!(
             problems(&ttl),
@@ -758,6 +789,145 @@ derived_from = ["a"]
         assert_eq!(
             problems(&missing),
             ["12: subscription order-service→customers: strategy scheduled needs interval"]
+        );
+    }
+
+    /// SHOP with its subscription turned into `ttl = "1m"` under a 5m
+    /// budget, plus `extra` lines (from line 19 on).
+    fn ttl_with(extra: &str) -> String {
+        SHOP.replace(
+            "strategy = \"events\"\nstaleness_budget = \"1h\"",
+            &format!("strategy = \"ttl\"\nstaleness_budget = \"5m\"\nttl = \"1m\"\n{extra}"),
+        )
+    }
+
+    const OWNER_URL: &str = "owner_url = \"http://127.0.0.1:8081/v1/customers/{key}\"";
+
+    #[test]
+    fn a_ttl_subscription_resolves_its_owner_url_and_cache_defaults() {
+        let m = Manifest::parse("m.toml", &ttl_with(OWNER_URL)).unwrap();
+        let s = &m.subscriptions[0];
+        assert_eq!(
+            s.owner_url.as_ref().map(|u| u.url_for("c 1")).as_deref(),
+            Some("http://127.0.0.1:8081/v1/customers/c%201")
+        );
+        assert_eq!(
+            s.cache,
+            Some(CacheSettings {
+                ttl: Duration::from_secs(60),
+                negative_ttl: DEFAULT_NEGATIVE_TTL,
+                stale_if_error: None,
+                max_entries: DEFAULT_MAX_ENTRIES,
+            })
+        );
+        let explicit = ttl_with(&format!(
+            "{OWNER_URL}\nmax_entries = 5\nnegative_ttl = \"10s\"\nstale_if_error = \"2m\""
+        ));
+        let m = Manifest::parse("m.toml", &explicit).unwrap();
+        assert_eq!(
+            m.subscriptions[0].cache,
+            Some(CacheSettings {
+                ttl: Duration::from_secs(60),
+                negative_ttl: Duration::from_secs(10),
+                stale_if_error: Some(Duration::from_secs(120)),
+                max_entries: 5,
+            })
+        );
+        // The default negative ttl never outlives a shorter ttl.
+        let short = ttl_with(OWNER_URL).replace("ttl = \"1m\"", "ttl = \"10s\"");
+        let m = Manifest::parse("m.toml", &short).unwrap();
+        assert_eq!(
+            m.subscriptions[0].cache.map(|c| c.negative_ttl),
+            Some(Duration::from_secs(10))
+        );
+        // A copy that follows the feed may name its owner's endpoint as the
+        // fallback of bounded-staleness reads; it gets no cache.
+        let events = SHOP.replace(
+            "staleness_budget = \"1h\"",
+            &format!("staleness_budget = \"1h\"\n{OWNER_URL}"),
+        );
+        let m = Manifest::parse("m.toml", &events).unwrap();
+        assert!(m.subscriptions[0].owner_url.is_some());
+        assert_eq!(m.subscriptions[0].cache, None);
+    }
+
+    #[test]
+    fn malformed_ttl_settings_name_the_line_and_the_problem() {
+        let who = "subscription order-service→customers";
+        assert_eq!(
+            problems(&ttl_with("")),
+            [format!("12: {who}: strategy ttl needs owner_url, the owner's read endpoint the cache reads through on a miss")]
+        );
+        let cases: &[(&str, &str)] = &[
+            (
+                "owner_url = \"http://h/v1/customers\"",
+                "19: S: owner_url 'http://h/v1/customers' has no {key} placeholder for the record's key",
+            ),
+            (
+                "owner_url = \"http://h/{key}/{key}\"",
+                "19: S: owner_url 'http://h/{key}/{key}' has 2 {key} placeholders; exactly one is replaced by the key",
+            ),
+            (
+                "owner_url = \"ftp://h/{key}\"",
+                "19: S: owner_url 'ftp://h/{key}' must start with http:// or https://",
+            ),
+            (
+                "owner_url = \"http://h/{id}\"",
+                "19: S: owner_url 'http://h/{id}' has no {key} placeholder for the record's key",
+            ),
+            (
+                "owner_url = \"http://o/{key}\"\nnegative_ttl = \"2m\"",
+                "20: S: negative_ttl 2m is longer than ttl 1m: a missing key would be remembered longer than a present one",
+            ),
+            (
+                "owner_url = \"http://o/{key}\"\nnegative_ttl = \"soon\"",
+                "20: S: negative_ttl: invalid duration 'soon': a number must come before each unit (expected e.g. 250ms, 30s, 5m, 1h, 7d)",
+            ),
+            (
+                "owner_url = \"http://o/{key}\"\nstale_if_error = \"5parsecs\"",
+                "20: S: stale_if_error: invalid duration '5parsecs': unknown unit (expected e.g. 250ms, 30s, 5m, 1h, 7d)",
+            ),
+            (
+                "owner_url = \"http://o/{key}\"\nmax_entries = 0",
+                "20: S: max_entries must be between 1 and 10000000, got 0",
+            ),
+            (
+                "owner_url = \"http://o/{key}\"\nmax_entries = -3",
+                "20: S: max_entries must be between 1 and 10000000, got -3",
+            ),
+            (
+                "owner_url = \"http://o/{key}\"\nstale_if_error = \"10m\"",
+                "20: S: while the owner fails, entries are served up to ttl 1m + stale_if_error 10m = 11m old, over the staleness budget 5m (such reads are flagged stale)",
+            ),
+        ];
+        for (extra, want) in cases {
+            assert_eq!(
+                problems(&ttl_with(extra)),
+                [want.replace("S:", &format!("{who}:"))],
+                "{extra}"
+            );
+        }
+        let bad_type = ttl_with("owner_url = \"http://o/{key}\"\nmax_entries = \"many\"");
+        assert_eq!(rules(&bad_type), [(20, Severity::Error, Rule::Syntax)]);
+        // Cache keys belong to ttl; owner_url to strategies that keep a copy.
+        let on_events = SHOP.replace(
+            "staleness_budget = \"1h\"",
+            "staleness_budget = \"1h\"\nnegative_ttl = \"1s\"\nmax_entries = 3",
+        );
+        assert_eq!(
+            problems(&on_events),
+            [
+                format!("18: {who}: negative_ttl applies only to strategy = \"ttl\" (this one is events)"),
+                format!("19: {who}: max_entries applies only to strategy = \"ttl\" (this one is events)"),
+            ]
+        );
+        let on_none = SHOP.replace(
+            "strategy = \"events\"\nstaleness_budget = \"1h\"",
+            &format!("strategy = \"none\"\n{OWNER_URL}"),
+        );
+        assert_eq!(
+            problems(&on_none),
+            [format!("17: {who}: owner_url does not apply to strategy = \"none\": nothing is copied, so there is nothing to read through or fall back from")]
         );
     }
 
@@ -854,6 +1024,9 @@ calls = ["customer-service", "payment-service", "customer-service"]
             "strategy = \"events\"",
             "interval = \"2h\"",
             "ttl = \"0s\"",
+            "owner_url = \"http://o/{key}\"",
+            "owner_url = \"http://{key}/{key}\"",
+            "negative_ttl = \"1h\"\nstale_if_error = \"1d\"\nmax_entries = 0",
             "staleness_budget = \"1ms\"",
             "private = [\"name\", \"ghost\"]",
             "grants = { \"order-service\" = [\"name\"], \"x\" = [] }",

@@ -54,6 +54,11 @@ pub(super) struct RawSubscription {
     pub source: Option<Spanned<String>>,
     pub interval: Option<Spanned<String>>,
     pub ttl: Option<Spanned<String>>,
+    pub owner_url: Option<Spanned<String>>,
+    /// An integer in TOML; signed so that a negative count gets its own message.
+    pub max_entries: Option<Spanned<i64>>,
+    pub negative_ttl: Option<Spanned<String>>,
+    pub stale_if_error: Option<Spanned<String>>,
     pub traits: Option<Spanned<BTreeMap<String, Spanned<RawTraits>>>>,
 }
 

@@ -10,8 +10,9 @@ use super::problem::{Problem, Rule};
 use super::raw::{Lines, RawManifest, RawTraits};
 use super::traits::{parse_size, Access, Changes, FieldTraits, Impact};
 use super::{
-    is_identifier, is_service_name, Dataset, Manifest, Policy, RequestPath, Service, Strategy,
-    Subscription, DEFAULT_TOMBSTONE_HORIZON, MAX_NAME_LEN,
+    is_identifier, is_service_name, CacheSettings, Dataset, Manifest, OwnerUrl, Policy,
+    RequestPath, Service, Strategy, Subscription, DEFAULT_MAX_ENTRIES, DEFAULT_NEGATIVE_TTL,
+    DEFAULT_TOMBSTONE_HORIZON, MAX_MAX_ENTRIES, MAX_NAME_LEN,
 };
 use crate::duration::Duration;
 use crate::schema::{FieldSpec, Schema};
@@ -39,6 +40,7 @@ pub(super) struct SubscriptionLines {
     pub source: usize,
     pub interval: usize,
     pub ttl: usize,
+    pub stale_if_error: usize,
     /// The staleness budget was declared and is valid (when it is missing
     /// or invalid, that is reported once and the budget rules stay quiet).
     pub budget_valid: bool,
@@ -447,6 +449,7 @@ pub(super) fn resolve(
             source: line_of(lines, &sub.source, at),
             interval: line_of(lines, &sub.interval, at),
             ttl: line_of(lines, &sub.ttl, at),
+            stale_if_error: line_of(lines, &sub.stale_if_error, at),
             budget_valid: false,
             references_ok: false,
         };
@@ -688,6 +691,20 @@ pub(super) fn resolve(
             "how long a cached entry is served",
             "5m",
         );
+        let (owner_url, cache) = resolve_cache(
+            CacheKeys {
+                owner_url: sub.owner_url,
+                max_entries: sub.max_entries,
+                negative_ttl: sub.negative_ttl,
+                stale_if_error: sub.stale_if_error,
+            },
+            strategy,
+            ttl,
+            &who,
+            at,
+            lines,
+            &mut report,
+        );
         let source = sub.source.map(|s| {
             let line = lines.of(s.span().start);
             let s = s.into_inner();
@@ -731,6 +748,8 @@ pub(super) fn resolve(
             source,
             interval,
             ttl,
+            owner_url,
+            cache,
             traits,
             line: at,
         });
@@ -852,6 +871,143 @@ pub(super) fn resolve(
         );
     }
     (m, spans)
+}
+
+/// The owner endpoint and cache keys of one subscription, as written.
+struct CacheKeys {
+    owner_url: Option<Spanned<String>>,
+    max_entries: Option<Spanned<i64>>,
+    negative_ttl: Option<Spanned<String>>,
+    stale_if_error: Option<Spanned<String>>,
+}
+
+/// Checks `owner_url` (any strategy that keeps a copy; required for `ttl`)
+/// and the cache keys (only `ttl`), and fills in the cache's defaults.
+#[allow(clippy::too_many_arguments)]
+fn resolve_cache(
+    keys: CacheKeys,
+    strategy: Strategy,
+    ttl: Option<Duration>,
+    who: &str,
+    at: usize,
+    lines: &Lines,
+    report: &mut impl FnMut(usize, Rule, String, String),
+) -> (Option<OwnerUrl>, Option<CacheSettings>) {
+    const EXAMPLE: &str = "owner_url = \"http://customer-service:8080/v1/customers/{key}\"";
+    let owner_url = match keys.owner_url {
+        None => {
+            if strategy == Strategy::Ttl {
+                report(
+                    at,
+                    Rule::Strategy,
+                    format!("subscription {who}: strategy ttl needs owner_url, the owner's read endpoint the cache reads through on a miss"),
+                    format!("add {EXAMPLE}"),
+                );
+            }
+            None
+        }
+        Some(u) => {
+            let line = lines.of(u.span().start);
+            if strategy == Strategy::None {
+                report(
+                    line,
+                    Rule::Strategy,
+                    format!("subscription {who}: owner_url does not apply to strategy = \"none\": nothing is copied, so there is nothing to read through or fall back from"),
+                    "remove owner_url, or choose a strategy that keeps a copy (events, cdc, scheduled or ttl)".into(),
+                );
+                None
+            } else {
+                match OwnerUrl::parse(u.get_ref()) {
+                    Ok(u) => Some(u),
+                    Err(e) => {
+                        report(
+                            line,
+                            Rule::Strategy,
+                            format!("subscription {who}: owner_url {e}"),
+                            format!("write an http(s) URL with exactly one {{key}} in its path or query, e.g. {EXAMPLE}"),
+                        );
+                        None
+                    }
+                }
+            }
+        }
+    };
+    // Why `key` is out of place on this subscription, if it is.
+    let only_ttl = |key: &str| {
+        (strategy != Strategy::Ttl).then(|| {
+            (
+                format!(
+                    "subscription {who}: {key} applies only to strategy = \"ttl\" (this one is {})",
+                    strategy.as_str()
+                ),
+                format!("remove {key}, or set strategy = \"ttl\""),
+            )
+        })
+    };
+    let mut duration = |v: Option<Spanned<String>>, key: &str, example: &str| {
+        v.and_then(|v| {
+            let line = lines.of(v.span().start);
+            if let Some((message, hint)) = only_ttl(key) {
+                report(line, Rule::Strategy, message, hint);
+            }
+            match v.get_ref().parse::<Duration>() {
+                Ok(d) => Some((line, d)),
+                Err(e) => {
+                    report(
+                        line,
+                        Rule::Strategy,
+                        format!("subscription {who}: {key}: {e}"),
+                        format!("e.g. {key} = \"{example}\""),
+                    );
+                    None
+                }
+            }
+        })
+    };
+    let negative_ttl = duration(keys.negative_ttl, "negative_ttl", "30s");
+    let stale_if_error = duration(keys.stale_if_error, "stale_if_error", "5m");
+    let max_entries = keys.max_entries.and_then(|m| {
+        let line = lines.of(m.span().start);
+        if let Some((message, hint)) = only_ttl("max_entries") {
+            report(line, Rule::Strategy, message, hint);
+        }
+        let n = *m.get_ref();
+        match usize::try_from(n) {
+            Ok(n) if (1..=MAX_MAX_ENTRIES).contains(&n) => Some(n),
+            _ => {
+                report(
+                    line,
+                    Rule::Strategy,
+                    format!("subscription {who}: max_entries must be between 1 and {MAX_MAX_ENTRIES}, got {n}"),
+                    format!("e.g. max_entries = {DEFAULT_MAX_ENTRIES}, the most keys the cache holds"),
+                );
+                None
+            }
+        }
+    });
+    let (Strategy::Ttl, Some(ttl)) = (strategy, ttl) else {
+        return (owner_url, None);
+    };
+    let negative_ttl = match negative_ttl {
+        Some((line, n)) if n > ttl => {
+            report(
+                line,
+                Rule::Strategy,
+                format!("subscription {who}: negative_ttl {n} is longer than ttl {ttl}: a missing key would be remembered longer than a present one"),
+                format!("set negative_ttl to at most {ttl}"),
+            );
+            ttl
+        }
+        Some((_, n)) => n,
+        None => DEFAULT_NEGATIVE_TTL.min(ttl),
+    };
+    let cache = CacheSettings {
+        ttl,
+        negative_ttl,
+        stale_if_error: stale_if_error.map(|(_, d)| d),
+        max_entries: max_entries.unwrap_or(DEFAULT_MAX_ENTRIES),
+    };
+    (owner_url, Some(cache))
 }
 
 fn resolve_traits(

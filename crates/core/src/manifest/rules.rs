@@ -10,6 +10,8 @@
 //! - The strategy can meet the budget: a `scheduled` interval or a `ttl`
 //!   longer than the staleness budget is an error; an `events`/`cdc` budget
 //!   below the floor ([`super::Policy::budget_floor`]) is a warning.
+//!   A `ttl` whose `stale_if_error` can serve entries older than the budget
+//!   while the owner fails is a warning.
 //! - Fields the owner marks `current` are never copied (only `none`).
 //! - Large fields in copies (declared over the bound, or `json` with no
 //!   declared size) warn.
@@ -139,6 +141,21 @@ fn budget(
                     format!("subscription {who}: a cache entry kept for ttl {t} cannot meet the staleness budget {b} (it is served up to {t} after it was read)"),
                     format!("set ttl to at most {b}, or raise staleness_budget to {t}"),
                 ));
+            }
+            if let Some(c) = sub.cache.filter(|c| c.ttl <= b) {
+                if let Some(s) = c.stale_if_error {
+                    let worst = crate::Duration::from_millis(
+                        c.ttl.as_millis().saturating_add(s.as_millis()),
+                    );
+                    if worst > b {
+                        problems.push(Problem::warning(
+                            lines.stale_if_error,
+                            Rule::Budget,
+                            format!("subscription {who}: while the owner fails, entries are served up to ttl {} + stale_if_error {s} = {worst} old, over the staleness budget {b} (such reads are flagged stale)", c.ttl),
+                            "lower stale_if_error to at most the budget minus the ttl, or accept stale reads during owner outages",
+                        ));
+                    }
+                }
             }
         }
         Strategy::Events | Strategy::Cdc => {

@@ -3,6 +3,7 @@
 //!
 //! ```text
 //!  GET /v1/copies/{d}/records/{key}              a record with its freshness
+//!      ?max_staleness_ms=N                         at most N ms stale: else from the owner, else 503
 //!  GET /v1/copies/{d}/digest?level=L&under=a,b   digest nodes (same shape as the hub's)
 //!  GET /v1/copies/{d}/digest/entries?buckets=a,b (key, version, deleted) of those buckets
 //!  GET /v1/status    GET /metrics
@@ -23,6 +24,11 @@ use super::metrics::{render, Sample};
 use super::Agent;
 use crate::feed::http::{bucket_list, digest_query, EntriesBody, ErrorBody};
 use crate::read::{CopyStatus, ReadError};
+use spoke_core::manifest::Strategy;
+
+/// The largest `max_staleness_ms` accepted: a year. A bound keeps a typo
+/// from meaning "never too stale" by accident.
+pub const MAX_STALENESS_PARAM_MS: u64 = 365 * 86_400_000;
 
 fn error(status: StatusCode, kind: &str, message: String) -> Response {
     (
@@ -48,24 +54,112 @@ fn read_error(e: ReadError) -> Response {
             "unavailable",
             e.to_string(),
         ),
+        ReadError::BadKey { .. } => error(StatusCode::BAD_REQUEST, "bad_request", e.to_string()),
+        ReadError::Owner(_) => error(StatusCode::BAD_GATEWAY, "owner_unavailable", e.to_string()),
+        ReadError::NoOwnerSource(_) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "misconfigured",
+            e.to_string(),
+        ),
+        ReadError::TooStale {
+            ref dataset,
+            ref key,
+            ref value,
+            staleness_ms,
+            max_staleness_ms,
+            ref fallback_error,
+        } => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({
+                "error": e.to_string(),
+                "kind": "too_stale",
+                "dataset": dataset,
+                "key": key,
+                "value": value,
+                "staleness_ms": staleness_ms,
+                "max_staleness_ms": max_staleness_ms,
+                "owner_error": fallback_error.as_ref().map(ToString::to_string),
+            })),
+        )
+            .into_response(),
     }
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RecordParams {
+    max_staleness_ms: Option<String>,
+}
+
+/// `max_staleness_ms`: digits only, at most [`MAX_STALENESS_PARAM_MS`].
+fn max_staleness(raw: &str) -> Result<u64, String> {
+    let shown: String = raw.chars().take(40).collect();
+    let n = (!raw.is_empty() && raw.len() <= 20 && raw.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| raw.parse::<u64>().ok())
+        .flatten()
+        .ok_or_else(|| {
+            format!("max_staleness_ms must be a whole number of milliseconds from 0 to {MAX_STALENESS_PARAM_MS}, got '{shown}'")
+        })?;
+    if n > MAX_STALENESS_PARAM_MS {
+        return Err(format!(
+            "max_staleness_ms {n} is over the limit of {MAX_STALENESS_PARAM_MS} (365 days); leave it out to read the copy as it is"
+        ));
+    }
+    Ok(n)
 }
 
 async fn record(
     State(agent): State<Arc<Agent>>,
     Path((dataset, key)): Path<(String, String)>,
+    q: Result<Query<RecordParams>, QueryRejection>,
 ) -> Response {
+    let Query(q) = match q {
+        Ok(q) => q,
+        Err(e) => return bad_query(e),
+    };
     if let Err(e) = validate_key(&key) {
         return error(StatusCode::BAD_REQUEST, "bad_request", format!("key: {e}"));
     }
-    match agent.copies().get(&dataset, &key).await {
+    let max = match q.max_staleness_ms.as_deref().map(max_staleness).transpose() {
+        Ok(m) => m,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "bad_request", e),
+    };
+    let copies = agent.copies();
+    let read = match max {
+        None => copies.get(&dataset, &key).await,
+        Some(ms) => {
+            copies
+                .get_within(&dataset, &key, std::time::Duration::from_millis(ms))
+                .await
+        }
+    };
+    match read {
         Ok(Some(read)) => Json(read).into_response(),
-        Ok(None) => error(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            format!("no record '{key}' in the copy of {dataset}"),
-        ),
+        Ok(None) => {
+            let whose = match copies.strategy(&dataset) {
+                Ok(Strategy::Ttl) => format!("at the owner of {dataset}"),
+                _ => format!("in the copy of {dataset}"),
+            };
+            error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no record '{key}' {whose}"),
+            )
+        }
         Err(e) => read_error(e),
+    }
+}
+
+/// Why `dataset` has no stored copy (as a response), or `None` when it has one.
+fn not_stored(agent: &Agent, dataset: &str) -> Option<Response> {
+    match agent.copies().strategy(dataset) {
+        Err(e) => Some(read_error(e)),
+        Ok(Strategy::Ttl) => Some(error(
+            StatusCode::NOT_FOUND,
+            "not_stored",
+            format!("{dataset} is a ttl cache, not a stored copy: it has no digest"),
+        )),
+        Ok(_) => None,
     }
 }
 
@@ -95,8 +189,8 @@ async fn digest(
     Path(dataset): Path<String>,
     q: Result<Query<DigestParams>, QueryRejection>,
 ) -> Response {
-    if let Err(e) = agent.copies().copy(&dataset) {
-        return read_error(e);
+    if let Some(resp) = not_stored(&agent, &dataset) {
+        return resp;
     }
     let Query(q) = match q {
         Ok(q) => q,
@@ -120,8 +214,8 @@ async fn digest_entries(
     Path(dataset): Path<String>,
     q: Result<Query<EntriesParams>, QueryRejection>,
 ) -> Response {
-    if let Err(e) = agent.copies().copy(&dataset) {
-        return read_error(e);
+    if let Some(resp) = not_stored(&agent, &dataset) {
+        return resp;
     }
     let Query(q) = match q {
         Ok(q) => q,

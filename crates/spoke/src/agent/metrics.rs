@@ -1,5 +1,6 @@
 //! The agent's Prometheus metrics, rendered from copy status on each scrape.
 //!
+//! `ttl` subscriptions also report their cache (`spoke_cache_*`).
 //! Names are defined once here; the labels are `dataset`, bounded by the
 //! manifest, and `kind` (missing | stale | extra) on the repair counter.
 //! Reconcile figures come from the copy store's bookkeeping, so runs made
@@ -22,6 +23,13 @@ pub const RECONCILE_RUNS: &str = "spoke_reconcile_runs_total";
 pub const RECONCILE_REPAIRED: &str = "spoke_reconcile_repaired_total";
 pub const RECONCILE_LAST_RUN: &str = "spoke_reconcile_last_run_timestamp_seconds";
 pub const RECONCILE_LAST_DURATION: &str = "spoke_reconcile_last_duration_seconds";
+pub const CACHE_ENTRIES: &str = "spoke_cache_entries";
+pub const CACHE_HITS: &str = "spoke_cache_hits_total";
+pub const CACHE_MISSES: &str = "spoke_cache_misses_total";
+pub const CACHE_OWNER_CALLS: &str = "spoke_cache_owner_calls_total";
+pub const CACHE_OWNER_ERRORS: &str = "spoke_cache_owner_errors_total";
+pub const CACHE_STALE_SERVED: &str = "spoke_cache_stale_served_total";
+pub const CACHE_EVICTIONS: &str = "spoke_cache_evictions_total";
 
 /// One copy's numbers for the scrape.
 pub struct Sample<'a> {
@@ -124,6 +132,56 @@ pub fn render(samples: &[Sample<'_>]) -> String {
             (r.runs_total > 0).then(|| r.last_duration_ms as f64 / 1000.0)
         },
     );
+    type CacheFigure = fn(&crate::ttl::CacheStats) -> u64;
+    let cache_families: [(&str, &str, &str, CacheFigure); 7] = [
+        (
+            CACHE_ENTRIES,
+            "gauge",
+            "Entries in a ttl subscription's cache.",
+            |c| c.entries,
+        ),
+        (
+            CACHE_HITS,
+            "counter",
+            "Reads answered by a ttl cache entry within its ttl.",
+            |c| c.hits_total,
+        ),
+        (
+            CACHE_MISSES,
+            "counter",
+            "Reads a ttl cache could not answer from an entry within its ttl.",
+            |c| c.misses_total,
+        ),
+        (
+            CACHE_OWNER_CALLS,
+            "counter",
+            "Reads of the owner made by a ttl cache (concurrent misses of one key share one).",
+            |c| c.owner_calls_total,
+        ),
+        (
+            CACHE_OWNER_ERRORS,
+            "counter",
+            "Owner reads of a ttl cache that failed.",
+            |c| c.owner_errors_total,
+        ),
+        (
+            CACHE_STALE_SERVED,
+            "counter",
+            "Expired ttl cache entries served because the owner failed.",
+            |c| c.stale_served_total,
+        ),
+        (
+            CACHE_EVICTIONS,
+            "counter",
+            "ttl cache entries evicted to stay within max_entries.",
+            |c| c.evictions_total,
+        ),
+    ];
+    for (name, kind, help, value) in cache_families {
+        family(name, kind, help, &|s| {
+            s.status.cache.as_ref().map(|c| value(c) as f64)
+        });
+    }
     let _ = writeln!(
         out,
         "# HELP {RECONCILE_REPAIRED} Records repaired by reconcile: missing (fetched), stale (newer version fetched) or extra (removed)."

@@ -14,6 +14,10 @@
 //! exponential backoff; a definite one (feed reset behind the copy, layout
 //! conflict) stops that copy and is shown in status and metrics, while the
 //! other copies go on.
+//!
+//! `ttl` subscriptions have no follower and no copy table: the agent keeps
+//! one read-through [`crate::ttl::TtlCache`] per such subscription, in
+//! memory, filled from the subscription's `owner_url` as reads arrive.
 
 pub mod http;
 pub mod metrics;
@@ -30,6 +34,7 @@ use tokio::task::JoinSet;
 use crate::clock::Clock;
 use crate::copy::{Advance, CopySpec, CopyStore, StoreError};
 use crate::feed::{Feed, FeedError, Position};
+use crate::owner::{EndpointError, HttpOwnerSource, OwnerSource, DEFAULT_OWNER_TIMEOUT};
 use crate::read::Copies;
 use crate::shutdown::Shutdown;
 
@@ -122,6 +127,10 @@ pub struct Agent {
     options: AgentOptions,
     progress: Arc<BTreeMap<String, Arc<CopyProgress>>>,
     observer: Option<ApplyObserver>,
+    /// Reads owners for `ttl` caches and bounded-staleness fallbacks.
+    owner: Arc<dyn OwnerSource>,
+    /// Built once, so the `ttl` caches live as long as the agent.
+    copies: Copies,
 }
 
 /// Why the agent cannot start.
@@ -129,12 +138,14 @@ pub struct Agent {
 pub enum AgentError {
     #[error("consumer '{0}' is not a service in the manifest")]
     UnknownConsumer(String),
-    #[error("{consumer} subscribes to {dataset} with strategy '{strategy}', which this agent does not run yet (only events and cdc copies are kept by the agent)")]
+    #[error("{consumer} subscribes to {dataset} with strategy '{strategy}', which this agent does not run yet (it runs events, cdc and ttl)")]
     UnsupportedStrategy {
         consumer: String,
         dataset: String,
         strategy: String,
     },
+    #[error(transparent)]
+    OwnerEndpoint(#[from] EndpointError),
 }
 
 impl Agent {
@@ -148,10 +159,7 @@ impl Agent {
             return Err(AgentError::UnknownConsumer(consumer.to_owned()));
         }
         for s in manifest.subscriptions_of(consumer) {
-            if matches!(
-                s.strategy,
-                spoke_core::manifest::Strategy::Scheduled | spoke_core::manifest::Strategy::Ttl
-            ) {
+            if s.strategy == spoke_core::manifest::Strategy::Scheduled {
                 return Err(AgentError::UnsupportedStrategy {
                     consumer: consumer.to_owned(),
                     dataset: s.dataset.clone(),
@@ -164,6 +172,13 @@ impl Agent {
             .filter(|s| s.strategy.follows_feed())
             .map(|s| (s.dataset.clone(), Arc::new(CopyProgress::default())))
             .collect();
+        let owner: Arc<dyn OwnerSource> = Arc::new(HttpOwnerSource::from_manifest(
+            &manifest,
+            consumer,
+            DEFAULT_OWNER_TIMEOUT,
+        )?);
+        let copies = Copies::new(&manifest, consumer, store.clone(), Clock::System)
+            .with_owner(owner.clone());
         Ok(Agent {
             consumer: consumer.to_owned(),
             manifest,
@@ -173,7 +188,28 @@ impl Agent {
             options: AgentOptions::default(),
             progress: Arc::new(progress),
             observer: None,
+            owner,
+            copies,
         })
+    }
+
+    /// Rebuilds the read side after the clock or the owner source changed
+    /// (only while the agent is being built: it empties the ttl caches).
+    fn rebuild_copies(&mut self) {
+        self.copies = Copies::new(
+            &self.manifest,
+            &self.consumer,
+            self.store.clone(),
+            self.clock.clone(),
+        )
+        .with_owner(self.owner.clone());
+    }
+
+    /// Reads owners through `owner` instead of HTTP (tests, or a custom client).
+    pub fn with_owner_source(mut self, owner: Arc<dyn OwnerSource>) -> Self {
+        self.owner = owner;
+        self.rebuild_copies();
+        self
     }
 
     pub fn with_options(mut self, options: AgentOptions) -> Self {
@@ -183,6 +219,7 @@ impl Agent {
 
     pub fn with_clock(mut self, clock: Clock) -> Self {
         self.clock = clock;
+        self.rebuild_copies();
         self
     }
 
@@ -195,14 +232,9 @@ impl Agent {
         &self.consumer
     }
 
-    /// The read API over this agent's store.
+    /// The read API over this agent's store and `ttl` caches.
     pub fn copies(&self) -> Copies {
-        Copies::new(
-            &self.manifest,
-            &self.consumer,
-            self.store.clone(),
-            self.clock.clone(),
-        )
+        self.copies.clone()
     }
 
     pub fn progress(&self) -> Arc<BTreeMap<String, Arc<CopyProgress>>> {
