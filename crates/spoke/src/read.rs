@@ -305,8 +305,8 @@ impl Copies {
                 Err(miss) => Err(ReadError::Owner(Box::new(miss.error))),
             };
         }
-        let cursor = self.store.cursor(dataset).await?;
-        self.local(dataset, key, info, &cursor).await
+        let (cursor, record) = self.store.get_with_cursor(dataset, key).await?;
+        Ok(record.map(|r| self.stored_read(dataset, info, &cursor, r)))
     }
 
     /// The record for `key`, at most `max_staleness` stale; see [`Copy::get_within`].
@@ -491,11 +491,22 @@ impl Copies {
         let Some(rec) = self.store.get(dataset, key).await? else {
             return Ok(None);
         };
+        Ok(Some(self.stored_read(dataset, info, cursor, rec)))
+    }
+
+    /// A stored record as a read, with the copy's freshness.
+    fn stored_read(
+        &self,
+        dataset: &str,
+        info: &CopyInfo,
+        cursor: &crate::copy::Cursor,
+        rec: crate::copy::CopyRecord,
+    ) -> Read {
         let now = self.clock.now_ms();
         let f = Freshness {
             fresh_as_of_ms: cursor.fresh_as_of_ms,
         };
-        Ok(Some(Read {
+        Read {
             dataset: dataset.to_owned(),
             key: rec.key,
             fields: rec.fields,
@@ -505,7 +516,7 @@ impl Copies {
             staleness_ms: f.staleness_ms(now),
             within_budget: f.within(info.budget, now),
             source: ReadSource::Copy,
-        }))
+        }
     }
 
     /// The standing of one copy; `head` and `last_error` come from a running agent when there is one.

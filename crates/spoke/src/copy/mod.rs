@@ -198,6 +198,20 @@ pub trait CopyStore: Send + Sync {
     /// Reads one live record.
     async fn get(&self, dataset: &str, key: &str) -> Result<Option<CopyRecord>, StoreError>;
 
+    /// The cursor and one live record, the cursor read first (so the
+    /// freshness it carries never overstates the record's). A store may
+    /// read both in one snapshot and one trip to its database; the default
+    /// makes two calls.
+    async fn get_with_cursor(
+        &self,
+        dataset: &str,
+        key: &str,
+    ) -> Result<(Cursor, Option<CopyRecord>), StoreError> {
+        let cursor = self.cursor(dataset).await?;
+        let record = self.get(dataset, key).await?;
+        Ok((cursor, record))
+    }
+
     /// Live records in the copy.
     async fn count(&self, dataset: &str) -> Result<u64, StoreError>;
 

@@ -194,6 +194,8 @@ struct Layout {
     base: String,
     columns: Vec<(String, FieldSpec)>,
     select: String,
+    /// One live record by key.
+    get_live: String,
     old_states: String,
     insert_live: String,
     insert_tombstone: String,
@@ -246,10 +248,12 @@ impl Layout {
             "SELECT _spoke_key, _spoke_version, _spoke_deleted_at{} FROM {base}",
             comma(&names)
         );
+        let get_live = format!("{select} WHERE _spoke_key = ?1 AND _spoke_deleted_at IS NULL");
         Layout {
             base,
             columns,
             select,
+            get_live,
             old_states,
             insert_live,
             insert_tombstone,
@@ -417,14 +421,43 @@ impl SqliteCopyStore {
         let reader = self.reader.clone();
         let layouts = self.layouts.clone();
         let dataset = dataset.to_owned();
-        tokio::task::spawn_blocking(move || {
+        let work = move || {
             let conn = reader.lock().expect("copy reader");
             let layout = layout_of(&layouts, &conn, &dataset)?;
             f(&conn, &layout)
-        })
-        .await
-        .map_err(unavailable)?
+        };
+        // Reads are short (a few pages, usually cached). On a multi-thread
+        // runtime they run in place, telling the scheduler this worker may
+        // block, which saves the hand-off to the blocking pool and back (the
+        // larger share of a point read's latency, and most of its tail when
+        // the machine is busy).
+        if tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread)
+        {
+            return tokio::task::block_in_place(work);
+        }
+        tokio::task::spawn_blocking(work)
+            .await
+            .map_err(unavailable)?
     }
+}
+
+/// The cursor row of `dataset`.
+fn read_cursor(conn: &Connection, dataset: &str) -> Result<Cursor, StoreError> {
+    conn.prepare_cached(
+        "SELECT position, fresh_as_of_ms, received_total, applied_total FROM _spoke_copies WHERE dataset = ?1",
+    )
+    .and_then(|mut stmt| {
+        stmt.query_row([dataset], |r| {
+            Ok(Cursor {
+                position: r.get::<_, Option<i64>>(0)?.map(|p| p as u64),
+                fresh_as_of_ms: r.get::<_, i64>(1)? as u64,
+                received_total: r.get::<_, i64>(2)? as u64,
+                applied_total: r.get::<_, i64>(3)? as u64,
+            })
+        })
+    })
+    .map_err(unavailable)
 }
 
 /// Adds what digests need to a copy made before them — the bucket column,
@@ -565,22 +598,8 @@ impl CopyStore for SqliteCopyStore {
 
     async fn cursor(&self, dataset: &str) -> Result<Cursor, StoreError> {
         let ds = dataset.to_owned();
-        self.read(dataset, move |conn, _| {
-            conn.query_row(
-                "SELECT position, fresh_as_of_ms, received_total, applied_total FROM _spoke_copies WHERE dataset = ?1",
-                [&ds],
-                |r| {
-                    Ok(Cursor {
-                        position: r.get::<_, Option<i64>>(0)?.map(|p| p as u64),
-                        fresh_as_of_ms: r.get::<_, i64>(1)? as u64,
-                        received_total: r.get::<_, i64>(2)? as u64,
-                        applied_total: r.get::<_, i64>(3)? as u64,
-                    })
-                },
-            )
-            .map_err(unavailable)
-        })
-        .await
+        self.read(dataset, move |conn, _| read_cursor(conn, &ds))
+            .await
     }
 
     async fn apply(
@@ -609,11 +628,7 @@ impl CopyStore for SqliteCopyStore {
     async fn get(&self, dataset: &str, key: &str) -> Result<Option<CopyRecord>, StoreError> {
         let key = key.to_owned();
         self.read(dataset, move |conn, layout| {
-            let sql = format!(
-                "{} WHERE _spoke_key = ?1 AND _spoke_deleted_at IS NULL",
-                layout.select
-            );
-            let mut stmt = conn.prepare_cached(&sql).map_err(unavailable)?;
+            let mut stmt = conn.prepare_cached(&layout.get_live).map_err(unavailable)?;
             let rec = stmt
                 .query_row([&key], |r| layout.row_to_record(r))
                 .optional()
@@ -623,6 +638,34 @@ impl CopyStore for SqliteCopyStore {
                 version,
                 fields,
             }))
+        })
+        .await
+    }
+
+    async fn get_with_cursor(
+        &self,
+        dataset: &str,
+        key: &str,
+    ) -> Result<(Cursor, Option<CopyRecord>), StoreError> {
+        let key = key.to_owned();
+        let ds = dataset.to_owned();
+        self.read(dataset, move |conn, layout| {
+            // One read transaction: cursor and record from the same snapshot.
+            let tx = conn.unchecked_transaction().map_err(unavailable)?;
+            let cursor = read_cursor(&tx, &ds)?;
+            let mut stmt = tx.prepare_cached(&layout.get_live).map_err(unavailable)?;
+            let rec = stmt
+                .query_row([&key], |r| layout.row_to_record(r))
+                .optional()
+                .map_err(unavailable)?;
+            Ok((
+                cursor,
+                rec.map(|(key, version, _, fields)| CopyRecord {
+                    key,
+                    version,
+                    fields,
+                }),
+            ))
         })
         .await
     }

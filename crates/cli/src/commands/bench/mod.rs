@@ -9,6 +9,8 @@
 //!   at fixed publish rates, with hub, agent and publisher in one process.
 //!   With `--feed jetstream`: owner publish → JetStream → agent → copy, beside
 //!   raw async-nats publish → ordered consumer latency (the ceiling).
+//! - [`read`] — `spoke bench read`: a read from the consumer's local copy
+//!   beside a synchronous HTTP call to the owner for the same record.
 //! - [`cdc`] — `spoke bench cdc`: rows/s from owner commits through the CDC
 //!   source into a feed, beside `pg_recvlogical` decoding the same WAL (the
 //!   ceiling); and owner commit → visible in a copy latency at fixed rates.
@@ -26,6 +28,7 @@ mod cdc;
 mod e2e;
 mod jetstream_raw;
 mod pg;
+mod read;
 mod reconcile;
 mod visibility;
 
@@ -52,6 +55,8 @@ enum BenchCommand {
     E2e(e2e::E2eArgs),
     /// CDC throughput (against pg_recvlogical) and owner commit → copy latency.
     Cdc(cdc::CdcArgs),
+    /// Read a record from the local copy and from its owner over HTTP; compare latency.
+    Read(read::ReadArgs),
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
@@ -60,6 +65,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         BenchCommand::Apply(a) => apply::run(a),
         BenchCommand::E2e(a) => e2e::run(a),
         BenchCommand::Cdc(a) => cdc::run(a),
+        BenchCommand::Read(a) => read::run(a),
     }
 }
 
