@@ -185,6 +185,7 @@ fn cases() -> Vec<Case> {
             rules: &["strategy"],
             output: &[
                 r#"strategy_settings.toml:14: subscription order-service→customers: strategy scheduled needs interval (fix: add interval = "15m": how often the snapshot runs, at most the staleness budget)"#,
+                r#"strategy_settings.toml:14: subscription order-service→customers: strategy scheduled needs snapshot_url or snapshot_sql, where the agent reads the owner's snapshot (fix: add snapshot_url = "http://customer-service:8080/v1/customers" (the owner's paged listing), or snapshot_sql = "SELECT id AS key, version, name, email FROM customers" (with [agent.owner_postgres] in the deployment config))"#,
                 r#"strategy_settings.toml:27: subscription shipping-service→customers: ttl applies only to strategy = "ttl" (this one is events) (fix: remove ttl, or set strategy = "ttl")"#,
             ],
         },

@@ -701,7 +701,7 @@ mod tests {
             )
             .replace(
                 "consumer = \"order-service\"\ndataset = \"stock\"\nfields = [\"available\"]\nstrategy = \"none\"",
-                "consumer = \"order-service\"\ndataset = \"stock\"\nfields = [\"available\"]\nstrategy = \"scheduled\"\ninterval = \"1h\"\nstaleness_budget = \"1m\"",
+                "consumer = \"order-service\"\ndataset = \"stock\"\nfields = [\"available\"]\nstrategy = \"scheduled\"\ninterval = \"1h\"\nstaleness_budget = \"1m\"\nsnapshot_url = \"http://inventory-service/v1/stock\"",
             );
         // Copying must-be-current stock on an hourly schedule breaks check,
         // and advise still explains what is wrong.

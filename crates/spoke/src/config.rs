@@ -16,6 +16,10 @@
 //! hub = "http://127.0.0.1:7070"
 //! store = { sqlite = "data/order-service/copies.db" }   # default: <data_dir>/copies.db
 //! token = { file = "secrets/order-service.token" }
+//!
+//! [agent.owner_postgres.products]      # per `scheduled` dataset read with snapshot_sql
+//! postgres = "host=catalog-db user=spoke_reader dbname=catalog"
+//! password = { env = "CATALOG_DB_PASSWORD" }
 //! ```
 //!
 //! Moving to the distributed deployment changes only this file: the feed
@@ -139,6 +143,50 @@ struct RawAgent {
     jetstream: Option<RawJetStream>,
     store: Option<RawStore>,
     token: Option<SecretSource>,
+    #[serde(default)]
+    owner_postgres: BTreeMap<String, RawOwnerPostgres>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOwnerPostgres {
+    postgres: String,
+    password: Option<SecretSource>,
+}
+
+/// An owner's PostgreSQL, where a `scheduled` subscription with
+/// `snapshot_sql` reads its snapshot. The password is read when connecting.
+#[derive(Clone, PartialEq, Eq)]
+pub struct OwnerPostgres {
+    pub url: String,
+    pub password: Option<SecretSource>,
+}
+
+impl std::fmt::Debug for OwnerPostgres {
+    // The connection string may carry a password of its own: never printed.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OwnerPostgres")
+            .field("password", &self.password)
+            .finish_non_exhaustive()
+    }
+}
+
+impl OwnerPostgres {
+    /// The connection string with the password from its source; `path`
+    /// names the config entry in errors.
+    pub fn conninfo(&self, path: &str) -> Result<String, ConfigError> {
+        Ok(match &self.password {
+            None => self.url.clone(),
+            Some(p) => {
+                let p = p.read(&format!("{path}.password"))?;
+                format!(
+                    "{} password='{}'",
+                    self.url,
+                    p.replace('\\', "\\\\").replace('\'', "\\'")
+                )
+            }
+        })
+    }
 }
 
 #[derive(Deserialize)]
@@ -300,6 +348,8 @@ pub struct AgentConfig {
     pub data_dir: PathBuf,
     pub feed: FeedConfig,
     pub store: StoreConfig,
+    /// Dataset → the owner's PostgreSQL of a `snapshot_sql` subscription.
+    pub owner_postgres: BTreeMap<String, OwnerPostgres>,
 }
 
 /// A whole deployment config file.
@@ -409,6 +459,16 @@ impl DeploymentConfig {
                     Some(_) => return Err(ConfigError::new("agent.store", "give either sqlite = \"PATH\" or postgres = \"CONNECTION\" (with optional password, schema, readers)")),
                 };
                 let token = a.token.map(|t| resolve_secret(t, &at));
+                let mut owner_postgres = BTreeMap::new();
+                for (dataset, o) in a.owner_postgres {
+                    if !spoke_core::manifest::is_identifier(&dataset) {
+                        return Err(ConfigError::new(format!("agent.owner_postgres.{dataset}"), "not a dataset name"));
+                    }
+                    if o.postgres.trim().is_empty() {
+                        return Err(ConfigError::new(format!("agent.owner_postgres.{dataset}.postgres"), "empty: the owner's connection, e.g. \"host=customer-db user=spoke_reader dbname=customers\""));
+                    }
+                    owner_postgres.insert(dataset, OwnerPostgres { url: o.postgres, password: o.password.map(|p| resolve_secret(p, &at)) });
+                }
                 let feed = match (a.hub, a.jetstream) {
                     (Some(hub), None) => FeedConfig::Hub { url: check_url("agent.hub", &hub)?, token },
                     (None, Some(j)) => FeedConfig::JetStream(jetstream("agent.jetstream", j)?),
@@ -422,6 +482,7 @@ impl DeploymentConfig {
                     data_dir,
                     feed,
                     store,
+                    owner_postgres,
                 })
             })
             .transpose()?;
@@ -572,6 +633,41 @@ store = { postgres = "host=127.0.0.1 dbname=orders", schema = "copies", readers 
         assert_eq!(
             c.agent().unwrap_err().to_string(),
             "agent: spoke.toml has no [agent] section"
+        );
+    }
+
+    #[test]
+    fn owner_postgres_connections_are_per_dataset_and_never_print() {
+        let text = format!(
+            "{FULL}\n[agent.owner_postgres.customers]\npostgres = \"host=db user=reader password=inline-secret\"\npassword = {{ env = \"SPOKE_TEST_OWNER_PG_PASSWORD_UNSET\" }}\n"
+        );
+        let c = DeploymentConfig::parse("spoke.toml", &text, Path::new("/")).unwrap();
+        let a = c.agent().unwrap();
+        let o = &a.owner_postgres["customers"];
+        assert_eq!(o.url, "host=db user=reader password=inline-secret");
+        assert!(!format!("{c:?}").contains("inline-secret"), "never printed");
+        assert_eq!(
+            o.conninfo("agent.owner_postgres.customers").unwrap_err().to_string(),
+            "agent.owner_postgres.customers.password: environment variable SPOKE_TEST_OWNER_PG_PASSWORD_UNSET is not set"
+        );
+        let plain = OwnerPostgres {
+            url: "host=db".into(),
+            password: None,
+        };
+        assert_eq!(plain.conninfo("x").unwrap(), "host=db");
+        let bad = format!("{FULL}\n[agent.owner_postgres.Customers]\npostgres = \"host=db\"\n");
+        assert_eq!(
+            DeploymentConfig::parse("spoke.toml", &bad, Path::new("/"))
+                .unwrap_err()
+                .to_string(),
+            "agent.owner_postgres.Customers: not a dataset name"
+        );
+        let empty = format!("{FULL}\n[agent.owner_postgres.customers]\npostgres = \" \"\n");
+        assert!(
+            DeploymentConfig::parse("spoke.toml", &empty, Path::new("/"))
+                .unwrap_err()
+                .to_string()
+                .starts_with("agent.owner_postgres.customers.postgres: empty")
         );
     }
 

@@ -24,6 +24,9 @@
 //! - [`ttl`]: the `ttl` strategy's read-through cache.
 //! - [`reconcile`]: compares a copy's digest with its feed's and repairs
 //!   exactly the keys that differ.
+//! - [`scheduled`]: the `scheduled` strategy: refreshes a copy from its
+//!   owner's snapshot (a paged HTTP listing or an SQL query), digest first,
+//!   fetching only the records of buckets that differ.
 //! - [`config`]: deployment configuration for the hub and agent roles.
 //! - [`shutdown`]: the stop signal every long-running task takes.
 //! - [`clock`]: wall-clock helpers, injectable for tests.
@@ -39,6 +42,7 @@ pub mod outbox;
 pub mod owner;
 pub mod read;
 pub mod reconcile;
+pub mod scheduled;
 pub mod shutdown;
 #[doc(hidden)]
 pub mod testing;

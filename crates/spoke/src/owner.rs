@@ -162,22 +162,34 @@ impl Endpoint {
                 }
             },
         };
-        for (name, spec) in self.projection.fields() {
-            if !spec.optional && !object.contains_key(name) {
-                return Err(bad(format!(
-                    "required field '{name}' is missing (the subscription projects {})",
-                    self.projection.names().collect::<Vec<_>>().join(", ")
-                )));
-            }
-        }
-        let fields = self.projection.apply(&object);
-        let schema = Schema::new(0, self.projection.fields().iter().cloned().collect());
-        schema.validate(&fields).map_err(|e| bad(e.to_string()))?;
+        let fields = project_checked(&self.projection, &object).map_err(bad)?;
         Ok(OwnerRecord { fields, version })
     }
 }
 
-fn kind(v: &Value) -> &'static str {
+/// The projected fields of an owner's record, checked: every required
+/// projected field is present and every value has its schema type. Other
+/// members are dropped (rule 6). Shared by every reader of owner records
+/// (`owner_url`, and the `scheduled` strategy's snapshot sources).
+pub(crate) fn project_checked(
+    projection: &Projection,
+    object: &Map<String, Value>,
+) -> Result<Map<String, Value>, String> {
+    for (name, spec) in projection.fields() {
+        if !spec.optional && !object.contains_key(name) {
+            return Err(format!(
+                "required field '{name}' is missing (the subscription projects {})",
+                projection.names().collect::<Vec<_>>().join(", ")
+            ));
+        }
+    }
+    let fields = projection.apply(object);
+    let schema = Schema::new(0, projection.fields().iter().cloned().collect());
+    schema.validate(&fields).map_err(|e| e.to_string())?;
+    Ok(fields)
+}
+
+pub(crate) fn kind(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a bool",
@@ -253,7 +265,7 @@ impl HttpOwnerSource {
 }
 
 /// A reqwest error with its causes: reqwest's own message alone is terse.
-fn error_chain(e: &reqwest::Error) -> String {
+pub(crate) fn error_chain(e: &reqwest::Error) -> String {
     let mut out = e.to_string();
     let mut source = std::error::Error::source(e);
     while let Some(s) = source {

@@ -220,7 +220,7 @@ impl Copies {
     ) -> Self {
         let copies = manifest
             .subscriptions_of(consumer)
-            .filter(|s| s.strategy.follows_feed() || s.strategy == Strategy::Ttl)
+            .filter(|s| s.strategy.stores_copy() || s.strategy == Strategy::Ttl)
             .filter_map(|s| {
                 let ds = manifest.datasets.get(&s.dataset)?;
                 let projection = Projection::new(&ds.schema, &s.fields)?;

@@ -345,10 +345,14 @@ impl<'a> Reconciler<'a> {
             done,
             total: buckets.len(),
         });
-        let mut groups = futures_util::stream::iter(buckets.chunks(per))
-            .map(|chunk| async move {
-                let copy = self.store.bucket_entries(ds, chunk).await?;
-                let source = self.feed.bucket_entries(ds, chunk).await?;
+        // Owned chunks: a stream over borrowed slices makes this future
+        // too general for the compiler to prove `Send`, and the agent
+        // spawns reconcile runs as tasks (`reconcile_every`).
+        let chunks: Vec<Vec<u16>> = buckets.chunks(per).map(<[u16]>::to_vec).collect();
+        let mut groups = futures_util::stream::iter(chunks)
+            .map(|chunk: Vec<u16>| async move {
+                let copy = self.store.bucket_entries(ds, &chunk).await?;
+                let source = self.feed.bucket_entries(ds, &chunk).await?;
                 Ok::<_, ReconcileError>((chunk.len(), copy, source))
             })
             .buffer_unordered(opts.requests_in_flight.max(1));

@@ -124,6 +124,16 @@ pub fn run(config: &Path, dataset: Option<&str>, json: bool) -> anyhow::Result<E
         Some(d) => subs.iter().filter(|s| s.dataset == d).cloned().collect(),
     };
     if chosen.is_empty() {
+        if let Some(s) = dataset.and_then(|d| manifest.subscription(&cfg.consumer, d)) {
+            if s.strategy == spoke_core::manifest::Strategy::Scheduled {
+                return Err(anyhow!(
+                    "{} keeps {} with strategy scheduled: every refresh already compares the copy's digest with the owner's snapshot and repairs what differs (every {}); see `spoke status`",
+                    cfg.consumer,
+                    s.dataset,
+                    s.interval.map_or("interval".to_owned(), |i| i.to_string())
+                ));
+            }
+        }
         let names: Vec<&str> = subs.iter().map(|s| s.dataset.as_str()).collect();
         return Err(anyhow!(
             "{} keeps no copy of {}; its copies: {}",

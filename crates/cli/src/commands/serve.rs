@@ -130,6 +130,8 @@ pub fn agent_config(args: AgentArgs) -> anyhow::Result<AgentConfig> {
                 Some(url) => StoreConfig::Postgres { url, password: None, schema: spoke::copy::postgres::DEFAULT_SCHEMA.to_owned(), readers: Vec::new() },
             },
             data_dir,
+            // snapshot_sql sources need connections: only a config file gives them.
+            owner_postgres: BTreeMap::new(),
         }),
         _ => Err(anyhow!("give --config FILE, or --manifest M --consumer NAME (--hub URL | --jetstream URL) --listen ADDR --data DIR")),
     }
@@ -154,7 +156,11 @@ pub async fn run_agent(cfg: AgentConfig, shutdown: Shutdown) -> anyhow::Result<(
             format!("jetstream {}", j.url),
         ),
     };
-    let agent = Arc::new(Agent::new(manifest, &cfg.consumer, feed, store)?);
+    let agent = Arc::new(with_snapshot_sql(
+        Agent::new(manifest.clone(), &cfg.consumer, feed, store)?,
+        &manifest,
+        &cfg,
+    )?);
     agent.ensure_copies().await?;
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
@@ -173,6 +179,41 @@ pub async fn run_agent(cfg: AgentConfig, shutdown: Shutdown) -> anyhow::Result<(
     agent.run(shutdown).await?;
     server.await??;
     Ok(())
+}
+
+/// Gives every `scheduled` subscription with `snapshot_sql` its owner's
+/// PostgreSQL from `[agent.owner_postgres.<dataset>]`.
+fn with_snapshot_sql(
+    mut agent: Agent,
+    manifest: &Manifest,
+    cfg: &AgentConfig,
+) -> anyhow::Result<Agent> {
+    use spoke::scheduled::postgres::PostgresSnapshot;
+    use spoke_core::manifest::OwnerSnapshot;
+    for sub in manifest.subscriptions_of(&cfg.consumer) {
+        let Some(OwnerSnapshot::Sql(sql)) = &sub.snapshot else {
+            continue;
+        };
+        let path = format!("agent.owner_postgres.{}", sub.dataset);
+        let owner = cfg.owner_postgres.get(&sub.dataset).ok_or_else(|| {
+            anyhow!("{path}: missing: {}→{} reads its owner with snapshot_sql; add [{path}] with postgres = \"host=… dbname=…\" (and password = {{ env = \"…\" }}) to the deployment config", cfg.consumer, sub.dataset)
+        })?;
+        let ds = &manifest.datasets[&sub.dataset];
+        let projection = spoke_core::Projection::new(&ds.schema, &sub.fields)
+            .ok_or_else(|| anyhow!("{}: the projection does not fit the schema", sub.dataset))?;
+        let source =
+            PostgresSnapshot::new(&sub.dataset, owner.conninfo(&path)?, &path, sql, projection);
+        agent = agent.with_snapshot_source(&sub.dataset, Arc::new(source));
+    }
+    for dataset in cfg.owner_postgres.keys() {
+        let used = manifest
+            .subscription(&cfg.consumer, dataset)
+            .is_some_and(|s| matches!(s.snapshot, Some(OwnerSnapshot::Sql(_))));
+        if !used {
+            eprintln!("warning: agent.owner_postgres.{dataset}: {} has no scheduled subscription to {dataset} with snapshot_sql; the connection is not used", cfg.consumer);
+        }
+    }
+    Ok(agent)
 }
 
 /// Opens the copy store a config names.

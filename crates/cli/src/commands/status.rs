@@ -28,17 +28,26 @@ fn fmt_ms(ms: Option<u64>) -> String {
     }
 }
 
-/// The last reconcile run: "never", or its age, duration and repairs.
-fn fmt_reconcile(r: &spoke::copy::ReconcileStats) -> String {
+/// The last reconcile run: "never", or its age, duration and repairs. A
+/// `scheduled` copy's runs are its refreshes from the owner's snapshot.
+fn fmt_reconcile(strategy: &str, r: &spoke::copy::ReconcileStats) -> String {
+    let scheduled = strategy == "scheduled";
     if r.runs_total == 0 {
-        return "never".into();
+        return if scheduled {
+            "never refreshed"
+        } else {
+            "never"
+        }
+        .into();
     }
     let age = Clock::System.now_ms().saturating_sub(r.last_run_ms);
     format!(
-        "{} ago, {}ms, {} repaired",
+        "{}{} ago, {}ms, {} {}",
+        if scheduled { "refreshed " } else { "" },
         fmt_ms(Some(age)),
         r.last_duration_ms,
-        r.last_repaired
+        r.last_repaired,
+        if scheduled { "changed" } else { "repaired" }
     )
 }
 
@@ -102,7 +111,7 @@ pub fn run(config: &Path, json: bool) -> anyhow::Result<ExitCode> {
             "ok",
             "records",
             "applied",
-            "last reconcile",
+            "last reconcile / refresh",
             "last error",
         ]);
         for s in &statuses {
@@ -111,7 +120,11 @@ pub fn run(config: &Path, json: bool) -> anyhow::Result<ExitCode> {
                 s.owner.clone(),
                 s.strategy.clone(),
                 s.position.map_or("-".into(), |p| p.to_string()),
-                s.lag_positions.map_or("?".into(), |l| l.to_string()),
+                match s.strategy.as_str() {
+                    // No feed: a scheduled copy's lag is its staleness.
+                    "scheduled" => "-".into(),
+                    _ => s.lag_positions.map_or("?".into(), |l| l.to_string()),
+                },
                 match &s.cache {
                     // A ttl cache: each entry carries its own age, kept within the ttl.
                     Some(c) => format!(
@@ -129,7 +142,7 @@ pub fn run(config: &Path, json: bool) -> anyhow::Result<ExitCode> {
                 },
                 s.records.to_string(),
                 s.applied_total.to_string(),
-                fmt_reconcile(&s.reconcile),
+                fmt_reconcile(&s.strategy, &s.reconcile),
                 s.last_error.clone().unwrap_or_default(),
             ]);
         }

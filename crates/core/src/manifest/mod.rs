@@ -21,6 +21,7 @@ mod problem;
 mod raw;
 mod resolve;
 mod rules;
+mod snapshot;
 mod traits;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -31,6 +32,7 @@ use crate::schema::{FieldType, Schema};
 
 pub use owner_url::{percent_encode, OwnerUrl, KEY_PLACEHOLDER};
 pub use problem::{ManifestError, Problem, Rule, Severity};
+pub use snapshot::{check_sql, OwnerSnapshot, SnapshotUrl};
 pub use traits::{format_size, parse_size, Access, Changes, FieldTraits, Impact};
 
 /// Default garbage-collection horizon for tombstones in copies.
@@ -92,6 +94,11 @@ impl Strategy {
     /// Whether copies under this strategy are maintained by following the feed.
     pub fn follows_feed(self) -> bool {
         matches!(self, Strategy::Events | Strategy::Cdc)
+    }
+    /// Whether the consumer keeps a stored copy (a table in its copy store):
+    /// `events`, `cdc` and `scheduled`.
+    pub fn stores_copy(self) -> bool {
+        matches!(self, Strategy::Events | Strategy::Cdc | Strategy::Scheduled)
     }
     /// Whether the consumer keeps a copy at all (everything but `none`).
     pub fn copies(self) -> bool {
@@ -195,6 +202,11 @@ pub struct Subscription {
     pub source: Option<String>,
     /// How often a `scheduled` subscription snapshots.
     pub interval: Option<Duration>,
+    /// Where a `scheduled` subscription reads the owner's snapshot.
+    pub snapshot: Option<OwnerSnapshot>,
+    /// How often the agent reconciles an `events`/`cdc` copy against its
+    /// feed in the background; `None`: only on demand (`spoke reconcile`).
+    pub reconcile_every: Option<Duration>,
     /// How long a `ttl` subscription keeps an entry.
     pub ttl: Option<Duration>,
     /// The owner's read endpoint: where a `ttl` subscription reads through,
@@ -755,7 +767,7 @@ derived_from = ["a"]
     fn strategies_must_meet_their_budget() {
         let sched = SHOP.replace(
             "strategy = \"events\"\nstaleness_budget = \"1h\"",
-            "strategy = \"scheduled\"\nstaleness_budget = \"1m\"\ninterval = \"1h\"",
+            "strategy = \"scheduled\"\nstaleness_budget = \"1m\"\ninterval = \"1h\"\nsnapshot_url = \"http://o/v1/customers\"",
         );
         assert_eq!(
             problems(&sched),
@@ -788,8 +800,135 @@ derived_from = ["a"]
         let missing = SHOP.replace("\"events\"", "\"scheduled\"");
         assert_eq!(
             problems(&missing),
-            ["12: subscription order-service→customers: strategy scheduled needs interval"]
+            [
+                "12: subscription order-service→customers: strategy scheduled needs interval",
+                "12: subscription order-service→customers: strategy scheduled needs snapshot_url or snapshot_sql, where the agent reads the owner's snapshot",
+            ]
         );
+    }
+
+    /// SHOP with `strategy = "scheduled"` every 5m under a 1h budget, plus
+    /// `extra` lines (from line 19 on).
+    fn scheduled_with(extra: &str) -> String {
+        SHOP.replace(
+            "strategy = \"events\"\nstaleness_budget = \"1h\"",
+            &format!(
+                "strategy = \"scheduled\"\nstaleness_budget = \"1h\"\ninterval = \"5m\"\n{extra}"
+            ),
+        )
+    }
+
+    #[test]
+    fn scheduled_subscriptions_name_exactly_one_snapshot_source() {
+        let url = Manifest::parse(
+            "m.toml",
+            &scheduled_with(
+                "snapshot_url = \"http://customer-service:8080/v1/customers?tenant=a\"",
+            ),
+        )
+        .unwrap();
+        assert_eq!(
+            url.subscriptions[0].snapshot,
+            Some(OwnerSnapshot::Url(
+                SnapshotUrl::parse("http://customer-service:8080/v1/customers?tenant=a").unwrap()
+            ))
+        );
+        let sql = Manifest::parse(
+            "m.toml",
+            &scheduled_with(
+                "snapshot_sql = \"SELECT id AS key, version, name, email FROM customers\"",
+            ),
+        )
+        .unwrap();
+        assert_eq!(
+            sql.subscriptions[0].snapshot,
+            Some(OwnerSnapshot::Sql(
+                "SELECT id AS key, version, name, email FROM customers".into()
+            ))
+        );
+        let cases: &[(&str, &str)] = &[
+            ("", "12: subscription order-service→customers: strategy scheduled needs snapshot_url or snapshot_sql, where the agent reads the owner's snapshot"),
+            ("snapshot_url = \"http://o/c\"\nsnapshot_sql = \"SELECT 1\"", "20: subscription order-service→customers: give snapshot_url or snapshot_sql, not both"),
+            ("snapshot_url = \"ftp://o/c\"", "19: subscription order-service→customers: snapshot_url 'ftp://o/c' must start with http:// or https://"),
+            ("snapshot_url = \"http://o/c/{key}\"", "19: subscription order-service→customers: snapshot_url 'http://o/c/{key}' has a placeholder"),
+            ("snapshot_sql = \"  \"", "19: subscription order-service→customers: snapshot_sql is empty"),
+            ("snapshot_sql = \"SELECT 1; DROP TABLE t\"", "19: subscription order-service→customers: snapshot_sql must be a single SELECT without ';'"),
+        ];
+        for (extra, want) in cases {
+            let got = problems(&scheduled_with(extra));
+            assert_eq!(got.len(), 1, "{extra}: {got:?}");
+            assert!(got[0].starts_with(want), "{extra}: {got:?}");
+        }
+        // On another strategy, both keys are misplaced.
+        let events = SHOP.replace(
+            "staleness_budget = \"1h\"",
+            "staleness_budget = \"1h\"\nsnapshot_url = \"http://o/c\"",
+        );
+        assert_eq!(
+            problems(&events),
+            ["18: subscription order-service→customers: snapshot_url applies only to strategy = \"scheduled\" (this one is events)"]
+        );
+        let report = Manifest::check("m.toml", &events);
+        assert!(!report.is_valid());
+    }
+
+    #[test]
+    fn reconcile_every_is_for_copies_that_follow_the_feed() {
+        let every = |strategy_lines: &str, value: &str| {
+            SHOP.replace(
+                "strategy = \"events\"\nstaleness_budget = \"1h\"",
+                &format!("{strategy_lines}\nreconcile_every = \"{value}\""),
+            )
+        };
+        let ok = Manifest::parse(
+            "m.toml",
+            &every("strategy = \"cdc\"\nstaleness_budget = \"1h\"", "1h30m"),
+        )
+        .unwrap();
+        assert_eq!(
+            ok.subscriptions[0].reconcile_every,
+            Some(Duration::from_secs(5400))
+        );
+        let events = Manifest::parse(
+            "m.toml",
+            &every("strategy = \"events\"\nstaleness_budget = \"1h\"", "10m"),
+        )
+        .unwrap();
+        assert_eq!(
+            events.subscriptions[0].reconcile_every,
+            Some(Duration::from_secs(600))
+        );
+        assert_eq!(
+            Manifest::parse("m.toml", SHOP).unwrap().subscriptions[0].reconcile_every,
+            None
+        );
+        let cases: &[(String, &str)] = &[
+            (
+                every("strategy = \"events\"\nstaleness_budget = \"1h\"", "0s"),
+                "18: subscription order-service→customers: reconcile_every must be longer than 0s",
+            ),
+            (
+                every("strategy = \"events\"\nstaleness_budget = \"1h\"", "hourly"),
+                "18: subscription order-service→customers: reconcile_every: ",
+            ),
+            (
+                every("strategy = \"ttl\"\nstaleness_budget = \"1h\"\nttl = \"1m\"\nowner_url = \"http://o/{key}\"", "1h"),
+                "20: subscription order-service→customers: reconcile_every applies only to strategy = \"events\" or \"cdc\" (this one is ttl: a ttl cache keeps no copy to reconcile)",
+            ),
+            (
+                every("strategy = \"none\"", "1h"),
+                "17: subscription order-service→customers: reconcile_every applies only to strategy = \"events\" or \"cdc\" (this one is none: nothing is copied)",
+            ),
+            (
+                every("strategy = \"scheduled\"\nstaleness_budget = \"1h\"\ninterval = \"5m\"\nsnapshot_url = \"http://o/c\"", "1h"),
+                "20: subscription order-service→customers: reconcile_every applies only to strategy = \"events\" or \"cdc\" (this one is scheduled",
+            ),
+        ];
+        for (src, want) in cases {
+            let got = problems(src);
+            assert_eq!(got.len(), 1, "{src}: {got:?}");
+            assert!(got[0].starts_with(want), "{got:?}");
+        }
     }
 
     /// SHOP with its subscription turned into `ttl = "1m"` under a 5m
@@ -1023,6 +1162,9 @@ calls = ["customer-service", "payment-service", "customer-service"]
             "strategy = \"ttl\"",
             "strategy = \"events\"",
             "interval = \"2h\"",
+            "snapshot_url = \"http://o/v1/x\"",
+            "snapshot_sql = \"SELECT 1;\"",
+            "reconcile_every = \"0s\"",
             "ttl = \"0s\"",
             "owner_url = \"http://o/{key}\"",
             "owner_url = \"http://{key}/{key}\"",

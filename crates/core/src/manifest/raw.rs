@@ -53,6 +53,9 @@ pub(super) struct RawSubscription {
     pub staleness_budget: Option<Spanned<String>>,
     pub source: Option<Spanned<String>>,
     pub interval: Option<Spanned<String>>,
+    pub snapshot_url: Option<Spanned<String>>,
+    pub snapshot_sql: Option<Spanned<String>>,
+    pub reconcile_every: Option<Spanned<String>>,
     pub ttl: Option<Spanned<String>>,
     pub owner_url: Option<Spanned<String>>,
     /// An integer in TOML; signed so that a negative count gets its own message.

@@ -10,9 +10,10 @@ use super::problem::{Problem, Rule};
 use super::raw::{Lines, RawManifest, RawTraits};
 use super::traits::{parse_size, Access, Changes, FieldTraits, Impact};
 use super::{
-    is_identifier, is_service_name, CacheSettings, Dataset, Manifest, OwnerUrl, Policy,
-    RequestPath, Service, Strategy, Subscription, DEFAULT_MAX_ENTRIES, DEFAULT_NEGATIVE_TTL,
-    DEFAULT_TOMBSTONE_HORIZON, MAX_MAX_ENTRIES, MAX_NAME_LEN,
+    check_sql, is_identifier, is_service_name, CacheSettings, Dataset, Manifest, OwnerSnapshot,
+    OwnerUrl, Policy, RequestPath, Service, SnapshotUrl, Strategy, Subscription,
+    DEFAULT_MAX_ENTRIES, DEFAULT_NEGATIVE_TTL, DEFAULT_TOMBSTONE_HORIZON, MAX_MAX_ENTRIES,
+    MAX_NAME_LEN,
 };
 use crate::duration::Duration;
 use crate::schema::{FieldSpec, Schema};
@@ -691,6 +692,55 @@ pub(super) fn resolve(
             "how long a cached entry is served",
             "5m",
         );
+        let reconcile_every = sub.reconcile_every.and_then(|v| {
+            let line = lines.of(v.span().start);
+            if !strategy.follows_feed() {
+                let why = match strategy {
+                    Strategy::Scheduled => "every scheduled refresh already compares the copy's digest with the owner's",
+                    Strategy::Ttl => "a ttl cache keeps no copy to reconcile",
+                    _ => "nothing is copied",
+                };
+                report(
+                    line,
+                    Rule::Strategy,
+                    format!(
+                        "subscription {who}: reconcile_every applies only to strategy = \"events\" or \"cdc\" (this one is {}: {why})",
+                        strategy.as_str()
+                    ),
+                    "remove reconcile_every".into(),
+                );
+            }
+            match v.get_ref().parse::<Duration>() {
+                Ok(d) if d == Duration::default() => {
+                    report(
+                        line,
+                        Rule::Strategy,
+                        format!("subscription {who}: reconcile_every must be longer than 0s"),
+                        "e.g. reconcile_every = \"1h\", or remove it to reconcile only on demand".into(),
+                    );
+                    None
+                }
+                Ok(d) => Some(d),
+                Err(e) => {
+                    report(
+                        line,
+                        Rule::Strategy,
+                        format!("subscription {who}: reconcile_every: {e}"),
+                        "e.g. reconcile_every = \"1h\"".into(),
+                    );
+                    None
+                }
+            }
+        });
+        let snapshot = resolve_snapshot(
+            sub.snapshot_url,
+            sub.snapshot_sql,
+            strategy,
+            &who,
+            at,
+            lines,
+            &mut report,
+        );
         let (owner_url, cache) = resolve_cache(
             CacheKeys {
                 owner_url: sub.owner_url,
@@ -747,6 +797,8 @@ pub(super) fn resolve(
             staleness_budget,
             source,
             interval,
+            snapshot,
+            reconcile_every,
             ttl,
             owner_url,
             cache,
@@ -871,6 +923,89 @@ pub(super) fn resolve(
         );
     }
     (m, spans)
+}
+
+/// Checks `snapshot_url` and `snapshot_sql`: exactly one of them on a
+/// `scheduled` subscription, neither on any other.
+fn resolve_snapshot(
+    url: Option<Spanned<String>>,
+    sql: Option<Spanned<String>>,
+    strategy: Strategy,
+    who: &str,
+    at: usize,
+    lines: &Lines,
+    report: &mut impl FnMut(usize, Rule, String, String),
+) -> Option<OwnerSnapshot> {
+    const EXAMPLE_URL: &str = "snapshot_url = \"http://customer-service:8080/v1/customers\"";
+    const EXAMPLE_SQL: &str =
+        "snapshot_sql = \"SELECT id AS key, version, name, email FROM customers\"";
+    let scheduled = strategy == Strategy::Scheduled;
+    let mut misplaced = |v: &Spanned<String>, key: &str| {
+        if !scheduled {
+            report(
+                lines.of(v.span().start),
+                Rule::Strategy,
+                format!(
+                    "subscription {who}: {key} applies only to strategy = \"scheduled\" (this one is {})",
+                    strategy.as_str()
+                ),
+                format!("remove {key}, or set strategy = \"scheduled\" and an interval"),
+            );
+        }
+    };
+    if let Some(u) = &url {
+        misplaced(u, "snapshot_url");
+    }
+    if let Some(q) = &sql {
+        misplaced(q, "snapshot_sql");
+    }
+    let resolved = match (url, sql) {
+        (None, None) => {
+            if scheduled {
+                report(
+                    at,
+                    Rule::Strategy,
+                    format!("subscription {who}: strategy scheduled needs snapshot_url or snapshot_sql, where the agent reads the owner's snapshot"),
+                    format!("add {EXAMPLE_URL} (the owner's paged listing), or {EXAMPLE_SQL} (with [agent.owner_postgres] in the deployment config)"),
+                );
+            }
+            None
+        }
+        (Some(_), Some(q)) => {
+            report(
+                lines.of(q.span().start),
+                Rule::Strategy,
+                format!("subscription {who}: give snapshot_url or snapshot_sql, not both"),
+                "keep the one the owner supports".into(),
+            );
+            None
+        }
+        (Some(u), None) => match SnapshotUrl::parse(u.get_ref()) {
+            Ok(u) => Some(OwnerSnapshot::Url(u)),
+            Err(e) => {
+                report(
+                    lines.of(u.span().start),
+                    Rule::Strategy,
+                    format!("subscription {who}: snapshot_url {e}"),
+                    format!("write the owner's listing URL, e.g. {EXAMPLE_URL}"),
+                );
+                None
+            }
+        },
+        (None, Some(q)) => match check_sql(q.get_ref()) {
+            Ok(sql) => Some(OwnerSnapshot::Sql(sql)),
+            Err(e) => {
+                report(
+                    lines.of(q.span().start),
+                    Rule::Strategy,
+                    format!("subscription {who}: snapshot_sql {e}"),
+                    format!("e.g. {EXAMPLE_SQL}"),
+                );
+                None
+            }
+        },
+    };
+    resolved.filter(|_| scheduled)
 }
 
 /// The owner endpoint and cache keys of one subscription, as written.

@@ -18,6 +18,18 @@
 //! `ttl` subscriptions have no follower and no copy table: the agent keeps
 //! one read-through [`crate::ttl::TtlCache`] per such subscription, in
 //! memory, filled from the subscription's `owner_url` as reads arrive.
+//!
+//! Two more kinds of owned background task, all stopped by the shutdown
+//! signal and aborted with the followers:
+//!
+//! ```text
+//!  scheduled subscription ─▶ refresher: refresh now, then every `interval`   (crate::scheduled)
+//!  events/cdc with reconcile_every ─▶ reconciler: every `reconcile_every`,
+//!                                     once bootstrapped, reconcile against the feed (crate::reconcile)
+//! ```
+//!
+//! A failed refresh or reconcile is logged and shown as the copy's last
+//! error, and tried again at the next interval; it never stops the follower.
 
 pub mod http;
 pub mod metrics;
@@ -27,7 +39,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use spoke_core::manifest::Subscription;
+use spoke_core::manifest::{OwnerSnapshot, Strategy, Subscription};
 use spoke_core::{Change, Manifest, Op, Projection};
 use tokio::task::JoinSet;
 
@@ -36,6 +48,9 @@ use crate::copy::{Advance, CopySpec, CopyStore, StoreError};
 use crate::feed::{Feed, FeedError, Position};
 use crate::owner::{EndpointError, HttpOwnerSource, OwnerSource, DEFAULT_OWNER_TIMEOUT};
 use crate::read::Copies;
+use crate::reconcile::{ReconcileOptions, Reconciler};
+use crate::scheduled::http::{HttpSnapshot, DEFAULT_SNAPSHOT_TIMEOUT};
+use crate::scheduled::{Refresher, SnapshotSource};
 use crate::shutdown::Shutdown;
 
 /// Tunables with their defaults.
@@ -131,6 +146,8 @@ pub struct Agent {
     owner: Arc<dyn OwnerSource>,
     /// Built once, so the `ttl` caches live as long as the agent.
     copies: Copies,
+    /// The snapshot source of each `scheduled` subscription.
+    snapshots: BTreeMap<String, Arc<dyn SnapshotSource>>,
 }
 
 /// Why the agent cannot start.
@@ -138,14 +155,11 @@ pub struct Agent {
 pub enum AgentError {
     #[error("consumer '{0}' is not a service in the manifest")]
     UnknownConsumer(String),
-    #[error("{consumer} subscribes to {dataset} with strategy '{strategy}', which this agent does not run yet (it runs events, cdc and ttl)")]
-    UnsupportedStrategy {
-        consumer: String,
-        dataset: String,
-        strategy: String,
-    },
     #[error(transparent)]
     OwnerEndpoint(#[from] EndpointError),
+    /// A `snapshot_url` that cannot be used.
+    #[error("{0}")]
+    SnapshotEndpoint(String),
 }
 
 impl Agent {
@@ -158,20 +172,32 @@ impl Agent {
         if !manifest.services.contains_key(consumer) {
             return Err(AgentError::UnknownConsumer(consumer.to_owned()));
         }
-        for s in manifest.subscriptions_of(consumer) {
-            if s.strategy == spoke_core::manifest::Strategy::Scheduled {
-                return Err(AgentError::UnsupportedStrategy {
-                    consumer: consumer.to_owned(),
-                    dataset: s.dataset.clone(),
-                    strategy: s.strategy.as_str().to_owned(),
-                });
-            }
-        }
         let progress = manifest
             .subscriptions_of(consumer)
-            .filter(|s| s.strategy.follows_feed())
+            .filter(|s| s.strategy.stores_copy())
             .map(|s| (s.dataset.clone(), Arc::new(CopyProgress::default())))
             .collect();
+        // `snapshot_url` sources are built here; `snapshot_sql` ones need a
+        // connection from the deployment config (`with_snapshot_source`).
+        let mut snapshots: BTreeMap<String, Arc<dyn SnapshotSource>> = BTreeMap::new();
+        for s in manifest.subscriptions_of(consumer) {
+            let (Some(OwnerSnapshot::Url(url)), Some(ds)) =
+                (&s.snapshot, manifest.datasets.get(&s.dataset))
+            else {
+                continue;
+            };
+            let Some(projection) = Projection::new(&ds.schema, &s.fields) else {
+                continue;
+            };
+            let source = HttpSnapshot::new(
+                &s.dataset,
+                url.clone(),
+                projection,
+                DEFAULT_SNAPSHOT_TIMEOUT,
+            )
+            .map_err(AgentError::SnapshotEndpoint)?;
+            snapshots.insert(s.dataset.clone(), Arc::new(source));
+        }
         let owner: Arc<dyn OwnerSource> = Arc::new(HttpOwnerSource::from_manifest(
             &manifest,
             consumer,
@@ -190,7 +216,27 @@ impl Agent {
             observer: None,
             owner,
             copies,
+            snapshots,
         })
+    }
+
+    /// Reads `dataset`'s owner snapshot from `source` (a `snapshot_sql`
+    /// source with its connection, or a custom one in tests).
+    pub fn with_snapshot_source(mut self, dataset: &str, source: Arc<dyn SnapshotSource>) -> Self {
+        self.snapshots.insert(dataset.to_owned(), source);
+        self
+    }
+
+    /// The `scheduled` subscriptions that have no snapshot source yet
+    /// (`snapshot_sql` without a connection): the agent cannot refresh them.
+    pub fn missing_snapshot_sources(&self) -> Vec<String> {
+        self.manifest
+            .subscriptions_of(&self.consumer)
+            .filter(|s| {
+                s.strategy == Strategy::Scheduled && !self.snapshots.contains_key(&s.dataset)
+            })
+            .map(|s| s.dataset.clone())
+            .collect()
     }
 
     /// Rebuilds the read side after the clock or the owner source changed
@@ -258,7 +304,7 @@ impl Agent {
         for sub in self
             .manifest
             .subscriptions_of(&self.consumer)
-            .filter(|s| s.strategy.follows_feed())
+            .filter(|s| s.strategy.stores_copy())
         {
             if let Some(spec) = self.spec(sub) {
                 self.store.ensure_copy(&spec).await?;
@@ -286,8 +332,58 @@ impl Agent {
                     .map_or(0, |d| d.tombstone_horizon.as_millis()),
                 progress: self.progress[&sub.dataset].clone(),
             };
+            let stop = shutdown.clone();
+            tasks.spawn(async move { follower.run(stop).await });
+            if let Some(every) = sub.reconcile_every {
+                let Some(spec) = self.spec(sub) else { continue };
+                let reconciler = Reconcile {
+                    agent: self.clone(),
+                    spec,
+                    every: every.as_std(),
+                    horizon_ms: self
+                        .manifest
+                        .datasets
+                        .get(&sub.dataset)
+                        .map_or(0, |d| d.tombstone_horizon.as_millis()),
+                    progress: self.progress[&sub.dataset].clone(),
+                };
+                let shutdown = shutdown.clone();
+                tasks.spawn(async move { reconciler.run(shutdown).await });
+            }
+        }
+        for sub in self
+            .manifest
+            .subscriptions_of(&self.consumer)
+            .filter(|s| s.strategy == Strategy::Scheduled)
+        {
+            let (Some(spec), Some(interval), Some(ds)) = (
+                self.spec(sub),
+                sub.interval,
+                self.manifest.datasets.get(&sub.dataset),
+            ) else {
+                continue;
+            };
+            self.store.ensure_copy(&spec).await?;
+            let progress = self.progress[&sub.dataset].clone();
+            let Some(source) = self.snapshots.get(&sub.dataset).cloned() else {
+                let msg = format!(
+                    "no snapshot source: {} reads its owner with snapshot_sql, which needs [agent.owner_postgres.{}] in the deployment config",
+                    sub.dataset, sub.dataset
+                );
+                tracing::error!(dataset = %sub.dataset, "{msg}");
+                progress.set_error(Some(msg));
+                continue;
+            };
+            let refresher = Refresh {
+                agent: self.clone(),
+                spec,
+                schema_version: ds.schema.version,
+                interval: interval.as_std(),
+                source,
+                progress,
+            };
             let shutdown = shutdown.clone();
-            tasks.spawn(async move { follower.run(shutdown).await });
+            tasks.spawn(async move { refresher.run(shutdown).await });
         }
         let mut shutdown = shutdown;
         let budgets: Vec<(Arc<CopyProgress>, spoke_core::Duration)> = self
@@ -311,6 +407,168 @@ impl Agent {
         tasks.abort_all();
         while tasks.join_next().await.is_some() {}
         Ok(())
+    }
+}
+
+/// Refreshes one `scheduled` copy: now, then every `interval` after the
+/// start of the previous refresh.
+struct Refresh {
+    agent: Arc<Agent>,
+    spec: CopySpec,
+    schema_version: u32,
+    interval: Duration,
+    source: Arc<dyn SnapshotSource>,
+    progress: Arc<CopyProgress>,
+}
+
+impl Refresh {
+    async fn run(self, mut shutdown: Shutdown) {
+        let ds = self.spec.dataset.clone();
+        // Status shows the freshness the store holds from earlier runs.
+        if let Ok(c) = self.agent.store.cursor(&ds).await {
+            self.progress
+                .fresh_as_of_ms
+                .store(c.fresh_as_of_ms, Ordering::Relaxed);
+        }
+        let mut next = tokio::time::Instant::now();
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep_until(next) => {}
+                _ = shutdown.wait() => return,
+            }
+            next = tokio::time::Instant::now() + self.interval;
+            let refresher = Refresher::new(
+                self.source.as_ref(),
+                self.agent.store.as_ref(),
+                &self.spec,
+                self.schema_version,
+            )
+            .with_clock(self.agent.clock.clone());
+            let outcome = tokio::select! {
+                r = refresher.run() => r,
+                _ = shutdown.wait() => return,
+            };
+            match outcome {
+                Ok(r) => {
+                    self.progress
+                        .fresh_as_of_ms
+                        .store(r.started_ms, Ordering::Relaxed);
+                    self.progress
+                        .applied
+                        .fetch_add(r.inserted + r.updated, Ordering::Relaxed);
+                    self.progress.set_error(None);
+                    if r.changed() > 0 {
+                        tracing::info!(
+                            dataset = %ds,
+                            "refreshed {ds} from {}: {} inserted, {} updated, {} deleted ({} keys listed, {} buckets differed, {} records fetched) in {} ms",
+                            self.source.describe(), r.inserted, r.updated, r.deleted, r.listed, r.buckets_differing, r.fetched, r.duration_ms
+                        );
+                    } else {
+                        tracing::debug!(dataset = %ds, "refreshed {ds}: unchanged ({} keys) in {} ms", r.listed, r.duration_ms);
+                    }
+                    if !r.ahead.is_empty() {
+                        tracing::warn!(
+                            dataset = %ds,
+                            "{} keys of {ds} are newer in the copy than the owner lists them, left alone (the apply rule never rolls back; an owner whose versions went backwards needs the copy rebuilt): {}",
+                            r.ahead.len(),
+                            r.ahead.iter().take(10).cloned().collect::<Vec<_>>().join(", ")
+                        );
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(dataset = %ds, "refresh failed, trying again in {:?}: {e}", self.interval);
+                    self.progress
+                        .set_error(Some(format!("refresh failed: {e}")));
+                }
+            }
+        }
+    }
+}
+
+/// Most repaired keys named in one log line.
+const REPAIRS_LOGGED: usize = 20;
+
+/// Reconciles one `events`/`cdc` copy against its feed every `every`.
+struct Reconcile {
+    agent: Arc<Agent>,
+    spec: CopySpec,
+    every: Duration,
+    horizon_ms: u64,
+    progress: Arc<CopyProgress>,
+}
+
+impl Reconcile {
+    async fn run(self, mut shutdown: Shutdown) {
+        let ds = self.spec.dataset.clone();
+        let start = tokio::time::Instant::now() + self.every;
+        let mut tick = tokio::time::interval_at(start, self.every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shutdown.wait() => return,
+            }
+            // Until the bootstrap finished, every record would count as missing.
+            match self.agent.store.cursor(&ds).await {
+                Ok(c) if c.position.is_none() => {
+                    tracing::debug!(dataset = %ds, "scheduled reconcile skipped: the copy is still bootstrapping");
+                    continue;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(dataset = %ds, "scheduled reconcile failed, trying again in {:?}: {e}", self.every);
+                    continue;
+                }
+            }
+            let reconciler = Reconciler::new(
+                self.agent.feed.as_ref(),
+                self.agent.store.as_ref(),
+                &self.spec,
+            )
+            .with_clock(self.agent.clock.clone())
+            .with_options(ReconcileOptions {
+                tombstone_horizon_ms: self.horizon_ms,
+                max_listed: REPAIRS_LOGGED,
+                ..ReconcileOptions::default()
+            });
+            let outcome = tokio::select! {
+                r = reconciler.run(&|_| {}) => r,
+                _ = shutdown.wait() => return,
+            };
+            match &outcome {
+                Ok(r) if r.repaired.total() > 0 => {
+                    let keys: Vec<String> = r
+                        .repairs
+                        .iter()
+                        .map(|x| format!("{} ({})", x.key, x.kind.as_str()))
+                        .collect();
+                    tracing::warn!(
+                        dataset = %ds,
+                        "reconcile repaired {} keys of {ds} ({} missing, {} stale, {} extra) in {:.0} ms: {}{}",
+                        r.repaired.total(),
+                        r.repaired.missing,
+                        r.repaired.stale,
+                        r.repaired.extra,
+                        r.duration_ms,
+                        keys.join(", "),
+                        if r.repairs_complete { "" } else { ", …" }
+                    );
+                }
+                Ok(r) => {
+                    tracing::debug!(dataset = %ds, "reconcile: {ds} in sync ({} buckets compared) in {:.0} ms", r.buckets_differing, r.duration_ms);
+                }
+                Err(ref e) => {
+                    tracing::warn!(dataset = %ds, "scheduled reconcile failed, trying again in {:?}: {e}", self.every);
+                    self.progress
+                        .set_error(Some(format!("reconcile failed: {e}")));
+                }
+            }
+            if let Ok(r) = &outcome {
+                if !r.ahead.is_empty() {
+                    tracing::warn!(dataset = %ds, "{} keys of {ds} are newer in the copy than in the feed, left alone", r.ahead.len());
+                }
+            }
+        }
     }
 }
 
