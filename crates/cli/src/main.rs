@@ -127,8 +127,14 @@ pub struct AgentArgs {
     #[arg(long)]
     pub data: Option<PathBuf>,
     /// Environment variable holding this consumer's hub token.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "token_file")]
     pub token_env: Option<String>,
+    /// File holding this consumer's hub token (tokens never go on the command line).
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
+    /// CA certificate (PEM) to trust for an https:// hub.
+    #[arg(long, requires = "hub")]
+    pub tls_ca: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -157,8 +163,14 @@ pub struct RelayArgs {
     #[arg(long)]
     pub manifest: Option<PathBuf>,
     /// Environment variable holding the owner's hub token.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "token_file")]
     pub token_env: Option<String>,
+    /// File holding the owner's hub token (tokens never go on the command line).
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
+    /// CA certificate (PEM) to trust for an https:// hub.
+    #[arg(long, requires = "hub")]
+    pub tls_ca: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {

@@ -6,16 +6,25 @@
 //! [hub]
 //! listen = "127.0.0.1:7070"
 //! data_dir = "data/hub"
+//! tls_cert = "tls/hub.crt"             # optional: serve HTTPS (PEM chain and key)
+//! tls_key = "tls/hub.key"
 //! [hub.tokens]                         # service → where its token comes from
 //! customer-service = { env = "SPOKE_TOKEN_CUSTOMER_SERVICE" }
+//! order-service = { file = "secrets/order-service.token" }
 //!
 //! [agent]
 //! consumer = "order-service"
 //! listen = "127.0.0.1:7071"
 //! data_dir = "data/order-service"
-//! hub = "http://127.0.0.1:7070"
+//! hub = "https://hub.internal:7070"
+//! tls_ca = "tls/ca.crt"                # optional: trust this CA for the hub's certificate
 //! store = { sqlite = "data/order-service/copies.db" }   # default: <data_dir>/copies.db
-//! token = { file = "secrets/order-service.token" }
+//! token = { file = "secrets/order-service.token" }      # this consumer's hub token
+//! tls_cert = "tls/agent.crt"           # optional: serve the agent API over HTTPS
+//! tls_key = "tls/agent.key"
+//! [agent.api_tokens]                   # client → token for the agent's read API
+//! order-app = { env = "SPOKE_AGENT_TOKEN_ORDER_APP" }
+//! prometheus = { file = "secrets/prometheus.token" }
 //!
 //! [agent.owner_postgres.products]      # per `scheduled` dataset read with snapshot_sql
 //! postgres = "host=catalog-db user=spoke_reader dbname=catalog"
@@ -45,6 +54,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
+
+use crate::tls::TlsFiles;
 
 /// Where a secret comes from.
 #[derive(Clone, Deserialize, PartialEq, Eq)]
@@ -118,6 +129,8 @@ struct RawHub {
     #[serde(default)]
     tokens: BTreeMap<String, SecretSource>,
     jetstream: Option<RawJetStream>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -143,6 +156,11 @@ struct RawAgent {
     jetstream: Option<RawJetStream>,
     store: Option<RawStore>,
     token: Option<SecretSource>,
+    tls_ca: Option<PathBuf>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    #[serde(default)]
+    api_tokens: BTreeMap<String, SecretSource>,
     #[serde(default)]
     owner_postgres: BTreeMap<String, RawOwnerPostgres>,
 }
@@ -283,6 +301,8 @@ pub enum FeedConfig {
     Hub {
         url: String,
         token: Option<SecretSource>,
+        /// A CA certificate (PEM) to trust for an `https://` hub.
+        tls_ca: Option<PathBuf>,
     },
     JetStream(JetStreamConfig),
 }
@@ -295,6 +315,8 @@ pub struct HubConfig {
     pub data_dir: PathBuf,
     pub tokens: BTreeMap<String, SecretSource>,
     pub feed: HubFeedConfig,
+    /// Serve HTTPS with this certificate and key.
+    pub tls: Option<TlsFiles>,
 }
 
 /// Where a consumer's copies live.
@@ -350,6 +372,10 @@ pub struct AgentConfig {
     pub store: StoreConfig,
     /// Dataset → the owner's PostgreSQL of a `snapshot_sql` subscription.
     pub owner_postgres: BTreeMap<String, OwnerPostgres>,
+    /// Client → token source for the agent's read API; empty = open.
+    pub api_tokens: BTreeMap<String, SecretSource>,
+    /// Serve the agent API over HTTPS with this certificate and key.
+    pub tls: Option<TlsFiles>,
 }
 
 /// A whole deployment config file.
@@ -358,6 +384,43 @@ pub struct DeploymentConfig {
     pub file: PathBuf,
     pub hub: Option<HubConfig>,
     pub agent: Option<AgentConfig>,
+}
+
+/// `tls_cert` and `tls_key` of a section: both or neither.
+fn tls_files(
+    section: &str,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    at: &impl Fn(PathBuf) -> PathBuf,
+) -> Result<Option<TlsFiles>, ConfigError> {
+    match (cert, key) {
+        (None, None) => Ok(None),
+        (Some(cert), Some(key)) => Ok(Some(TlsFiles {
+            cert: at(cert),
+            key: at(key),
+        })),
+        (Some(_), None) => Err(ConfigError::new(
+            format!("{section}.tls_key"),
+            "missing: tls_cert is set, so name the PEM file of its private key too",
+        )),
+        (None, Some(_)) => Err(ConfigError::new(
+            format!("{section}.tls_cert"),
+            "missing: tls_key is set, so name the PEM file of its certificate chain too",
+        )),
+    }
+}
+
+/// Checks the names of a token table (`hub.tokens`, `agent.api_tokens`).
+fn token_names(path: &str, tokens: &BTreeMap<String, SecretSource>) -> Result<(), ConfigError> {
+    for name in tokens.keys() {
+        if !spoke_core::manifest::is_service_name(name) {
+            return Err(ConfigError::new(
+                format!("{path}.{name}"),
+                "not a valid name: a lowercase letter, then lowercase letters, digits, '-' or '_'",
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn listen(path: &str, v: Option<String>) -> Result<SocketAddr, ConfigError> {
@@ -413,15 +476,9 @@ impl DeploymentConfig {
         let hub = raw
             .hub
             .map(|h| -> Result<HubConfig, ConfigError> {
-                for name in h.tokens.keys() {
-                    if !spoke_core::manifest::is_service_name(name) {
-                        return Err(ConfigError::new(
-                            format!("hub.tokens.{name}"),
-                            "not a valid service name",
-                        ));
-                    }
-                }
+                token_names("hub.tokens", &h.tokens)?;
                 Ok(HubConfig {
+                    tls: tls_files("hub", h.tls_cert, h.tls_key, &at)?,
                     manifest: manifest.clone(),
                     listen: listen("hub.listen", h.listen)?,
                     data_dir: at(h.data_dir.ok_or_else(|| {
@@ -459,6 +516,11 @@ impl DeploymentConfig {
                     Some(_) => return Err(ConfigError::new("agent.store", "give either sqlite = \"PATH\" or postgres = \"CONNECTION\" (with optional password, schema, readers)")),
                 };
                 let token = a.token.map(|t| resolve_secret(t, &at));
+                token_names("agent.api_tokens", &a.api_tokens)?;
+                let tls_ca = a.tls_ca.map(&at);
+                if tls_ca.is_some() && !a.hub.as_deref().is_some_and(|h| h.starts_with("https://")) {
+                    return Err(ConfigError::new("agent.tls_ca", "set, but agent.hub is not an https:// URL: there is no hub certificate to check"));
+                }
                 let mut owner_postgres = BTreeMap::new();
                 for (dataset, o) in a.owner_postgres {
                     if !spoke_core::manifest::is_identifier(&dataset) {
@@ -470,7 +532,7 @@ impl DeploymentConfig {
                     owner_postgres.insert(dataset, OwnerPostgres { url: o.postgres, password: o.password.map(|p| resolve_secret(p, &at)) });
                 }
                 let feed = match (a.hub, a.jetstream) {
-                    (Some(hub), None) => FeedConfig::Hub { url: check_url("agent.hub", &hub)?, token },
+                    (Some(hub), None) => FeedConfig::Hub { url: check_url("agent.hub", &hub)?, token, tls_ca },
                     (None, Some(j)) => FeedConfig::JetStream(jetstream("agent.jetstream", j)?),
                     (Some(_), Some(_)) => return Err(ConfigError::new("agent", "give either hub or jetstream, not both")),
                     (None, None) => return Err(ConfigError::new("agent.hub", "missing: the hub's URL (or a jetstream = { url = … } table)")),
@@ -483,6 +545,8 @@ impl DeploymentConfig {
                     feed,
                     store,
                     owner_postgres,
+                    api_tokens: a.api_tokens.into_iter().map(|(k, v)| (k, resolve_secret(v, &at))).collect(),
+                    tls: tls_files("agent", a.tls_cert, a.tls_key, &at)?,
                 })
             })
             .transpose()?;
@@ -546,7 +610,7 @@ token = { file = "secrets/order.token" }
         assert_eq!(hub.data_dir, Path::new("/etc/spoke/data/hub"));
         let agent = c.agent().unwrap();
         match &agent.feed {
-            FeedConfig::Hub { url, token } => {
+            FeedConfig::Hub { url, token, .. } => {
                 assert_eq!(url, "http://127.0.0.1:7070");
                 assert_eq!(
                     token,
@@ -682,6 +746,74 @@ store = { postgres = "host=127.0.0.1 dbname=orders", schema = "copies", readers 
         assert_eq!(
             e.to_string(),
             "hub.tokens.x: environment variable SPOKE_TEST_SURELY_UNSET_VAR is not set"
+        );
+    }
+
+    #[test]
+    fn tls_and_api_tokens_resolve_and_are_checked() {
+        let text = r#"
+manifest = "m.toml"
+[hub]
+listen = "127.0.0.1:7070"
+data_dir = "d"
+tls_cert = "tls/hub.pem"
+tls_key = "tls/hub.key"
+[agent]
+consumer = "order-service"
+listen = "127.0.0.1:7071"
+data_dir = "d2"
+hub = "https://hub.internal:7070"
+tls_ca = "tls/ca.pem"
+tls_cert = "tls/agent.pem"
+tls_key = "/abs/agent.key"
+[agent.api_tokens]
+order-app = { env = "ORDER_APP_TOKEN" }
+prometheus = { file = "secrets/prom.token" }
+"#;
+        let c = DeploymentConfig::parse("spoke.toml", text, Path::new("/etc/spoke")).unwrap();
+        assert_eq!(
+            c.hub().unwrap().tls,
+            Some(TlsFiles {
+                cert: "/etc/spoke/tls/hub.pem".into(),
+                key: "/etc/spoke/tls/hub.key".into()
+            })
+        );
+        let a = c.agent().unwrap();
+        assert_eq!(
+            a.tls,
+            Some(TlsFiles {
+                cert: "/etc/spoke/tls/agent.pem".into(),
+                key: "/abs/agent.key".into()
+            })
+        );
+        assert!(
+            matches!(&a.feed, FeedConfig::Hub { tls_ca: Some(ca), .. } if ca == Path::new("/etc/spoke/tls/ca.pem"))
+        );
+        assert_eq!(
+            a.api_tokens.get("prometheus"),
+            Some(&SecretSource::File("/etc/spoke/secrets/prom.token".into()))
+        );
+        let e = |t: String| {
+            DeploymentConfig::parse("spoke.toml", &t, Path::new("/"))
+                .unwrap_err()
+                .to_string()
+        };
+        assert_eq!(
+            e(text.replace("tls_key = \"tls/hub.key\"\n", "")),
+            "hub.tls_key: missing: tls_cert is set, so name the PEM file of its private key too"
+        );
+        assert_eq!(
+            e(text.replace("tls_cert = \"tls/agent.pem\"\n", "")),
+            "agent.tls_cert: missing: tls_key is set, so name the PEM file of its certificate chain too"
+        );
+        assert_eq!(
+            e(text.replace("https://hub.internal", "http://hub.internal")),
+            "agent.tls_ca: set, but agent.hub is not an https:// URL: there is no hub certificate to check"
+        );
+        assert!(e(text.replace("order-app = {", "\"Order App\" = {"))
+            .starts_with("agent.api_tokens.Order App: not a valid name"));
+        assert!(
+            e(text.replace("tls_ca = ", "tls_ca_file = ")).contains("unknown field `tls_ca_file`")
         );
     }
 }

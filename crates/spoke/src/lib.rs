@@ -28,10 +28,13 @@
 //!   owner's snapshot (a paged HTTP listing or an SQL query), digest first,
 //!   fetching only the records of buckets that differ.
 //! - [`config`]: deployment configuration for the hub and agent roles.
+//! - [`auth`]: bearer tokens (kept hashed) and who is calling.
+//! - [`tls`]: HTTPS for the hub and agent servers, and the CA clients trust.
 //! - [`shutdown`]: the stop signal every long-running task takes.
 //! - [`clock`]: wall-clock helpers, injectable for tests.
 
 pub mod agent;
+pub mod auth;
 pub mod cdc;
 pub mod clock;
 pub mod config;
@@ -46,4 +49,5 @@ pub mod scheduled;
 pub mod shutdown;
 #[doc(hidden)]
 pub mod testing;
+pub mod tls;
 pub mod ttl;

@@ -13,7 +13,7 @@ use spoke::clock::Clock;
 use spoke::copy::memory::MemoryCopyStore;
 use spoke::copy::{Advance, CopyStore};
 use spoke::feed::memory::MemoryFeed;
-use spoke::hub;
+use spoke::hub::{self, Tokens};
 use spoke::owner::memory::MemoryOwner;
 use spoke_core::{Change, Manifest, Op};
 
@@ -92,7 +92,7 @@ async fn start() -> Running {
     let base = format!("http://{}", listener.local_addr().expect("addr"));
     tokio::spawn(hub::serve(
         listener,
-        agent_http::router(agent),
+        agent_http::router(agent, Tokens::default()),
         std::future::pending(),
     ));
     Running {

@@ -103,7 +103,7 @@ async fn start_agent(manifest: &Manifest, hub: &Hub, options: AgentOptions) -> R
     let base = format!("http://{}", listener.local_addr().expect("addr"));
     tokio::spawn(hub::serve(
         listener,
-        agent_http::router(agent.clone()),
+        agent_http::router(agent.clone(), Tokens::default()),
         shutdown.clone().signal(),
     ));
     let task = tokio::spawn(agent.run(shutdown));

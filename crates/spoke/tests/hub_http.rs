@@ -1,9 +1,11 @@
 //! Rules 4 and 8 at the hub's HTTP door: hostile and malformed requests get
 //! the right status and a JSON error body `{error, kind}`, and change nothing.
 //!
-//! The real router runs in-process over an SQLite feed, with tokens for two
-//! services (`owner-svc` owns both datasets; `reader-svc` subscribes to
-//! `items` only), served on 127.0.0.1:0 and called with reqwest.
+//! The real router runs in-process over an SQLite feed, with tokens for four
+//! services (`owner-svc` owns `items` and `notes`; `ledger-svc` owns
+//! `ledger`; `reader-svc` subscribes to `items` only; `auditor-svc` too, and
+//! is granted the private field `cost`), served on 127.0.0.1:0 and called
+//! with reqwest.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -20,11 +22,20 @@ use spoke_core::{Change, Manifest};
 const MANIFEST: &str = r#"
 [services.owner-svc]
 [services.reader-svc]
+[services.auditor-svc]
+[services.ledger-svc]
 
 [datasets.items]
 owner = "owner-svc"
 key = "id"
-fields = { n = "int", label = "string?", price = "float?" }
+fields = { n = "int", label = "string?", price = "float?", cost = "float?" }
+private = ["cost"]
+grants = { "auditor-svc" = ["cost"] }
+
+[datasets.ledger]
+owner = "ledger-svc"
+key = "id"
+fields = { amount = "int" }
 
 [datasets.notes]
 owner = "owner-svc"
@@ -36,15 +47,24 @@ consumer = "reader-svc"
 dataset = "items"
 fields = ["n", "label"]
 staleness_budget = "1m"
+
+[[subscriptions]]
+consumer = "auditor-svc"
+dataset = "items"
+fields = ["n", "cost"]
+staleness_budget = "1m"
 "#;
 
 const OWNER: &str = "owner-secret-token";
 const READER: &str = "reader-secret-token";
+const AUDITOR: &str = "auditor-secret-token";
+const LEDGER: &str = "ledger-secret-token";
 
 struct TestHub {
     base: String,
     http: reqwest::Client,
     owner: HubClient,
+    ledger: HubClient,
     _dir: tempfile::TempDir,
 }
 
@@ -64,6 +84,8 @@ async fn start() -> TestHub {
     let tokens = Tokens::new(&BTreeMap::from([
         ("owner-svc".to_owned(), OWNER.to_owned()),
         ("reader-svc".to_owned(), READER.to_owned()),
+        ("auditor-svc".to_owned(), AUDITOR.to_owned()),
+        ("ledger-svc".to_owned(), LEDGER.to_owned()),
     ]));
     let router = hub::router(feed, Arc::new(manifest), tokens);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -73,6 +95,7 @@ async fn start() -> TestHub {
     tokio::spawn(hub::serve(listener, router, std::future::pending()));
     let hub = TestHub {
         owner: HubClient::new(&base, Some(OWNER.to_owned())),
+        ledger: HubClient::new(&base, Some(LEDGER.to_owned())),
         base,
         http: reqwest::Client::builder()
             .timeout(Duration::from_secs(60))
@@ -82,7 +105,7 @@ async fn start() -> TestHub {
     };
     // Something to lose: a few records, an update and a tombstone.
     let f = |n: i64| {
-        json!({ "n": n, "label": format!("L{n}") })
+        json!({ "n": n, "label": format!("L{n}"), "price": n as f64 * 1.5, "cost": n as f64 * 0.25 })
             .as_object()
             .cloned()
             .expect("object")
@@ -169,9 +192,12 @@ impl TestHub {
             logs: vec![],
             snapshots: vec![],
         };
-        for ds in ["items", "notes"] {
-            let b = self
-                .owner
+        for (ds, client) in [
+            ("items", &self.owner),
+            ("notes", &self.owner),
+            ("ledger", &self.ledger),
+        ] {
+            let b = client
                 .read(ds, 0, 10_000, Duration::ZERO)
                 .await
                 .expect("read log");
@@ -180,8 +206,7 @@ impl TestHub {
             let mut records = Vec::new();
             let mut after: Option<String> = None;
             loop {
-                let page = self
-                    .owner
+                let page = client
                     .snapshot(ds, after.as_deref(), 1_000)
                     .await
                     .expect("snapshot");
@@ -250,7 +275,7 @@ type Case = (&'static str, Vec<u8>, u16, &'static str, Vec<&'static str>);
 async fn malformed_and_invalid_publishes_are_rejected_and_change_nothing() {
     let hub = start().await;
     let before = hub.state().await;
-    assert_eq!(before.heads, vec![5, 1], "seeded");
+    assert_eq!(before.heads, vec![5, 1, 0], "seeded");
 
     let long_key = "k".repeat(513);
     let cases: Vec<Case> = vec![
@@ -709,4 +734,409 @@ async fn a_retried_batch_is_reported_as_ignored_with_the_same_head() {
         json!({ "positions": [null], "ignored": 1, "head": 8 })
     );
     assert_eq!(hub.state().await, after_first);
+}
+
+/// An `Authorization` header as raw bytes, so malformed ones can be sent too.
+fn bearer(token: &str) -> Vec<u8> {
+    format!("Bearer {token}").into_bytes()
+}
+
+/// (case, method, path, Authorization header, body, status, kind, needles).
+type AuthCase = (
+    &'static str,
+    Method,
+    &'static str,
+    Option<Vec<u8>>,
+    Option<Vec<u8>>,
+    u16,
+    &'static str,
+    Vec<&'static str>,
+);
+
+/// Issue 5, item 4: with tokens configured every endpoint but health needs
+/// a known token (401), publishing needs the dataset's owner and reading its
+/// owner or a subscriber (403, naming service and dataset); every refusal is
+/// a JSON error and leaves the hub exactly as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_requests_against_a_hub_with_tokens_are_refused_and_change_nothing() {
+    let hub = start().await;
+    let before = hub.state().await;
+    let publish = serde_json::to_vec(&json!([change("evil", json!(9), "upsert", ok_fields())]))
+        .expect("json");
+    let ledger_publish = serde_json::to_vec(&json!([change(
+        "evil",
+        json!(9),
+        "upsert",
+        json!({"amount": 1})
+    )]))
+    .expect("json");
+    let keys = br#"{"keys": ["a", "x"]}"#.to_vec();
+    let huge = bearer(&"t".repeat(16 * 1024));
+    let reads_of = |ds: &'static str| -> Vec<(Method, &'static str)> {
+        match ds {
+            "notes" => vec![
+                (Method::GET, "/v1/datasets/notes/changes?after=0"),
+                (Method::GET, "/v1/datasets/notes/snapshot"),
+                (Method::GET, "/v1/datasets/notes/schema"),
+                (Method::GET, "/v1/datasets/notes/digest"),
+                (Method::GET, "/v1/datasets/notes/digest/entries?buckets=0,1"),
+                (Method::POST, "/v1/datasets/notes/records"),
+            ],
+            _ => vec![
+                (Method::GET, "/v1/datasets/items/changes?after=0"),
+                (Method::GET, "/v1/datasets/items/snapshot"),
+                (Method::GET, "/v1/datasets/items/schema"),
+                (Method::GET, "/v1/datasets/items/digest"),
+                (Method::GET, "/v1/datasets/items/digest/entries?buckets=0,1"),
+                (Method::POST, "/v1/datasets/items/records"),
+            ],
+        }
+    };
+    let post = "/v1/datasets/items/changes";
+    let mut cases: Vec<AuthCase> = vec![
+        (
+            "publish without a token",
+            Method::POST,
+            post,
+            None,
+            Some(publish.clone()),
+            401,
+            "unauthorized",
+            vec!["missing Authorization"],
+        ),
+        (
+            "publish with a Basic header",
+            Method::POST,
+            post,
+            Some(format!("Basic {OWNER}").into_bytes()),
+            Some(publish.clone()),
+            401,
+            "unauthorized",
+            vec!["Bearer"],
+        ),
+        (
+            "publish with 'Bearer' and no token",
+            Method::POST,
+            post,
+            Some(b"Bearer ".to_vec()),
+            Some(publish.clone()),
+            401,
+            "unauthorized",
+            vec!["Bearer"],
+        ),
+        (
+            "publish with the token but no scheme",
+            Method::POST,
+            post,
+            Some(OWNER.as_bytes().to_vec()),
+            Some(publish.clone()),
+            401,
+            "unauthorized",
+            vec!["Bearer"],
+        ),
+        (
+            "publish with a wrong token",
+            Method::POST,
+            post,
+            Some(bearer("owner-secret-tokeN")),
+            Some(publish.clone()),
+            401,
+            "unauthorized",
+            vec!["unknown token"],
+        ),
+        (
+            "publish with a token prefix",
+            Method::POST,
+            post,
+            Some(bearer("owner-secret")),
+            Some(publish.clone()),
+            401,
+            "unauthorized",
+            vec!["unknown token"],
+        ),
+        (
+            "publish with a 16 KiB token",
+            Method::POST,
+            post,
+            Some(huge.clone()),
+            Some(publish.clone()),
+            401,
+            "unauthorized",
+            vec!["16384 bytes", "1024"],
+        ),
+        (
+            "publish with non-UTF-8 garbage",
+            Method::POST,
+            post,
+            Some(b"Bearer \xff\xfe\x80garbage".to_vec()),
+            Some(publish.clone()),
+            401,
+            "unauthorized",
+            vec!["Bearer"],
+        ),
+        (
+            "another owner publishing",
+            Method::POST,
+            post,
+            Some(bearer(LEDGER)),
+            Some(publish.clone()),
+            403,
+            "forbidden",
+            vec!["ledger-svc", "owner-svc", "items"],
+        ),
+        (
+            "a consumer publishing",
+            Method::POST,
+            post,
+            Some(bearer(READER)),
+            Some(publish.clone()),
+            403,
+            "forbidden",
+            vec!["reader-svc", "owner-svc", "items"],
+        ),
+        (
+            "a granted consumer publishing",
+            Method::POST,
+            post,
+            Some(bearer(AUDITOR)),
+            Some(publish.clone()),
+            403,
+            "forbidden",
+            vec!["auditor-svc", "items"],
+        ),
+        (
+            "an owner publishing to another owner's dataset",
+            Method::POST,
+            "/v1/datasets/ledger/changes",
+            Some(bearer(OWNER)),
+            Some(ledger_publish),
+            403,
+            "forbidden",
+            vec!["owner-svc", "ledger-svc", "ledger"],
+        ),
+    ];
+    for (method, path) in reads_of("items") {
+        let body = (method == Method::POST).then(|| keys.clone());
+        cases.push((
+            "read without a token",
+            method.clone(),
+            path,
+            None,
+            body.clone(),
+            401,
+            "unauthorized",
+            vec!["Authorization"],
+        ));
+        cases.push((
+            "read with a wrong token",
+            method.clone(),
+            path,
+            Some(bearer("nope")),
+            body.clone(),
+            401,
+            "unauthorized",
+            vec!["unknown token"],
+        ));
+        cases.push((
+            "read with a 16 KiB token",
+            method.clone(),
+            path,
+            Some(huge.clone()),
+            body.clone(),
+            401,
+            "unauthorized",
+            vec!["longer than the limit"],
+        ));
+        cases.push((
+            "another owner reading",
+            method,
+            path,
+            Some(bearer(LEDGER)),
+            body,
+            403,
+            "forbidden",
+            vec!["ledger-svc", "items"],
+        ));
+    }
+    for (method, path) in reads_of("notes") {
+        let body = (method == Method::POST).then(|| keys.clone());
+        cases.push((
+            "a consumer reading a dataset it does not subscribe to",
+            method,
+            path,
+            Some(bearer(READER)),
+            body,
+            403,
+            "forbidden",
+            vec!["reader-svc", "does not subscribe", "notes"],
+        ));
+    }
+
+    for (case, method, path, auth, body, status, kind, needles) in cases {
+        let mut req = hub
+            .http
+            .request(method.clone(), format!("{}{path}", hub.base));
+        if let Some(a) = auth {
+            req = req.header(
+                "Authorization",
+                reqwest::header::HeaderValue::from_bytes(&a).expect("header value"),
+            );
+        }
+        if let Some(b) = body {
+            req = req.header("Content-Type", "application/json").body(b);
+        }
+        let resp = req.send().await.unwrap_or_else(|e| panic!("{case}: {e}"));
+        let answer = (
+            resp.status().as_u16(),
+            resp.bytes().await.expect("body").to_vec(),
+        );
+        expect_error(
+            &format!("{case} ({method} {path})"),
+            &answer,
+            status,
+            kind,
+            &needles,
+        );
+        assert_eq!(
+            hub.state().await,
+            before,
+            "{case} ({method} {path}): the hub is unchanged"
+        );
+    }
+
+    // Health needs no token (load balancers probe it).
+    let (status, _) = hub.call(Method::GET, "/v1/health", None, None).await;
+    assert_eq!(status, 200);
+}
+
+fn field_names(record: &Value) -> Vec<String> {
+    record["fields"]
+        .as_object()
+        .unwrap_or_else(|| panic!("no fields in {record}"))
+        .keys()
+        .cloned()
+        .collect()
+}
+
+/// Every record (feed entry, snapshot record or records-by-key) in an
+/// answer, with its fields.
+fn records_in(path: &str, body: &Value) -> Vec<Value> {
+    let list = if path.contains("/changes") {
+        &body["entries"]
+    } else {
+        &body["records"]
+    };
+    list.as_array()
+        .unwrap_or_else(|| panic!("{path}: no records in {body}"))
+        .clone()
+}
+
+/// Rule 6 at the hub: a subscriber's feed entries, snapshot records and
+/// records-by-key carry only its granted projected fields (plus the change
+/// metadata), so a private field never leaves the hub for it; a consumer
+/// granted the private field gets it; the owner gets everything; digests
+/// are the same for all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_receives_only_the_fields_granted_to_it() {
+    let hub = start().await;
+    let before = hub.state().await;
+    let reads = [
+        (Method::GET, "/v1/datasets/items/changes?after=0"),
+        (Method::GET, "/v1/datasets/items/snapshot"),
+        (Method::POST, "/v1/datasets/items/records"),
+    ];
+    for (who, token, want) in [
+        ("reader-svc", READER, vec!["label", "n"]),
+        ("auditor-svc", AUDITOR, vec!["cost", "n"]),
+        ("owner-svc", OWNER, vec!["cost", "label", "n", "price"]),
+    ] {
+        for (method, path) in &reads {
+            let body = (*method == Method::POST).then(|| br#"{"keys": ["a", "b", "c"]}"#.to_vec());
+            let (status, raw) = hub.call(method.clone(), path, Some(token), body).await;
+            let text = String::from_utf8_lossy(&raw).into_owned();
+            assert_eq!(status, 200, "{who} {path}: {text}");
+            let v: Value = serde_json::from_slice(&raw).expect("json");
+            let records = records_in(path, &v);
+            assert!(!records.is_empty(), "{who} {path}: {text}");
+            let mut upserts = 0;
+            for r in &records {
+                // Metadata is never filtered: key, version, op stay.
+                assert!(
+                    r["key"].is_string() && r["version"].is_u64(),
+                    "{who} {path}: {r}"
+                );
+                if r["op"] == "delete" {
+                    assert_eq!(field_names(r), Vec::<String>::new(), "{who} {path}: {r}");
+                    continue;
+                }
+                upserts += 1;
+                let mut names = field_names(r);
+                names.sort();
+                assert_eq!(names, want, "{who} {path}: fields of {r}");
+            }
+            assert!(upserts > 0, "{who} {path}: {text}");
+            if who == "reader-svc" {
+                // Not even the name of the private field crosses the wire.
+                assert!(!text.contains("cost"), "{who} {path}: {text}");
+                assert!(
+                    !text.contains("price"),
+                    "{who} {path}: unprojected public field: {text}"
+                );
+            }
+        }
+    }
+
+    // Schemas: a subscriber sees what it may receive, never an ungranted private field.
+    for (token, want) in [
+        (READER, vec!["label", "n", "price"]),
+        (AUDITOR, vec!["cost", "label", "n", "price"]),
+        (OWNER, vec!["cost", "label", "n", "price"]),
+    ] {
+        let (status, raw) = hub
+            .call(Method::GET, "/v1/datasets/items/schema", Some(token), None)
+            .await;
+        assert_eq!(status, 200);
+        let v: Value = serde_json::from_slice(&raw).expect("json");
+        let names: Vec<&str> = v["fields"]
+            .as_object()
+            .expect("fields")
+            .keys()
+            .map(String::as_str)
+            .collect();
+        assert_eq!(names, want, "schema for {token}: {v}");
+    }
+
+    // Digests hash key, version and deleted only: every reader sees the same tree.
+    for path in [
+        "/v1/datasets/items/digest",
+        "/v1/datasets/items/digest?level=1",
+        "/v1/datasets/items/digest/entries?buckets=0,1,2,3",
+    ] {
+        let mut answers = Vec::new();
+        for token in [OWNER, READER, AUDITOR] {
+            let (status, raw) = hub.call(Method::GET, path, Some(token), None).await;
+            assert_eq!(status, 200, "{path}");
+            answers.push(serde_json::from_slice::<Value>(&raw).expect("json"));
+        }
+        assert_eq!(answers[0], answers[1], "{path}");
+        assert_eq!(answers[0], answers[2], "{path}");
+    }
+
+    // Through the client an agent uses, the same filtering.
+    let reader = HubClient::new(&hub.base, Some(READER.to_owned()));
+    let batch = reader
+        .read("items", 0, 100, Duration::ZERO)
+        .await
+        .expect("read");
+    assert!(batch
+        .entries
+        .iter()
+        .all(|e| !e.change.fields.contains_key("cost")));
+    assert!(batch
+        .entries
+        .iter()
+        .any(|e| e.change.fields.contains_key("n")));
+    let page = reader.snapshot("items", None, 100).await.expect("snapshot");
+    assert!(page.records.iter().all(|c| !c.fields.contains_key("cost")));
+    assert_eq!(hub.state().await, before, "reads change nothing");
 }

@@ -267,7 +267,7 @@ async fn reconcile_while_changes_keep_flowing_converges_and_never_rolls_back() {
     let agent_base = format!("http://{}", agent_listener.local_addr().expect("addr"));
     tokio::spawn(hub::serve(
         agent_listener,
-        agent_http::router(agent.clone()),
+        agent_http::router(agent.clone(), Tokens::default()),
         std::future::pending(),
     ));
     let (stop_agent, shutdown) = shutdown_channel();

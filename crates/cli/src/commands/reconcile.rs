@@ -17,7 +17,6 @@ use anyhow::{anyhow, Context};
 use indicatif::{ProgressBar, ProgressStyle};
 use spoke::config::{DeploymentConfig, FeedConfig};
 use spoke::copy::CopySpec;
-use spoke::feed::http::HubClient;
 use spoke::feed::jetstream::JetStreamFeed;
 use spoke::feed::Feed;
 use spoke::reconcile::{KeyState, Progress, ReconcileOptions, ReconcileReport, Reconciler};
@@ -149,10 +148,12 @@ pub fn run(config: &Path, dataset: Option<&str>, json: bool) -> anyhow::Result<E
     runtime()?.block_on(async {
         let store = super::serve::open_store(&cfg.store).await?;
         let feed: Arc<dyn Feed> = match &cfg.feed {
-            FeedConfig::Hub { url, token } => Arc::new(HubClient::new(
+            FeedConfig::Hub { url, token, tls_ca } => Arc::new(super::serve::hub_client(
                 url,
-                token.as_ref().map(|t| t.read("agent.token")).transpose()?,
-            )),
+                token.as_ref(),
+                tls_ca.as_deref(),
+                "agent.token",
+            )?),
             FeedConfig::JetStream(j) => {
                 Arc::new(JetStreamFeed::connect(j.options("agent.jetstream")?, &manifest).await?)
             }

@@ -24,6 +24,7 @@ use spoke::outbox::relay::Relay;
 use spoke::outbox::sqlite::SqliteOutbox;
 use spoke::outbox::Source;
 use spoke::shutdown::{shutdown_channel, Shutdown};
+use spoke::tls;
 use spoke_core::Manifest;
 
 use super::runtime;
@@ -60,6 +61,7 @@ fn hub_config(args: HubArgs) -> anyhow::Result<HubConfig> {
             listen,
             data_dir,
             tokens: BTreeMap::new(),
+            tls: None,
             feed: match args.jetstream {
                 None => HubFeedConfig::Embedded,
                 Some(url) => HubFeedConfig::JetStream(jetstream_flag(url)),
@@ -74,11 +76,8 @@ fn hub_config(args: HubArgs) -> anyhow::Result<HubConfig> {
 pub fn hub(args: HubArgs) -> anyhow::Result<ExitCode> {
     let cfg = hub_config(args)?;
     let manifest = Arc::new(load_manifest(&cfg.manifest)?);
-    let tokens: BTreeMap<String, String> = cfg
-        .tokens
-        .iter()
-        .map(|(svc, src)| Ok((svc.clone(), src.read(&format!("hub.tokens.{svc}"))?)))
-        .collect::<anyhow::Result<_>>()?;
+    let tokens = Tokens::read(&cfg.tokens, "hub.tokens")?;
+    let tls = cfg.tls.as_ref().map(tls::server_config).transpose()?;
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("creating {}", cfg.data_dir.display()))?;
     runtime()?.block_on(async move {
@@ -94,16 +93,23 @@ pub fn hub(args: HubArgs) -> anyhow::Result<ExitCode> {
             .await
             .with_context(|| format!("binding {}", cfg.listen))?;
         eprintln!(
-            "spoke hub listening on http://{} ({} datasets, data in {})",
+            "spoke hub listening on {}://{} ({} datasets, data in {}{})",
+            tls::scheme(cfg.tls.as_ref()),
             listener.local_addr()?,
             manifest.datasets.len(),
-            cfg.data_dir.display()
+            cfg.data_dir.display(),
+            if tokens.is_empty() {
+                "; open: no tokens configured"
+            } else {
+                ""
+            }
         );
         let (trigger, shutdown) = shutdown_channel();
         on_signal(trigger);
-        hub::serve(
+        tls::serve(
             listener,
-            hub::router(feed, manifest, Tokens::new(&tokens)),
+            tls,
+            hub::router(feed, manifest, tokens),
             shutdown.signal(),
         )
         .await?;
@@ -121,7 +127,11 @@ pub fn agent_config(args: AgentArgs) -> anyhow::Result<AgentConfig> {
             consumer,
             listen,
             feed: match (args.hub, args.jetstream) {
-                (Some(hub), None) => FeedConfig::Hub { url: spoke::config::check_url("--hub", &hub)?, token: args.token_env.map(SecretSource::Env) },
+                (Some(hub), None) => FeedConfig::Hub {
+                    url: spoke::config::check_url("--hub", &hub)?,
+                    token: token_flags(args.token_env, args.token_file),
+                    tls_ca: args.tls_ca,
+                },
                 (None, Some(url)) => FeedConfig::JetStream(jetstream_flag(url)),
                 _ => return Err(anyhow!("give exactly one of --hub URL or --jetstream URL")),
             },
@@ -132,6 +142,8 @@ pub fn agent_config(args: AgentArgs) -> anyhow::Result<AgentConfig> {
             data_dir,
             // snapshot_sql sources need connections: only a config file gives them.
             owner_postgres: BTreeMap::new(),
+            api_tokens: BTreeMap::new(),
+            tls: None,
         }),
         _ => Err(anyhow!("give --config FILE, or --manifest M --consumer NAME (--hub URL | --jetstream URL) --listen ADDR --data DIR")),
     }
@@ -144,11 +156,13 @@ pub async fn run_agent(cfg: AgentConfig, shutdown: Shutdown) -> anyhow::Result<(
         .with_context(|| format!("creating {}", cfg.data_dir.display()))?;
     let store = open_store(&cfg.store).await?;
     let (feed, feed_name): (Arc<dyn Feed>, String) = match &cfg.feed {
-        FeedConfig::Hub { url, token } => (
-            Arc::new(HubClient::new(
+        FeedConfig::Hub { url, token, tls_ca } => (
+            Arc::new(hub_client(
                 url,
-                token.as_ref().map(|t| t.read("agent.token")).transpose()?,
-            )),
+                token.as_ref(),
+                tls_ca.as_deref(),
+                "agent.token",
+            )?),
             format!("hub {url}"),
         ),
         FeedConfig::JetStream(j) => (
@@ -156,6 +170,8 @@ pub async fn run_agent(cfg: AgentConfig, shutdown: Shutdown) -> anyhow::Result<(
             format!("jetstream {}", j.url),
         ),
     };
+    let api_tokens = Tokens::read(&cfg.api_tokens, "agent.api_tokens")?;
+    let tls = cfg.tls.as_ref().map(tls::server_config).transpose()?;
     let agent = Arc::new(with_snapshot_sql(
         Agent::new(manifest.clone(), &cfg.consumer, feed, store)?,
         &manifest,
@@ -166,14 +182,21 @@ pub async fn run_agent(cfg: AgentConfig, shutdown: Shutdown) -> anyhow::Result<(
         .await
         .with_context(|| format!("binding {}", cfg.listen))?;
     eprintln!(
-        "spoke agent for {} listening on http://{} ({feed_name}, copies in {})",
+        "spoke agent for {} listening on {}://{} ({feed_name}, copies in {}{})",
         cfg.consumer,
+        tls::scheme(cfg.tls.as_ref()),
         listener.local_addr()?,
-        describe_store(&cfg.store)
+        describe_store(&cfg.store),
+        if api_tokens.is_empty() {
+            "; API open: no api_tokens configured"
+        } else {
+            ""
+        }
     );
-    let server = tokio::spawn(hub::serve(
+    let server = tokio::spawn(tls::serve(
         listener,
-        agent_http::router(agent.clone()),
+        tls,
+        agent_http::router(agent.clone(), api_tokens),
         shutdown.clone().signal(),
     ));
     agent.run(shutdown).await?;
@@ -214,6 +237,26 @@ fn with_snapshot_sql(
         }
     }
     Ok(agent)
+}
+
+/// A token source from the `--token-env VAR` / `--token-file PATH` flags.
+fn token_flags(env: Option<String>, file: Option<std::path::PathBuf>) -> Option<SecretSource> {
+    env.map(SecretSource::Env).or(file.map(SecretSource::File))
+}
+
+/// The HTTP client of a hub: its token read from its source (`what` names
+/// the source in errors), and `tls_ca` trusted when given.
+pub fn hub_client(
+    url: &str,
+    token: Option<&SecretSource>,
+    tls_ca: Option<&std::path::Path>,
+    what: &str,
+) -> anyhow::Result<HubClient> {
+    let token = token.map(|t| t.read(what)).transpose()?;
+    Ok(match tls_ca {
+        None => HubClient::new(url, token),
+        Some(ca) => HubClient::with_tls_ca(url, token, ca)?,
+    })
 }
 
 /// Opens the copy store a config names.
@@ -293,11 +336,24 @@ pub fn relay(args: RelayArgs) -> anyhow::Result<ExitCode> {
             match (args.hub, args.jetstream, args.manifest) {
                 (Some(hub), None, _) => {
                     let url = spoke::config::check_url("--hub", &hub)?;
-                    let token = args
-                        .token_env
-                        .map(|v| SecretSource::Env(v).read("--token-env"))
-                        .transpose()?;
-                    (Arc::new(HubClient::new(&url, token)), url)
+                    let token = token_flags(args.token_env, args.token_file);
+                    let what = if token
+                        .as_ref()
+                        .is_some_and(|t| matches!(t, SecretSource::File(_)))
+                    {
+                        "--token-file"
+                    } else {
+                        "--token-env"
+                    };
+                    (
+                        Arc::new(hub_client(
+                            &url,
+                            token.as_ref(),
+                            args.tls_ca.as_deref(),
+                            what,
+                        )?),
+                        url,
+                    )
                 }
                 (None, Some(url), Some(manifest)) => {
                     let manifest = load_manifest(&manifest)?;

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use anyhow::anyhow;
 use comfy_table::{presets::UTF8_BORDERS_ONLY, Table};
 use spoke::clock::Clock;
-use spoke::config::{DeploymentConfig, StoreConfig};
+use spoke::config::{DeploymentConfig, FeedConfig, StoreConfig};
 use spoke::copy::sqlite::SqliteCopyStore;
 use spoke::read::{Copies, CopyStatus};
 use spoke_core::Manifest;
@@ -55,14 +55,44 @@ pub fn run(config: &Path, json: bool) -> anyhow::Result<ExitCode> {
     let cfg = DeploymentConfig::load(config)?.agent()?.clone();
     let manifest = Manifest::load(&cfg.manifest).map_err(|e| anyhow!("{e}"))?;
     let (source, statuses) = runtime()?.block_on(async {
-        let url = format!("http://{}/v1/status", cfg.listen);
+        let url = format!(
+            "{}://{}/v1/status",
+            spoke::tls::scheme(cfg.tls.as_ref()),
+            cfg.listen
+        );
+        // The agent's API may need a token (the first of its api_tokens, by
+        // name: every API token grants the same reads) and, over HTTPS, trust
+        // in the agent's own certificate or the deployment's CA.
+        let token = cfg
+            .api_tokens
+            .iter()
+            .next()
+            .map(|(name, src)| src.read(&format!("agent.api_tokens.{name}")))
+            .transpose()?;
+        let mut client = reqwest::Client::builder();
+        let ca = match &cfg.feed {
+            FeedConfig::Hub { tls_ca, .. } => tls_ca.clone(),
+            FeedConfig::JetStream(_) => None,
+        };
+        for pem in cfg.tls.iter().map(|t| t.cert.clone()).chain(ca) {
+            for root in spoke::tls::client_roots(&pem)? {
+                client = client.add_root_certificate(root);
+            }
+        }
+        let client = client.build()?;
         let live = async {
-            let resp = reqwest::Client::new()
-                .get(&url)
-                .timeout(std::time::Duration::from_secs(2))
-                .send()
-                .await
-                .ok()?;
+            let mut req = client.get(&url).timeout(std::time::Duration::from_secs(2));
+            if let Some(t) = &token {
+                req = req.bearer_auth(t);
+            }
+            let resp = req.send().await.ok()?;
+            if !resp.status().is_success() {
+                tracing::warn!(
+                    status = resp.status().as_u16(),
+                    "the agent refused the status request; reading the store"
+                );
+                return None;
+            }
             let body: serde_json::Value = resp.json().await.ok()?;
             serde_json::from_value::<Vec<CopyStatus>>(body.get("copies")?.clone()).ok()
         };

@@ -638,7 +638,7 @@ impl Shop {
                 );
                 self.agent = Some(agent.clone());
                 tokio::spawn(async move {
-                    let api = agent_http::router(agent.clone());
+                    let api = agent_http::router(agent.clone(), Tokens::default());
                     let server = tokio::spawn(hub::serve(listener, api, shutdown.clone().signal()));
                     agent.run(shutdown).await.context("agent")?;
                     server.await?.context("agent HTTP API")?;

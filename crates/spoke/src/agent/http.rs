@@ -8,13 +8,21 @@
 //!  GET /v1/copies/{d}/digest/entries?buckets=a,b (key, version, deleted) of those buckets
 //!  GET /v1/status    GET /metrics
 //! ```
+//!
+//! With `[agent.api_tokens]` configured, every endpoint but `/v1/health`
+//! needs `Authorization: Bearer <token>` (401 otherwise), `/metrics`
+//! included: it names datasets and how far behind each copy is. Give the
+//! Prometheus scraper its own named token (its `authorization.credentials_file`)
+//! so it can be rotated apart from the applications'. The API is read-only,
+//! so every token grants the same reads.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Path, Query, State};
-use axum::http::{header, StatusCode};
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -22,6 +30,7 @@ use spoke_core::change::validate_key;
 
 use super::metrics::{render, Sample};
 use super::Agent;
+use crate::auth::Tokens;
 use crate::feed::http::{bucket_list, digest_query, EntriesBody, ErrorBody};
 use crate::read::{CopyStatus, ReadError};
 use spoke_core::manifest::Strategy;
@@ -288,14 +297,38 @@ async fn metrics(State(agent): State<Arc<Agent>>) -> Response {
         .into_response()
 }
 
-/// The agent's router.
-pub fn router(agent: Arc<Agent>) -> Router {
-    Router::new()
+/// Refuses a request without a known API token (401, JSON error).
+async fn require_token(
+    State(tokens): State<Arc<Tokens>>,
+    headers: HeaderMap,
+    request: Request,
+    next: Next,
+) -> Response {
+    match tokens.authenticate(&headers) {
+        Ok(_) => next.run(request).await,
+        Err(e) => error(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            format!("agent API: {e}"),
+        ),
+    }
+}
+
+/// The agent's router; `api` holds the tokens its read API accepts (empty:
+/// the API is open, as for a quick start, and the agent logs that).
+pub fn router(agent: Arc<Agent>, api: Tokens) -> Router {
+    let api = Arc::new(api);
+    if api.is_empty() {
+        tracing::warn!(consumer = agent.consumer(), "agent API runs open, without tokens: any caller may read the copies (configure [agent.api_tokens] to require one)");
+    }
+    let guarded = Router::new()
         .route("/v1/copies/{dataset}/records/{key}", get(record))
         .route("/v1/copies/{dataset}/digest", get(digest))
         .route("/v1/copies/{dataset}/digest/entries", get(digest_entries))
         .route("/v1/status", get(status))
         .route("/metrics", get(metrics))
+        .route_layer(middleware::from_fn_with_state(api, require_token));
+    guarded
         .route("/v1/health", get(|| async { "ok" }))
         .method_not_allowed_fallback(|| async {
             error(

@@ -185,20 +185,46 @@ impl std::fmt::Debug for HubClient {
 }
 
 impl HubClient {
-    /// `base` is the hub's URL, e.g. `http://127.0.0.1:7070`.
+    /// `base` is the hub's URL, e.g. `http://127.0.0.1:7070`; an `https://`
+    /// hub must present a certificate from a publicly trusted CA (see
+    /// [`HubClient::with_tls_ca`] for a private one).
     pub fn new(base: &str, token: Option<String>) -> Self {
-        let http = reqwest::Client::builder()
+        Self::build(base, token, Vec::new()).expect("HTTP client builds")
+    }
+
+    /// Like [`HubClient::new`], also trusting the CA certificates in the PEM
+    /// file `ca` (deployment config `tls_ca`), for hubs whose certificate a
+    /// private CA signed.
+    pub fn with_tls_ca(
+        base: &str,
+        token: Option<String>,
+        ca: &std::path::Path,
+    ) -> Result<Self, crate::tls::TlsError> {
+        let roots = crate::tls::client_roots(ca)?;
+        Self::build(base, token, roots).map_err(|e| crate::tls::TlsError {
+            path: ca.display().to_string(),
+            message: format!("cannot build an HTTPS client with it: {}", error_chain(&e)),
+        })
+    }
+
+    fn build(
+        base: &str,
+        token: Option<String>,
+        roots: Vec<reqwest::Certificate>,
+    ) -> Result<Self, reqwest::Error> {
+        let mut builder = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
             .tcp_nodelay(true)
-            .pool_idle_timeout(Duration::from_secs(30))
-            .build()
-            .expect("HTTP client builds");
-        HubClient {
+            .pool_idle_timeout(Duration::from_secs(30));
+        for root in roots {
+            builder = builder.add_root_certificate(root);
+        }
+        Ok(HubClient {
             base: base.trim_end_matches('/').to_owned(),
             token,
-            http,
+            http: builder.build()?,
             traffic: Arc::default(),
-        }
+        })
     }
 
     /// What this client (and its clones) sent and received so far.
@@ -243,7 +269,14 @@ impl HubClient {
         self.traffic.requests.fetch_add(1, Ordering::Relaxed);
         self.traffic.sent.fetch_add(sent, Ordering::Relaxed);
         let resp = self.http.execute(req).await.map_err(|e| {
-            FeedError::Unavailable(format!("hub {}: {}", self.base, error_chain(&e)))
+            let chain = error_chain(&e);
+            // A certificate problem does not fix itself by retrying: say what to do.
+            let hint = if chain.contains("certificate") || chain.contains("UnknownIssuer") {
+                " (the hub's TLS certificate is not trusted: name the CA that signed it in tls_ca)"
+            } else {
+                ""
+            };
+            FeedError::Unavailable(format!("hub {}: {chain}{hint}", self.base))
         })?;
         let status = resp.status().as_u16();
         let head = 17 + headers(resp.headers());

@@ -10,12 +10,24 @@
 //! ```
 //!
 //! The hub is generic over the feed backend, so the same server fronts the
-//! embedded SQLite log and, later, other backends. Authentication is by
-//! bearer token per service; tokens are kept only as BLAKE3 hashes in memory.
-//! With no tokens configured the hub runs open (for local development) and
-//! says so in its log.
+//! embedded SQLite log and JetStream. Authentication is by bearer token per
+//! service ([`crate::auth`]); tokens are kept only as BLAKE3 hashes in memory.
+//! Authorization follows the manifest:
+//!
+//! ```text
+//!  publish  ── caller is the dataset's owner ─────────────────────────▶ ok, else 403
+//!  any read ── owner ─────────────────────────────────────────────────▶ every field
+//!           ── subscriber ─▶ records keep only granted projected fields ▶ (rule 6)
+//!           ── anyone else ───────────────────────────────────────────▶ 403
+//! ```
+//!
+//! Filtering happens here, at the hub, so a private field the consumer was
+//! not granted never crosses the network to it. Digests hash key, version and
+//! the tombstone flag only, so they are the same for every reader. With no
+//! tokens configured the hub runs open (for local development) and says so
+//! in its log when it starts. TLS is optional ([`crate::tls`]).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,7 +40,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use serde::Deserialize;
-use spoke_core::Manifest;
+use spoke_core::manifest::Dataset;
+use spoke_core::{Change, Manifest, Schema};
 
 use crate::feed::http::{
     bucket_list, digest_query, EntriesBody, ErrorBody, RecordsBody, RecordsRequest,
@@ -46,66 +59,40 @@ pub const DEFAULT_LIMIT: usize = 1_000;
 pub trait FeedBackend: Feed + Publisher {}
 impl<T: Feed + Publisher> FeedBackend for T {}
 
-/// Who is calling.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Caller {
-    /// No tokens are configured: everyone may do everything.
-    Open,
-    Service(String),
+pub use crate::auth::{Caller, Tokens};
+
+/// What a caller may see of a dataset's records.
+#[derive(Debug, Clone)]
+enum Access {
+    /// The owner, or anyone on an open hub: every field.
+    All,
+    /// A subscriber: only the fields its subscriptions project, and of those
+    /// only the ones it may receive (rule 6); plus key, version, op and the
+    /// other change metadata, which are not fields.
+    Fields {
+        service: String,
+        fields: Arc<BTreeSet<String>>,
+    },
 }
 
-/// Per-service bearer tokens, kept as hashes.
-#[derive(Clone, Default)]
-pub struct Tokens {
-    by_hash: HashMap<[u8; 32], String>,
-}
-
-impl std::fmt::Debug for Tokens {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let mut services: Vec<_> = self.by_hash.values().collect();
-        services.sort();
-        f.debug_struct("Tokens")
-            .field("services", &services)
-            .finish()
-    }
-}
-
-impl Tokens {
-    /// From service → plaintext token.
-    pub fn new(tokens: &BTreeMap<String, String>) -> Self {
-        Tokens {
-            by_hash: tokens
-                .iter()
-                .map(|(svc, tok)| (*blake3::hash(tok.as_bytes()).as_bytes(), svc.clone()))
-                .collect(),
+impl Access {
+    fn filter(&self, change: &mut Change) {
+        if let Access::Fields { fields, .. } = self {
+            change.fields.retain(|name, _| fields.contains(name));
         }
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.by_hash.is_empty()
-    }
-
-    /// Resolves the `Authorization` header to a caller.
-    pub fn authenticate(&self, headers: &HeaderMap) -> Result<Caller, FeedError> {
-        if self.is_empty() {
-            return Ok(Caller::Open);
+    /// A schema as this caller may see it: a subscriber learns the fields it
+    /// may receive (public ones and private ones granted to it), so it can
+    /// widen its projection later, but never the names of private fields
+    /// it was not granted.
+    fn schema(&self, dataset: &Dataset, mut schema: Schema) -> Schema {
+        if let Access::Fields { service, .. } = self {
+            schema
+                .fields
+                .retain(|name, _| dataset.may_receive(service, name));
         }
-        let value = headers
-            .get(axum::http::header::AUTHORIZATION)
-            .ok_or_else(|| {
-                FeedError::Unauthorized("missing Authorization: Bearer <token>".into())
-            })?;
-        let token = value
-            .to_str()
-            .ok()
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .ok_or_else(|| {
-                FeedError::Unauthorized("Authorization must be 'Bearer <token>'".into())
-            })?;
-        self.by_hash
-            .get(blake3::hash(token.trim().as_bytes()).as_bytes())
-            .map(|s| Caller::Service(s.clone()))
-            .ok_or_else(|| FeedError::Unauthorized("unknown token".into()))
+        schema
     }
 }
 
@@ -113,6 +100,29 @@ struct Hub {
     feed: Arc<dyn FeedBackend>,
     manifest: Arc<Manifest>,
     tokens: Tokens,
+    /// (consumer, dataset) → the fields the hub sends that consumer, built
+    /// once from the manifest's subscriptions and grants.
+    grants: HashMap<(String, String), Arc<BTreeSet<String>>>,
+}
+
+/// (consumer, dataset) → the union of the consumer's projected fields of
+/// that dataset that it may receive.
+fn grants(manifest: &Manifest) -> HashMap<(String, String), Arc<BTreeSet<String>>> {
+    let mut out: HashMap<(String, String), BTreeSet<String>> = HashMap::new();
+    for sub in &manifest.subscriptions {
+        let Some(ds) = manifest.datasets.get(&sub.dataset) else {
+            continue;
+        };
+        out.entry((sub.consumer.clone(), sub.dataset.clone()))
+            .or_default()
+            .extend(
+                sub.fields
+                    .iter()
+                    .filter(|f| ds.may_receive(&sub.consumer, f))
+                    .cloned(),
+            );
+    }
+    out.into_iter().map(|(k, v)| (k, Arc::new(v))).collect()
 }
 
 impl Hub {
@@ -135,24 +145,33 @@ impl Hub {
         }
     }
 
-    fn may_read(&self, caller: &Caller, dataset: &str) -> Result<(), FeedError> {
+    fn may_read(&self, caller: &Caller, dataset: &str) -> Result<Access, FeedError> {
         let owner = self.owner_of(dataset)?;
         match caller {
-            Caller::Open => Ok(()),
-            Caller::Service(s) if s == owner => Ok(()),
-            Caller::Service(s)
-                if self
-                    .manifest
-                    .subscriptions
-                    .iter()
-                    .any(|sub| sub.consumer == *s && sub.dataset == dataset) =>
-            {
-                Ok(())
-            }
-            Caller::Service(s) => Err(FeedError::Forbidden(format!(
-                "service {s} does not subscribe to dataset {dataset}"
-            ))),
+            Caller::Open => Ok(Access::All),
+            Caller::Service(s) if s == owner => Ok(Access::All),
+            Caller::Service(s) => match self.grants.get(&(s.clone(), dataset.to_owned())) {
+                Some(fields) => Ok(Access::Fields {
+                    service: s.clone(),
+                    fields: fields.clone(),
+                }),
+                None => Err(FeedError::Forbidden(format!(
+                    "service {s} does not subscribe to dataset {dataset}, so it may not read it"
+                ))),
+            },
         }
+    }
+
+    /// Authenticates the request and checks the caller may read `dataset`.
+    fn reader(&self, headers: &HeaderMap, dataset: &str) -> Result<Access, FeedError> {
+        let caller = self.caller(headers)?;
+        self.may_read(&caller, dataset)
+    }
+
+    fn caller(&self, headers: &HeaderMap) -> Result<Caller, FeedError> {
+        self.tokens
+            .authenticate(headers)
+            .map_err(|e| FeedError::Unauthorized(e.to_string()))
     }
 }
 
@@ -203,7 +222,7 @@ async fn publish(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let caller = hub.tokens.authenticate(&headers)?;
+    let caller = hub.caller(&headers)?;
     hub.may_publish(&caller, &dataset)?;
     let body = body.map_err(|e| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
@@ -227,8 +246,7 @@ async fn read(
     headers: HeaderMap,
     q: Result<Query<ReadParams>, QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let caller = hub.tokens.authenticate(&headers)?;
-    hub.may_read(&caller, &dataset)?;
+    let access = hub.reader(&headers, &dataset)?;
     let Query(q) = q.map_err(query_error)?;
     let limit = q.limit.unwrap_or(DEFAULT_LIMIT);
     if limit == 0 || limit > crate::feed::MAX_PAGE {
@@ -239,7 +257,11 @@ async fn read(
         .into());
     }
     let wait = Duration::from_millis(q.wait_ms).min(MAX_WAIT);
-    Ok(Json(hub.feed.read(&dataset, q.after, limit, wait).await?).into_response())
+    let mut batch = hub.feed.read(&dataset, q.after, limit, wait).await?;
+    for e in &mut batch.entries {
+        access.filter(&mut e.change);
+    }
+    Ok(Json(batch).into_response())
 }
 
 async fn snapshot(
@@ -248,8 +270,7 @@ async fn snapshot(
     headers: HeaderMap,
     q: Result<Query<SnapshotParams>, QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let caller = hub.tokens.authenticate(&headers)?;
-    hub.may_read(&caller, &dataset)?;
+    let access = hub.reader(&headers, &dataset)?;
     let Query(q) = q.map_err(query_error)?;
     let limit = q.limit.unwrap_or(DEFAULT_LIMIT);
     if limit == 0 || limit > crate::feed::MAX_PAGE {
@@ -259,12 +280,14 @@ async fn snapshot(
         ))
         .into());
     }
-    Ok(Json(
-        hub.feed
-            .snapshot(&dataset, q.after_key.as_deref(), limit)
-            .await?,
-    )
-    .into_response())
+    let mut page = hub
+        .feed
+        .snapshot(&dataset, q.after_key.as_deref(), limit)
+        .await?;
+    for r in &mut page.records {
+        access.filter(r);
+    }
+    Ok(Json(page).into_response())
 }
 
 async fn schema(
@@ -272,9 +295,10 @@ async fn schema(
     Path(dataset): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let caller = hub.tokens.authenticate(&headers)?;
-    hub.may_read(&caller, &dataset)?;
-    Ok(Json(hub.feed.schema(&dataset).await?).into_response())
+    let access = hub.reader(&headers, &dataset)?;
+    let schema = hub.feed.schema(&dataset).await?;
+    let ds = &hub.manifest.datasets[&dataset];
+    Ok(Json(access.schema(ds, schema)).into_response())
 }
 
 #[derive(Deserialize)]
@@ -296,8 +320,7 @@ async fn digest(
     headers: HeaderMap,
     q: Result<Query<DigestParams>, QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let caller = hub.tokens.authenticate(&headers)?;
-    hub.may_read(&caller, &dataset)?;
+    hub.reader(&headers, &dataset)?;
     let Query(q) = q.map_err(query_error)?;
     let query = digest_query(q.level, q.under.as_deref()).map_err(FeedError::BadRequest)?;
     Ok(Json(hub.feed.digest(&dataset, &query).await?).into_response())
@@ -309,8 +332,7 @@ async fn digest_entries(
     headers: HeaderMap,
     q: Result<Query<EntriesParams>, QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let caller = hub.tokens.authenticate(&headers)?;
-    hub.may_read(&caller, &dataset)?;
+    hub.reader(&headers, &dataset)?;
     let Query(q) = q.map_err(query_error)?;
     let buckets = bucket_list(&q.buckets).map_err(FeedError::BadRequest)?;
     let entries = hub.feed.bucket_entries(&dataset, &buckets).await?;
@@ -323,8 +345,7 @@ async fn records(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let caller = hub.tokens.authenticate(&headers)?;
-    hub.may_read(&caller, &dataset)?;
+    let access = hub.reader(&headers, &dataset)?;
     let body = body.map_err(|e| FeedError::BadRequest(format!("body: {}", e.body_text())))?;
     let req: RecordsRequest = serde_json::from_slice(&body).map_err(|e| {
         FeedError::BadRequest(format!(
@@ -336,7 +357,10 @@ async fn records(
         spoke_core::change::validate_key(k)
             .map_err(|e| FeedError::BadRequest(format!("key '{k}': {e}")))?;
     }
-    let records = hub.feed.records(&dataset, &req.keys).await?;
+    let mut records = hub.feed.records(&dataset, &req.keys).await?;
+    for r in &mut records {
+        access.filter(r);
+    }
     Ok(Json(RecordsBody { records }).into_response())
 }
 
@@ -361,9 +385,17 @@ async fn method_not_allowed() -> Response {
 /// The hub's router over `feed`.
 pub fn router(feed: Arc<dyn FeedBackend>, manifest: Arc<Manifest>, tokens: Tokens) -> Router {
     if tokens.is_empty() {
-        tracing::warn!("hub runs without tokens: any caller may publish to any dataset (configure [hub.tokens] to enforce ownership)");
+        tracing::warn!("hub runs open, without tokens: any caller may publish to and read every dataset, all fields included (configure [hub.tokens] to enforce ownership, subscriptions and grants)");
+    } else {
+        tracing::info!(services = ?tokens.names(), "hub requires bearer tokens");
+        for name in tokens.names() {
+            if !manifest.services.contains_key(name) {
+                tracing::warn!(service = name, "a hub token is configured for a service the manifest does not declare: it can read and publish nothing");
+            }
+        }
     }
     let hub = Arc::new(Hub {
+        grants: grants(&manifest),
         feed,
         manifest,
         tokens,
