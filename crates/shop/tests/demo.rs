@@ -10,8 +10,8 @@ async fn every_step_of_the_demo_holds() {
     let numbers: Vec<usize> = report.steps.iter().map(|s| s.number).collect();
     assert_eq!(
         numbers,
-        (1..=7).collect::<Vec<_>>(),
-        "seven steps ran\n{narration}"
+        (1..=8).collect::<Vec<_>>(),
+        "eight steps ran\n{narration}"
     );
     for step in &report.steps {
         assert!(
@@ -27,12 +27,18 @@ async fn every_step_of_the_demo_holds() {
     }
     assert!(report.all_held());
     assert!(
-        narration.contains("Summary") && narration.contains("7 of 7 steps held"),
+        narration.contains("Summary") && narration.contains("8 of 8 steps held"),
         "{narration}"
     );
     assert!(
         narration.contains(demo::READ_ONLY_MESSAGE),
         "step 7 shows the refusal\n{narration}"
+    );
+    assert!(
+        narration.contains("repaired stale   c-ada")
+            && narration.contains("repaired missing c-alan")
+            && narration.contains("repaired extra   c-mallory"),
+        "step 8 lists the three repairs\n{narration}"
     );
     assert!(
         report.elapsed_ms < 20_000,

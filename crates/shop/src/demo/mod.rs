@@ -1,7 +1,7 @@
 //! `spoke demo`: the shop end to end, narrated, every claim checked.
 //!
 //! [`run`] starts a [`Shop`] in a temporary directory and walks through
-//! seven steps. Each step prints what it does and what it measured, and
+//! eight steps. Each step prints what it does and what it measured, and
 //! checks its claims; a step *held* when every check passed. The run ends
 //! with a summary table, and [`DemoReport::all_held`] is what `spoke demo`
 //! turns into its exit code.
@@ -16,6 +16,9 @@
 //! 6. Restart Customer Service, change a customer while the hub is still
 //!    down (the change waits in the outbox), restart the hub: delivered.
 //! 7. Write to the copy from Order Service's own connection: refused.
+//! 8. Corrupt the copy behind the agent's back, as a restored backup and a
+//!    stray script would (a row lost, a row rolled back, a foreign row);
+//!    reconciliation finds exactly those three by digest and repairs them.
 //!
 //! [`run_distributed`] tells the same story on the distributed backends
 //! (PostgreSQL copies and orders, a NATS JetStream feed, no hub), with the
@@ -31,6 +34,9 @@
 //! 7. writes to the copy as Order Service's role (PostgreSQL: "permission
 //!    denied") and as a privileged session without the agent's mark (the
 //!    copy's trigger, naming dataset and owner).
+//!
+//! Step 8 needs the hub's digests, which the JetStream feed does not serve
+//! yet, so the distributed story ends at step 7.
 
 pub mod shop;
 
@@ -378,6 +384,11 @@ async fn run_steps(
             7,
             "Write to the copy from Order Service's own connection",
             write_refused
+        );
+        step!(
+            8,
+            "Corrupt the copy behind the agent's back; reconciliation repairs exactly that",
+            corrupt_and_reconcile
         );
     }
 
@@ -869,6 +880,154 @@ async fn write_refused(shop: &mut Shop, _: &mut Ctx, st: &mut Step<'_>) -> anyho
     )?;
     let short: String = first_message.chars().take(90).collect();
     st.measured(format!("refused: \"{short}…\""));
+    Ok(())
+}
+
+/// A name as the copy holds it (`None`: no such live record).
+async fn copied_name(shop: &Shop, id: &str) -> anyhow::Result<Option<String>> {
+    Ok(shop.copied(id).await?.and_then(|r| {
+        r.fields
+            .get("name")
+            .and_then(|v| v.as_str())
+            .map(str::to_owned)
+    }))
+}
+
+async fn corrupt_and_reconcile(
+    shop: &mut Shop,
+    _: &mut Ctx,
+    st: &mut Step<'_>,
+) -> anyhow::Result<()> {
+    use spoke::copy::CopyStore;
+    use spoke_core::digest::DigestEntry;
+    use spoke_core::{Change, Op};
+
+    let (store, spec) = shop.copy_handle()?;
+    let before: Vec<(String, Option<String>)> = {
+        let mut v = Vec::new();
+        for id in ["c-ada", "c-alan", "c-mallory"] {
+            v.push((id.to_owned(), copied_name(shop, id).await?));
+        }
+        v
+    };
+    let ada = shop
+        .copied("c-ada")
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("c-ada is not in the copy"))?;
+    let alan = shop
+        .copied("c-alan")
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("c-alan is not in the copy"))?;
+    // What a restored backup and a stray script leave behind, written
+    // through an operator's handle on the copy (the agent keeps running).
+    let row = |key: &str, version, name: &str, email: &str| {
+        let mut fields = serde_json::Map::new();
+        fields.insert("name".into(), name.into());
+        fields.insert("email".into(), email.into());
+        Change {
+            dataset: spec.dataset.clone(),
+            key: key.into(),
+            version,
+            op: Op::Upsert,
+            fields,
+            owner: spec.owner.clone(),
+            ts: 0,
+            schema_version: 1,
+        }
+    };
+    let old_state = spoke::copy::Advance {
+        position: None,
+        fresh_as_of_ms: None,
+        from_feed: false,
+    };
+    store
+        .remove(
+            &spec.dataset,
+            &[
+                DigestEntry::new("c-alan", alan.version, false),
+                DigestEntry::new("c-ada", ada.version, false),
+            ],
+        )
+        .await?;
+    store
+        .apply(
+            &spec.dataset,
+            &[
+                row("c-ada", 1, "Ada Lovelace", "ada@example.com"),
+                row("c-mallory", 1, "Mallory", "mallory@example.com"),
+            ],
+            old_state,
+        )
+        .await?;
+    st.say("an operator restores last week's backup of the copy and a script adds a row:")?;
+    st.say(format!(
+        "c-alan lost (was version {}); c-ada back at version 1 \"Ada Lovelace\" (was version {} \"{}\"); c-mallory added, which Customer Service never had",
+        alan.version,
+        ada.version,
+        ada.fields.get("name").and_then(|v| v.as_str()).unwrap_or("?")
+    ))?;
+    let corrupted = (
+        copied_name(shop, "c-alan").await?,
+        copied_name(shop, "c-ada").await?,
+        copied_name(shop, "c-mallory").await?,
+    );
+    st.check(
+        corrupted
+            == (
+                None,
+                Some("Ada Lovelace".to_owned()),
+                Some("Mallory".to_owned()),
+            ),
+        "the copy now serves the damage (reads go on; nothing else noticed)",
+    )?;
+
+    let report = shop.reconcile_customers().await?;
+    st.say(format!(
+        "spoke reconcile: {} of {} buckets differed; {} entries compared on the copy's side, {} on the hub's; {:.1} ms",
+        report.buckets_differing,
+        report.buckets_total,
+        report.entries_copy,
+        report.entries_source,
+        report.duration_ms
+    ))?;
+    for r in &report.repairs {
+        st.say(format!("  repaired {:<7} {}", r.kind.as_str(), r.key))?;
+    }
+    let mut kinds: Vec<(String, &str)> = report
+        .repairs
+        .iter()
+        .map(|r| (r.key.clone(), r.kind.as_str()))
+        .collect();
+    kinds.sort();
+    st.check(
+        kinds
+            == [
+                ("c-ada".to_owned(), "stale"),
+                ("c-alan".to_owned(), "missing"),
+                ("c-mallory".to_owned(), "extra"),
+            ],
+        "exactly the three damaged keys were repaired: c-alan missing, c-ada stale, c-mallory extra",
+    )?;
+    let mut after = Vec::new();
+    for (id, _) in &before {
+        after.push((id.clone(), copied_name(shop, id).await?));
+    }
+    st.check(
+        after == before && report.in_sync_after,
+        format!(
+            "the copy is as it was before the damage (c-ada \"{}\", c-alan back, c-mallory gone) and its digest equals the hub's",
+            after[0].1.as_deref().unwrap_or("(absent)")
+        ),
+    )?;
+    let again = shop.reconcile_customers().await?;
+    st.check(
+        again.in_sync_before && again.repaired.total() == 0,
+        "a second reconcile finds nothing to do",
+    )?;
+    st.measured(format!(
+        "3 damaged keys found and repaired in {:.1} ms, {} of {} buckets compared entry by entry",
+        report.duration_ms, report.buckets_differing, report.buckets_total
+    ));
     Ok(())
 }
 

@@ -39,7 +39,7 @@ use spoke::agent::{http as agent_http, Agent, AgentOptions};
 use spoke::clock::Clock;
 use spoke::copy::postgres::{PostgresCopyStore, PostgresOptions};
 use spoke::copy::sqlite::SqliteCopyStore;
-use spoke::copy::CopyStore;
+use spoke::copy::{CopySpec, CopyStore};
 use spoke::feed::http::HubClient;
 use spoke::feed::jetstream::{JetStreamFeed, JetStreamOptions};
 use spoke::feed::sqlite::SqliteFeed;
@@ -47,8 +47,9 @@ use spoke::feed::Feed;
 use spoke::hub::{self, Tokens};
 use spoke::outbox::relay::{RelayOptions, RelayStats};
 use spoke::read::{Copies, Read};
+use spoke::reconcile::{ReconcileReport, Reconciler};
 use spoke::shutdown::{shutdown_channel, ShutdownTrigger};
-use spoke_core::Manifest;
+use spoke_core::{Manifest, Projection};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
@@ -514,6 +515,48 @@ impl Shop {
             web::bind(addr).with_context(|| format!("binding {} to {addr}", part.name()))?;
         self.addrs.insert(part, listener.local_addr()?);
         Ok(listener)
+    }
+
+    /// An operator's handle on Order Service's customers copy, beside the
+    /// running agent (as `spoke reconcile` opens one): the store and the
+    /// copy's spec. Embedded shop only.
+    pub fn copy_handle(&self) -> anyhow::Result<(SqliteCopyStore, CopySpec)> {
+        if self.distributed.is_some() {
+            return Err(anyhow!(
+                "the distributed shop's copy lives in PostgreSQL; this handle is for the embedded shop"
+            ));
+        }
+        let ds = self
+            .manifest
+            .datasets
+            .get(order::CUSTOMERS)
+            .context("the shop manifest declares customers")?;
+        let sub = self
+            .manifest
+            .subscription(order::SERVICE, order::CUSTOMERS)
+            .context("the shop manifest has order-service → customers")?;
+        let spec = CopySpec {
+            dataset: ds.name.clone(),
+            owner: ds.owner.clone(),
+            key_name: ds.key.clone(),
+            projection: Projection::new(&ds.schema, &sub.fields)
+                .context("the copy's projection fits the schema")?,
+        };
+        Ok((SqliteCopyStore::open(&self.order_db())?, spec))
+    }
+
+    /// Reconciles Order Service's customers copy against the hub, as
+    /// `spoke reconcile` does. Embedded shop only.
+    pub async fn reconcile_customers(&self) -> anyhow::Result<ReconcileReport> {
+        let (store, spec) = self.copy_handle()?;
+        let hub = HubClient::new(
+            &self.url(Part::Hub),
+            self.tokens.get(order::SERVICE).cloned(),
+        );
+        Ok(Reconciler::new(&hub, &store, &spec)
+            .run(&|_| {})
+            .await
+            .context("reconciling the customers copy")?)
     }
 
     fn customer_db(&self) -> PathBuf {
