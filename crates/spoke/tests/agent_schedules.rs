@@ -39,6 +39,10 @@ const DEADLINE: Duration = Duration::from_secs(30);
 
 /// The owner's schema: `secret` is never projected.
 fn manifest(subscription_extra: &str) -> Manifest {
+    manifest_with_budget("1m", subscription_extra)
+}
+
+fn manifest_with_budget(budget: &str, subscription_extra: &str) -> Manifest {
     Manifest::parse(
         "m.toml",
         &format!(
@@ -55,7 +59,7 @@ fields = {{ name = "string", email = "string", secret = "string?" }}
 consumer = "order-service"
 dataset = "customers"
 fields = ["name", "email"]
-staleness_budget = "1m"
+staleness_budget = "{budget}"
 {subscription_extra}
 "#
         ),
@@ -691,6 +695,76 @@ async fn an_agent_refreshes_a_scheduled_copy_on_its_interval() {
             .last_error
             .is_none()
             && store.cursor("customers").await.unwrap().fresh_as_of_ms > stuck
+    })
+    .await;
+    stop.fire();
+    tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .expect("the agent stops on shutdown")
+        .unwrap()
+        .unwrap();
+}
+
+/// The owner stays unreachable past the copy's budget: staleness rises
+/// over it and status says so and why, while every record stays (an owner
+/// that cannot be read is not an owner that deleted everything).
+#[tokio::test]
+async fn an_unreachable_owner_makes_the_copy_stale_never_empty() {
+    let owner = Arc::new(OwnerState::default());
+    for i in 0..20 {
+        owner.put(&format!("c{i:02}"), 1, &format!("n{i}"));
+    }
+    let url = serve_owner(owner.clone()).await;
+    let m = Arc::new(manifest_with_budget(
+        "1s",
+        &format!("strategy = \"scheduled\"\ninterval = \"100ms\"\nsnapshot_url = \"{url}\""),
+    ));
+    let store = Arc::new(MemoryCopyStore::new());
+    let agent = Arc::new(
+        Agent::new(
+            m.clone(),
+            "order-service",
+            Arc::new(MemoryFeed::new(&m)),
+            store.clone(),
+        )
+        .unwrap(),
+    );
+    agent.ensure_copies().await.unwrap();
+    let (stop, shutdown) = shutdown_channel();
+    let task = tokio::spawn(agent.clone().run(shutdown));
+    eventually("the first refresh", || async {
+        store.count("customers").await.unwrap_or(0) == 20
+    })
+    .await;
+    assert!(agent_http::statuses(&agent).await.unwrap()[0].within_budget);
+
+    owner.set(Misbehave::Down);
+    eventually("staleness over the 1 s budget, reported", || async {
+        let s = &agent_http::statuses(&agent).await.unwrap()[0];
+        !s.within_budget
+            && s.staleness_ms.is_some_and(|ms| ms > 1_000)
+            && s.last_error.as_deref().is_some_and(|e| e.contains("503"))
+    })
+    .await;
+    assert_eq!(
+        store.count("customers").await.unwrap(),
+        20,
+        "nothing is deleted because the owner could not be read"
+    );
+    let copies = spoke::read::Copies::new(&m, "order-service", store.clone(), Clock::System);
+    let read = copies
+        .copy("customers")
+        .unwrap()
+        .get("c07")
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!read.within_budget && read.staleness_ms.is_some_and(|ms| ms > 1_000));
+    assert_eq!(read.fields["name"], "n7");
+
+    owner.set(Misbehave::None);
+    eventually("back within budget", || async {
+        agent_http::statuses(&agent).await.unwrap()[0].within_budget
     })
     .await;
     stop.fire();
