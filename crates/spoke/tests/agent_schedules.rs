@@ -114,9 +114,12 @@ enum Misbehave {
     Down,
 }
 
+/// The owner's records: key → (version, fields).
+type OwnerRecords = BTreeMap<String, (Version, Map<String, Value>)>;
+
 #[derive(Default)]
 struct OwnerState {
-    records: Mutex<BTreeMap<String, (Version, Map<String, Value>)>>,
+    records: Mutex<OwnerRecords>,
     misbehave: Mutex<Option<Misbehave>>,
     listing_pages: AtomicU64,
     lookups: AtomicU64,
