@@ -311,7 +311,7 @@ fn the_shop_passes_every_rule_without_warnings() {
     assert_eq!(code, 0, "stdout: {stdout}\nstderr: {stderr}");
     assert_eq!(
         stdout,
-        "examples/shop/manifest.toml: ok (5 services, 4 datasets, 4 subscriptions, 1 path)\n"
+        "examples/shop/manifest.toml: ok (6 services, 4 datasets, 5 subscriptions, 1 path)\n"
     );
 }
 
@@ -347,13 +347,20 @@ fn advise_on_the_shop_duplicates_customers_snapshots_prices_and_calls_inventory_
         ("products.unit_price_cents", "snapshot"),
         ("stock.available", "call-owner"),
         ("payment_methods.status", "call-owner"),
+        ("products.name", "duplicate"),
+        ("products.category", "duplicate"),
     ];
     assert_eq!(
         decisions,
         expected.map(|(f, d)| (f.to_owned(), d.to_owned())),
     );
     for f in v["fields"].as_array().unwrap() {
-        assert_eq!(f["consumer"], "order-service");
+        let consumer = if f["dataset"] == "products" && f["strategy"] == "cdc" {
+            "storefront"
+        } else {
+            "order-service"
+        };
+        assert_eq!(f["consumer"], consumer);
         assert_eq!(
             f["flags"],
             serde_json::json!([]),

@@ -633,6 +633,8 @@ mod tests {
                 ("products.unit_price_cents".to_owned(), Decision::Snapshot),
                 ("stock.available".to_owned(), Decision::CallOwner),
                 ("payment_methods.status".to_owned(), Decision::CallOwner),
+                ("products.name".to_owned(), Decision::Duplicate),
+                ("products.category".to_owned(), Decision::Duplicate),
             ]
         );
         for f in &a.fields {

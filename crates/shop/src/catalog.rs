@@ -3,7 +3,13 @@
 //! Order Service does not copy products (its subscription's strategy is
 //! `none`): a product's name and price are point-in-time facts of an order,
 //! so Order Service asks Catalog at checkout and snapshots them into the
-//! order line. Nothing is published, so Catalog keeps no outbox.
+//! order line. Catalog's code publishes nothing and keeps no outbox.
+//!
+//! Two stores, the same API: a SQLite file (the embedded shop), or a
+//! `products` table in Catalog's own schema of a PostgreSQL database (the
+//! distributed shop). There the storefront's copy is fed by Spoke's CDC
+//! source, which reads Catalog's committed changes from the write-ahead log;
+//! Catalog does not know it is being captured.
 //!
 //! - `GET /products/{sku}` → [`Product`]; 404 when absent.
 //! - `PUT /products/{sku}` [`ProductInput`] → [`Product`] (create or replace).
@@ -13,6 +19,9 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+
+use anyhow::anyhow;
+use spoke_core::manifest::is_identifier;
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
@@ -24,6 +33,11 @@ use spoke::shutdown::Shutdown;
 use tokio::net::TcpListener;
 
 use crate::web::{self, ApiError, Db};
+
+/// The dataset Catalog owns.
+pub const DATASET: &str = "products";
+/// The PostgreSQL table, in Catalog's schema.
+pub const TABLE: &str = "products";
 
 /// This service's name in the manifest.
 pub const SERVICE: &str = "catalog-service";
@@ -79,10 +93,194 @@ pub fn default_products() -> Vec<Product> {
 /// How to run Catalog.
 #[derive(Debug, Clone)]
 pub struct Config {
-    pub db: PathBuf,
+    pub storage: Storage,
 }
 
-type Shared = State<Arc<Db>>;
+/// Where Catalog keeps its products.
+#[derive(Debug, Clone)]
+pub enum Storage {
+    /// A SQLite file of its own.
+    Sqlite(PathBuf),
+    /// `"<schema>".products` in a PostgreSQL database; the schema is created
+    /// when missing.
+    Postgres { url: String, schema: String },
+}
+
+impl Config {
+    pub fn sqlite(db: PathBuf) -> Self {
+        Config {
+            storage: Storage::Sqlite(db),
+        }
+    }
+}
+
+/// An open store.
+enum Store {
+    Sqlite(Db),
+    Postgres {
+        client: tokio_postgres::Client,
+        /// `"schema".products`
+        table: String,
+    },
+}
+
+type Shared = State<Arc<Store>>;
+
+fn pg_error(e: &tokio_postgres::Error) -> ApiError {
+    ApiError::unavailable(format!(
+        "catalog database: {}",
+        crate::order::postgres::message(e)
+    ))
+}
+
+fn pg_product(r: &tokio_postgres::Row) -> Product {
+    Product {
+        sku: r.get(0),
+        name: r.get(1),
+        unit_price_cents: r.get(2),
+        category: r.get(3),
+    }
+}
+
+impl Store {
+    async fn open(storage: &Storage) -> anyhow::Result<Store> {
+        match storage {
+            Storage::Sqlite(path) => {
+                let db = Db::open(path)?;
+                db.run(|c| {
+                    c.execute_batch(SCHEMA)?;
+                    let n: i64 = c.query_row("SELECT COUNT(*) FROM products", [], |r| r.get(0))?;
+                    if n == 0 {
+                        for p in default_products() {
+                            save(c, &p)?;
+                        }
+                    }
+                    Ok(())
+                })
+                .await?;
+                Ok(Store::Sqlite(db))
+            }
+            Storage::Postgres { url, schema } => {
+                anyhow::ensure!(
+                    is_identifier(schema),
+                    "catalog schema '{schema}' must be a lowercase identifier"
+                );
+                let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+                    .await
+                    .map_err(|e| {
+                        anyhow!(
+                            "{SERVICE}: PostgreSQL cannot be reached: {}",
+                            web::error_chain(&e)
+                        )
+                    })?;
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!("catalog-service postgres connection ended: {e}");
+                    }
+                });
+                let table = format!("\"{schema}\".{TABLE}");
+                client
+                    .batch_execute(&format!(
+                        "CREATE SCHEMA IF NOT EXISTS \"{schema}\";
+                         CREATE TABLE IF NOT EXISTS {table} (
+                             sku text PRIMARY KEY,
+                             name text NOT NULL,
+                             unit_price_cents bigint NOT NULL,
+                             category text NOT NULL
+                         );"
+                    ))
+                    .await
+                    .map_err(|e| anyhow!("{SERVICE}: creating {table}: {}", pg_error(&e)))?;
+                let store = Store::Postgres { client, table };
+                if store.count().await? == 0 {
+                    for p in default_products() {
+                        store.save(p).await?;
+                    }
+                }
+                Ok(store)
+            }
+        }
+    }
+
+    async fn count(&self) -> Result<i64, ApiError> {
+        match self {
+            Store::Sqlite(db) => Ok(db
+                .run(|c| Ok(c.query_row("SELECT COUNT(*) FROM products", [], |r| r.get(0))?))
+                .await?),
+            Store::Postgres { client, table } => Ok(client
+                .query_one(&format!("SELECT count(*) FROM {table}"), &[])
+                .await
+                .map_err(|e| pg_error(&e))?
+                .get(0)),
+        }
+    }
+
+    async fn load(&self, sku: String) -> Result<Product, ApiError> {
+        match self {
+            Store::Sqlite(db) => db.run(move |c| load(c, &sku)).await,
+            Store::Postgres { client, table } => client
+                .query_opt(
+                    &format!(
+                        "SELECT sku, name, unit_price_cents, category FROM {table} WHERE sku = $1"
+                    ),
+                    &[&sku],
+                )
+                .await
+                .map_err(|e| pg_error(&e))?
+                .map(|r| pg_product(&r))
+                .ok_or_else(|| ApiError::not_found(format!("no product {sku}"))),
+        }
+    }
+
+    async fn save(&self, p: Product) -> Result<(), ApiError> {
+        match self {
+            Store::Sqlite(db) => db.run(move |c| Ok(save(c, &p)?)).await,
+            Store::Postgres { client, table } => {
+                client
+                    .execute(
+                        &format!(
+                            "INSERT INTO {table} (sku, name, unit_price_cents, category) VALUES ($1, $2, $3, $4)
+                             ON CONFLICT (sku) DO UPDATE SET name = excluded.name, unit_price_cents = excluded.unit_price_cents, category = excluded.category"
+                        ),
+                        &[&p.sku, &p.name, &p.unit_price_cents, &p.category],
+                    )
+                    .await
+                    .map_err(|e| pg_error(&e))?;
+                Ok(())
+            }
+        }
+    }
+
+    async fn set_price(&self, sku: String, cents: i64) -> Result<Product, ApiError> {
+        match self {
+            Store::Sqlite(db) => {
+                db.run(move |c| {
+                    let n = c.execute(
+                        "UPDATE products SET unit_price_cents = ?2 WHERE sku = ?1",
+                        params![sku, cents],
+                    )?;
+                    if n == 0 {
+                        return Err(ApiError::not_found(format!("no product {sku}")));
+                    }
+                    load(c, &sku)
+                })
+                .await
+            }
+            Store::Postgres { client, table } => client
+                .query_opt(
+                    &format!(
+                        "UPDATE {table} SET unit_price_cents = $2 WHERE sku = $1
+                         RETURNING sku, name, unit_price_cents, category"
+                    ),
+                    &[&sku, &cents],
+                )
+                .await
+                .map_err(|e| pg_error(&e))?
+                .map(|r| pg_product(&r))
+                .ok_or_else(|| ApiError::not_found(format!("no product {sku}"))),
+        }
+    }
+}
 
 /// Runs Catalog on `listener` until `shutdown` fires.
 pub async fn serve(
@@ -90,22 +288,11 @@ pub async fn serve(
     config: Config,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
-    let db = Db::open(&config.db)?;
-    db.run(|c| {
-        c.execute_batch(SCHEMA)?;
-        let n: i64 = c.query_row("SELECT COUNT(*) FROM products", [], |r| r.get(0))?;
-        if n == 0 {
-            for p in default_products() {
-                save(c, &p)?;
-            }
-        }
-        Ok(())
-    })
-    .await?;
+    let store = Store::open(&config.storage).await?;
     let router = Router::new()
         .route("/products/{sku}", get(read).put(replace))
         .route("/products/{sku}/price", put(set_price))
-        .with_state(Arc::new(db));
+        .with_state(Arc::new(store));
     web::serve(listener, router, shutdown).await
 }
 
@@ -144,12 +331,12 @@ fn check_price(cents: i64) -> Result<(), ApiError> {
     Ok(())
 }
 
-async fn read(State(db): Shared, Path(sku): Path<String>) -> Result<Json<Product>, ApiError> {
-    Ok(Json(db.run(move |c| load(c, &sku)).await?))
+async fn read(State(store): Shared, Path(sku): Path<String>) -> Result<Json<Product>, ApiError> {
+    Ok(Json(store.load(sku).await?))
 }
 
 async fn replace(
-    State(db): Shared,
+    State(store): Shared,
     Path(sku): Path<String>,
     body: Result<Json<ProductInput>, JsonRejection>,
 ) -> Result<Json<Product>, ApiError> {
@@ -166,29 +353,16 @@ async fn replace(
         unit_price_cents: input.unit_price_cents,
         category: input.category,
     };
-    let saved = product.clone();
-    db.run(move |c| Ok(save(c, &saved)?)).await?;
+    store.save(product.clone()).await?;
     Ok(Json(product))
 }
 
 async fn set_price(
-    State(db): Shared,
+    State(store): Shared,
     Path(sku): Path<String>,
     body: Result<Json<PriceInput>, JsonRejection>,
 ) -> Result<Json<Product>, ApiError> {
     let Json(PriceInput { unit_price_cents }) = body?;
     check_price(unit_price_cents)?;
-    let product = db
-        .run(move |c| {
-            let n = c.execute(
-                "UPDATE products SET unit_price_cents = ?2 WHERE sku = ?1",
-                params![sku, unit_price_cents],
-            )?;
-            if n == 0 {
-                return Err(ApiError::not_found(format!("no product {sku}")));
-            }
-            load(c, &sku)
-        })
-        .await?;
-    Ok(Json(product))
+    Ok(Json(store.set_price(sku, unit_price_cents).await?))
 }

@@ -189,7 +189,7 @@ fn run() -> anyhow::Result<()> {
                 let db = PathBuf::from(flags.take("db")?);
                 flags.done()?;
                 announce(catalog::SERVICE, &db.display().to_string());
-                catalog::serve(listener, catalog::Config { db }, shutdown).await
+                catalog::serve(listener, catalog::Config::sqlite(db), shutdown).await
             }
             inventory::SERVICE => {
                 let db = PathBuf::from(flags.take("db")?);

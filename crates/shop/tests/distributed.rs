@@ -1,5 +1,7 @@
 //! The shop on the distributed backends: Order Service's orders and its copy
-//! of customers in PostgreSQL, the feed in NATS JetStream, no hub.
+//! of customers in PostgreSQL, the feed in NATS JetStream, no hub; Catalog's
+//! products in a PostgreSQL with `wal_level=logical`, captured by CDC into the
+//! storefront's copy.
 //!
 //! These need the machine's PostgreSQL and NATS (see `spoke::testing`): on a
 //! laptop without them they are skipped with a printed reason; under
@@ -16,7 +18,11 @@ const CATCH_UP: Duration = Duration::from_secs(10);
 async fn backends(test: &str) -> Option<Backends> {
     let postgres = spoke::testing::postgres_or_skip(test).await?;
     let nats = spoke::testing::nats_or_skip(test).await?;
-    Some(Backends { postgres, nats })
+    Some(Backends {
+        postgres,
+        nats,
+        catalog_postgres: None,
+    })
 }
 
 fn customer(id: &str, name: &str) -> Customer {
@@ -68,12 +74,26 @@ async fn assert_removed(backends: &Backends, d: &Distributed) {
         .await
         .unwrap()
         .get(0);
-    assert_eq!((schemas, roles), (0, 0), "schemas and role dropped");
+    let storefront: i64 = pg
+        .query_one(
+            "SELECT count(*) FROM pg_namespace WHERE nspname = $1",
+            &[&d.storefront_schema],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        (schemas, roles, storefront),
+        (0, 0, 0),
+        "schemas and role dropped"
+    );
     let js = async_nats::jetstream::new(async_nats::connect(&backends.nats).await.unwrap());
     let options = d.jetstream();
     for stream in [
         options.log_stream("customers"),
         options.state_stream("customers"),
+        options.log_stream("products"),
+        options.state_stream("products"),
     ] {
         assert!(
             js.get_stream(&stream).await.is_err(),
@@ -95,8 +115,8 @@ async fn every_step_of_the_distributed_demo_holds() {
     let numbers: Vec<usize> = report.steps.iter().map(|s| s.number).collect();
     assert_eq!(
         numbers,
-        (1..=7).collect::<Vec<_>>(),
-        "seven steps ran\n{narration}"
+        (1..=8).collect::<Vec<_>>(),
+        "eight steps ran\n{narration}"
     );
     for step in &report.steps {
         assert!(
@@ -111,7 +131,7 @@ async fn every_step_of_the_distributed_demo_holds() {
         );
     }
     assert!(report.all_held());
-    assert!(narration.contains("7 of 7 steps held"), "{narration}");
+    assert!(narration.contains("8 of 8 steps held"), "{narration}");
     assert!(
         !narration.contains("\n   hub "),
         "no hub in the distributed shop\n{narration}"
@@ -291,4 +311,94 @@ async fn a_dropped_distributed_shop_removes_what_it_created() {
     let d = shop.distributed().unwrap().clone();
     drop(shop);
     assert_removed(&backends, &d).await;
+}
+
+/// Catalog's own PostgreSQL with `wal_level=logical`, started by the test
+/// (skipped, or failed under CI, without the server binaries).
+fn catalog_postgres(dir: &std::path::Path) -> Option<spoke::testing::PrivatePostgres> {
+    spoke::testing::PrivatePostgres::start(&dir.join("catalog-pg"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_price_change_in_catalogs_postgres_reaches_the_storefront_by_cdc_and_orders_keep_their_price(
+) {
+    let Some(mut backends) = backends("catalog captured by cdc").await else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let Some(pg) = tokio::task::spawn_blocking({
+        let dir = dir.path().to_owned();
+        move || catalog_postgres(&dir)
+    })
+    .await
+    .unwrap() else {
+        return;
+    };
+    backends.catalog_postgres = Some(pg.url());
+    let ada = customer("c-ada", "Ada Lovelace");
+    let shop = shop_with(backends.clone(), &ada).await;
+    let d = shop.distributed().expect("distributed").clone();
+    let storefront = shop.storefront().expect("storefront");
+
+    // The CDC snapshot brought every product, without its price.
+    let before = storefront
+        .get("products", "kb-01")
+        .await
+        .unwrap()
+        .expect("kb-01 in the storefront's copy");
+    assert_eq!(before.fields["name"], "Mechanical keyboard");
+    assert!(!before.fields.contains_key("unit_price_cents"));
+
+    let first = shop.place_order("c-ada", &[("kb-01", 1)]).await.unwrap();
+    assert_eq!(first.lines[0].unit_price_cents, 8_900);
+    let repriced = shop.set_price("kb-01", 7_900).await.unwrap();
+    assert_eq!(repriced.unit_price_cents, 7_900);
+    let copied = Shop::wait_until(CATCH_UP, "the price change reaches the copy", || async {
+        Ok(storefront
+            .get("products", "kb-01")
+            .await?
+            .filter(|r| r.version > before.version))
+    })
+    .await
+    .expect("the CDC source carries the change");
+    let captured = shop
+        .captured_product("kb-01")
+        .await
+        .unwrap()
+        .expect("kb-01 in the feed");
+    assert_eq!(
+        captured.version, copied.version,
+        "the copy holds the captured change"
+    );
+    assert_eq!(captured.fields["unit_price_cents"], 7_900);
+    assert!(!copied.fields.contains_key("unit_price_cents"));
+
+    let kept = shop.order(first.id).await.unwrap();
+    assert_eq!(kept.lines[0].unit_price_cents, 8_900, "the snapshot stays");
+    let next = shop.place_order("c-ada", &[("kb-01", 1)]).await.unwrap();
+    assert_eq!(
+        next.lines[0].unit_price_cents, 7_900,
+        "checkout asks Catalog"
+    );
+
+    shop.shutdown().await.expect("a clean shutdown");
+    assert_removed(&backends, &d).await;
+    let catalog = admin(&pg.url()).await;
+    let left: (i64, i64, i64) = {
+        let row = catalog
+            .query_one(
+                "SELECT (SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1),
+                        (SELECT count(*) FROM pg_publication WHERE pubname = $2),
+                        (SELECT count(*) FROM pg_namespace WHERE nspname = $3)",
+                &[&d.cdc_slot, &d.cdc_publication, &d.catalog_schema],
+            )
+            .await
+            .unwrap();
+        (row.get(0), row.get(1), row.get(2))
+    };
+    assert_eq!(
+        left,
+        (0, 0, 0),
+        "slot, publication and Catalog's schema dropped"
+    );
 }

@@ -1,7 +1,8 @@
 //! `spoke demo`: the shop example, narrated (the steps live in `spoke_shop::demo`).
 //!
 //! `spoke demo` runs it on the embedded default; `spoke demo --distributed`
-//! on PostgreSQL (copies and orders) and NATS JetStream (the feed), with
+//! on PostgreSQL (copies and orders; Catalog's products captured by CDC) and
+//! NATS JetStream (the feed), with
 //! names unique to the run that are removed at the end.
 
 use std::process::ExitCode;
@@ -23,6 +24,11 @@ pub struct DemoArgs {
     /// NATS with JetStream for --distributed.
     #[arg(long, value_name = "URL", requires = "distributed", default_value = spoke_shop::demo::shop::DEFAULT_NATS)]
     pub nats: String,
+    /// Catalog's PostgreSQL for --distributed, with wal_level=logical (a role
+    /// that may create schemas, publications and replication slots); by
+    /// default the demo starts a private server with initdb.
+    #[arg(long, value_name = "URL", requires = "distributed")]
+    pub catalog_postgres: Option<String>,
 }
 
 pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
@@ -43,6 +49,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     let backends = args.distributed.then(|| spoke_shop::demo::Backends {
         postgres: args.postgres.clone(),
         nats: args.nats.clone(),
+        catalog_postgres: args.catalog_postgres.clone(),
     });
     let demo = || {
         runtime.block_on(async {

@@ -33,10 +33,18 @@
 //!    in the outbox, then arrives when the relay starts;
 //! 7. writes to the copy as Order Service's role (PostgreSQL: "permission
 //!    denied") and as a privileged session without the agent's mark (the
-//!    copy's trigger, naming dataset and owner).
+//!    copy's trigger, naming dataset and owner);
 //!
-//! Step 8 needs the hub's digests, which the JetStream feed does not serve
-//! yet, so the distributed story ends at step 7.
+//! and adds one:
+//!
+//! 8. changes a price through Catalog, whose products live in PostgreSQL:
+//!    the CDC source carries the commit from the WAL through JetStream to
+//!    the storefront's copy (measured commit → copy lag; the copy holds name
+//!    and category, never the must-be-current price), while an order placed
+//!    earlier keeps its snapshotted price and a new order pays the new one.
+//!
+//! (The embedded story's step 8, the repair by reconciliation, needs the
+//! hub's digests, which the JetStream feed does not serve yet.)
 
 pub mod shop;
 
@@ -46,7 +54,8 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-pub use self::shop::{Backends, Distributed, Part, Shop};
+pub use self::shop::{Backends, Distributed, Part, Shop, STOREFRONT};
+use crate::catalog;
 use crate::customer::{self, Customer};
 use crate::order::OrderView;
 use crate::web::CallError;
@@ -277,13 +286,19 @@ pub async fn run_distributed(
         shop.dir().display()
     )?;
     for &part in shop.parts() {
-        let at = if part.listens() {
-            shop.url(part)
-        } else {
-            format!(
+        let at = match part {
+            Part::Relay => format!(
                 "customer.db outbox → JetStream {}",
                 js.log_subjects(customer::DATASET)
-            )
+            ),
+            Part::Cdc => format!(
+                "WAL of {}.{} (slot {}) → JetStream {}",
+                d.catalog_schema,
+                catalog::TABLE,
+                d.cdc_slot,
+                js.log_subjects(catalog::DATASET)
+            ),
+            _ => shop.url(part),
         };
         writeln!(out, "   {:<24} {at}", part.name())?;
     }
@@ -296,6 +311,17 @@ pub async fn run_distributed(
         out,
         "   (name, email; events; budget 1h) into schema {} of the same database, SELECT only for that role",
         d.copies_schema
+    )?;
+    writeln!(
+        out,
+        "   Catalog keeps products in PostgreSQL {} (schema {}, wal_level=logical) and publishes nothing;",
+        redact(&d.catalog_postgres),
+        d.catalog_schema
+    )?;
+    writeln!(
+        out,
+        "   the CDC source captures them, and the storefront's agent copies them (name, category; cdc; budget 1m) into schema {}",
+        d.storefront_schema
     )?;
     run_steps(out, shop, started).await
 }
@@ -373,6 +399,11 @@ async fn run_steps(
             7,
             "Write to the PostgreSQL copy: as Order Service's role, then as a privileged session",
             write_refused_distributed
+        );
+        step!(
+            8,
+            "Change a price in Catalog's PostgreSQL: CDC carries it to the storefront; orders keep their price",
+            catalog_cdc
         );
     } else {
         step!(
@@ -1315,5 +1346,115 @@ async fn write_refused_distributed(
     )?;
     let short: String = guarded.chars().take(60).collect();
     st.measured(format!("refused: \"{denied}\"; \"{short}…\""));
+    Ok(())
+}
+
+/// Distributed step 8: a price change captured from Catalog's WAL.
+async fn catalog_cdc(shop: &mut Shop, ctx: &mut Ctx, st: &mut Step<'_>) -> anyhow::Result<()> {
+    const SKU: &str = "ms-01";
+    let first = ctx
+        .first_order
+        .clone()
+        .ok_or_else(|| anyhow::anyhow!("step 2 placed no order"))?;
+    let old_price = first
+        .lines
+        .iter()
+        .find(|l| l.sku == SKU)
+        .map(|l| l.unit_price_cents)
+        .ok_or_else(|| anyhow::anyhow!("order #{} has no {SKU} line", first.id))?;
+    let before = shop
+        .storefront()?
+        .get(catalog::DATASET, SKU)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("the storefront's copy has no {SKU}"))?;
+    let new_price = old_price - 400;
+    let product = shop.set_price(SKU, new_price).await?;
+    st.say(format!(
+        "PUT /products/{SKU}/price {} → {}: one UPDATE in Catalog's PostgreSQL; Catalog publishes nothing",
+        dollars(old_price),
+        dollars(product.unit_price_cents)
+    ))?;
+    let (copied, seen_at) = Shop::wait_until(
+        CATCH_UP,
+        "the price change reaches the storefront's copy",
+        || async {
+            let read = shop.storefront()?.get(catalog::DATASET, SKU).await?;
+            let seen_at = spoke::clock::now_ms();
+            Ok(read
+                .filter(|r| r.version > before.version)
+                .map(|r| (r, seen_at)))
+        },
+    )
+    .await
+    .map_err(|e| {
+        anyhow::anyhow!(
+            "{e:#} (storefront agent: {})",
+            shop.storefront_error().unwrap_or_else(|| "no error".into())
+        )
+    })?;
+    let captured = shop
+        .captured_product(SKU)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("the products feed has no {SKU}"))?;
+    let lag = seen_at.saturating_sub(captured.ts);
+    st.check(
+        captured.version == copied.version
+            && captured.fields.get("unit_price_cents") == Some(&serde_json::json!(new_price)),
+        format!(
+            "the CDC source put the commit in the feed: {SKU} at {} with version {} (the commit's LSN, was {})",
+            dollars(new_price),
+            spoke::cdc::fmt_lsn(captured.version),
+            spoke::cdc::fmt_lsn(before.version)
+        ),
+    )?;
+    st.say(format!(
+        "the storefront's copy took version {} {lag} ms after Catalog's commit (staleness {} ms, within budget: {})",
+        spoke::cdc::fmt_lsn(copied.version),
+        copied.staleness_ms.unwrap_or(0),
+        copied.within_budget
+    ))?;
+    let mut fields: Vec<&str> = copied.fields.keys().map(String::as_str).collect();
+    fields.sort_unstable();
+    st.check(
+        fields == ["category", "name"] && copied.fields.get("name") == before.fields.get("name"),
+        format!(
+            "the copy holds {fields:?} only: Catalog marks unit_price_cents must-be-current, so no copy keeps it"
+        ),
+    )?;
+    st.check(
+        lag <= CATCH_UP.as_millis() as u64 && copied.within_budget,
+        format!("commit → copy in {lag} ms, within the 1m budget"),
+    )?;
+    let kept = shop
+        .order(first.id)
+        .await?
+        .lines
+        .iter()
+        .find(|l| l.sku == SKU)
+        .map(|l| l.unit_price_cents);
+    st.check(
+        kept == Some(old_price),
+        format!(
+            "order #{} keeps the snapshotted {} for {SKU}",
+            first.id,
+            dollars(kept.unwrap_or(0))
+        ),
+    )?;
+    let next = shop.place_order("c-alan", &[(SKU, 1)]).await?;
+    print_order(st, &next)?;
+    st.check(
+        next.lines.first().map(|l| l.unit_price_cents) == Some(new_price),
+        format!(
+            "a new order pays {} (Order Service asked Catalog at checkout)",
+            dollars(new_price)
+        ),
+    )?;
+    st.measured(format!(
+        "price change in the storefront's copy {lag} ms after commit (CDC); order #{} keeps {}, order #{} pays {}",
+        first.id,
+        dollars(old_price),
+        next.id,
+        dollars(new_price)
+    ));
     Ok(())
 }

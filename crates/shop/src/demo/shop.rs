@@ -24,9 +24,19 @@
 //!                                                             "<orders>".orders, order_lines  (owned by <app role>)
 //! ```
 //!
-//! Every name there (schemas, the application role, the stream prefix) is
-//! unique to the run, and [`Shop::shutdown`] (or dropping the shop) removes
-//! them.
+//! Catalog keeps its products in PostgreSQL (its own schema of a database
+//! with `wal_level=logical`: `Backends::catalog_postgres`, or a private
+//! server the shop starts) and publishes nothing: Spoke's CDC source reads
+//! its commits from the write-ahead log into JetStream, and a second agent
+//! copies `products` (name, category) for the storefront.
+//!
+//! ```text
+//!  "<catalog>".products ─WAL─▶ cdc (slot, publication) ─▶ JetStream <P>_PRODUCTS_LOG ─agent─▶ "<storefront>".products (view)
+//! ```
+//!
+//! Every name there (schemas, the application role, the stream prefix, the
+//! slot and publication) is unique to the run, and [`Shop::shutdown`] (or
+//! dropping the shop) removes them.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -36,6 +46,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context};
 use spoke::agent::{http as agent_http, Agent, AgentOptions};
+use spoke::cdc::{CdcConfig, CdcOptions, CdcSource, TableMapping};
 use spoke::clock::Clock;
 use spoke::copy::postgres::{PostgresCopyStore, PostgresOptions};
 use spoke::copy::sqlite::SqliteCopyStore;
@@ -49,7 +60,7 @@ use spoke::outbox::relay::{RelayOptions, RelayStats};
 use spoke::read::{Copies, Read};
 use spoke::reconcile::{ReconcileReport, Reconciler};
 use spoke::shutdown::{shutdown_channel, ShutdownTrigger};
-use spoke_core::{Manifest, Projection};
+use spoke_core::{Change, Manifest, Projection};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
@@ -85,7 +96,14 @@ pub enum Part {
     Agent,
     Customer,
     Relay,
+    /// The CDC source capturing Catalog's `products` (distributed shop).
+    Cdc,
+    /// The storefront's agent: its copy of products (distributed shop).
+    Storefront,
 }
+
+/// The storefront: a consumer that lists products from its copy.
+pub const STOREFRONT: &str = "storefront";
 
 impl Part {
     /// The embedded shop's parts, in start order.
@@ -101,12 +119,14 @@ impl Part {
 
     /// The distributed shop's parts, in start order: no hub (JetStream is the
     /// feed), and Customer Service's relay on its own.
-    pub const DISTRIBUTED: [Part; 7] = [
+    pub const DISTRIBUTED: [Part; 9] = [
         Part::Catalog,
+        Part::Cdc,
         Part::Inventory,
         Part::Payment,
         Part::Order,
         Part::Agent,
+        Part::Storefront,
         Part::Customer,
         Part::Relay,
     ];
@@ -121,12 +141,14 @@ impl Part {
             Part::Agent => "agent (order-service)",
             Part::Customer => customer::SERVICE,
             Part::Relay => "relay (customer-service)",
+            Part::Cdc => "cdc (catalog-service)",
+            Part::Storefront => "agent (storefront)",
         }
     }
 
     /// Whether the part serves HTTP.
     pub fn listens(self) -> bool {
-        self != Part::Relay
+        !matches!(self, Part::Relay | Part::Cdc)
     }
 }
 
@@ -139,6 +161,11 @@ pub struct Backends {
     pub postgres: String,
     /// NATS with JetStream, e.g. `nats://127.0.0.1:4222`.
     pub nats: String,
+    /// Catalog's own PostgreSQL, with `wal_level=logical` (the CDC source
+    /// reads its WAL), as a role that may create schemas, publications and
+    /// replication slots. `None`: the shop starts a private server (initdb
+    /// from the machine's PostgreSQL binaries) and stops it at the end.
+    pub catalog_postgres: Option<String>,
 }
 
 /// The PostgreSQL server on this machine, as the tests use it.
@@ -151,6 +178,7 @@ impl Default for Backends {
         Backends {
             postgres: DEFAULT_POSTGRES.to_owned(),
             nats: DEFAULT_NATS.to_owned(),
+            catalog_postgres: None,
         }
     }
 }
@@ -170,13 +198,27 @@ pub struct Distributed {
     /// JetStream stream prefix (upper case) and subject prefix (lower case).
     pub stream_prefix: String,
     pub subject_prefix: String,
+    /// Catalog's database (`Backends::catalog_postgres` or the private server).
+    pub catalog_postgres: String,
+    /// Catalog's schema there (products, and the CDC source's progress table).
+    pub catalog_schema: String,
+    /// The CDC source's replication slot and publication in Catalog's database.
+    pub cdc_slot: String,
+    pub cdc_publication: String,
+    /// Where the storefront's agent keeps its copy of products.
+    pub storefront_schema: String,
 }
 
 impl Distributed {
-    fn new(backends: Backends) -> Self {
+    fn new(backends: Backends, catalog_postgres: String) -> Self {
         let base = spoke::testing::unique_name("shop");
         Distributed {
             backends,
+            catalog_postgres,
+            catalog_schema: format!("{base}_catalog"),
+            cdc_slot: format!("{base}_slot"),
+            cdc_publication: format!("{base}_pub"),
+            storefront_schema: format!("{base}_storefront"),
             copies_schema: format!("{base}_copies"),
             orders_schema: format!("{base}_orders"),
             app_role: format!("{base}_app"),
@@ -245,8 +287,73 @@ impl Distributed {
                 }),
             Err(e) => Err(e),
         };
+        let catalog = self.remove_catalog().await;
         spoke::testing::nats_delete_streams(&self.backends.nats, &self.stream_prefix).await;
-        pg
+        pg.and(catalog)
+    }
+
+    /// Drops the CDC source's slot and publication, Catalog's schema, and the
+    /// storefront's copy (the CDC source must have stopped: an active slot
+    /// cannot be dropped).
+    async fn remove_catalog(&self) -> anyhow::Result<()> {
+        let sql = format!(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = '{slot}';
+             DROP PUBLICATION IF EXISTS \"{publication}\";
+             DROP SCHEMA IF EXISTS \"{catalog}\" CASCADE;",
+            slot = self.cdc_slot,
+            publication = self.cdc_publication,
+            catalog = self.catalog_schema,
+        );
+        let catalog = pg_connect(&self.catalog_postgres).await?;
+        // The walsender of a just-stopped source may hold the slot a moment longer.
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        while let Err(e) = catalog.batch_execute(&sql).await {
+            if Instant::now() > deadline {
+                return Err(anyhow!(
+                    "dropping Catalog's slot, publication and schema: {}",
+                    order::postgres::message(&e)
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let admin = pg_connect(&self.backends.postgres).await?;
+        admin
+            .batch_execute(&format!(
+                "DROP SCHEMA IF EXISTS \"{}\" CASCADE",
+                self.storefront_schema
+            ))
+            .await
+            .map_err(|e| {
+                anyhow!(
+                    "dropping the storefront's copy: {}",
+                    order::postgres::message(&e)
+                )
+            })
+    }
+
+    /// How the CDC source captures Catalog's products.
+    pub fn cdc_config(&self) -> anyhow::Result<CdcConfig> {
+        let table = TableMapping::new(
+            catalog::DATASET,
+            &format!("{}.{}", self.catalog_schema, catalog::TABLE),
+            "sku",
+            None,
+        )?;
+        let mut cfg = CdcConfig::new(
+            &self.catalog_postgres,
+            &self.cdc_publication,
+            &self.cdc_slot,
+            vec![table],
+        );
+        cfg.state_table = format!("{}.spoke_cdc_state", self.catalog_schema);
+        cfg.options = CdcOptions {
+            backoff_max: BACKOFF_MAX,
+            ack_interval: Duration::from_millis(50),
+            heartbeat: Some(Duration::from_secs(5)),
+            ..CdcOptions::default()
+        };
+        cfg.validate()?;
+        Ok(cfg)
     }
 }
 
@@ -308,6 +415,9 @@ struct Running {
 /// The shop, running.
 pub struct Shop {
     dir: PathBuf,
+    /// Catalog's private PostgreSQL when the backends named none; declared
+    /// before `_temp` so it stops before its data directory is removed.
+    catalog_pg: Option<spoke::testing::PrivatePostgres>,
     _temp: Option<tempfile::TempDir>,
     manifest: Arc<Manifest>,
     tokens: BTreeMap<String, String>,
@@ -317,6 +427,11 @@ pub struct Shop {
     orders: Option<OrderService>,
     copies: Option<Copies>,
     relay: Option<Arc<RelayStats>>,
+    /// The storefront's copies and agent (distributed shop).
+    storefront: Option<Copies>,
+    storefront_agent: Option<Arc<Agent>>,
+    /// The feed the CDC source publishes to, for reading what it carried.
+    cdc_feed: Option<Arc<JetStreamFeed>>,
     distributed: Option<Distributed>,
     /// Whether the distributed shop's schemas, role and streams still exist.
     needs_cleanup: bool,
@@ -358,10 +473,29 @@ impl Shop {
     /// Service, Catalog, Inventory, Payment) go in a temporary directory.
     pub async fn start_distributed(backends: Backends) -> anyhow::Result<Shop> {
         let (temp, mut shop) = Shop::in_temp()?;
-        shop._temp = Some(temp);
-        let d = Distributed::new(backends);
         // Fail at once, not after the feed's startup patience, when NATS is not there.
-        nats_reachable(&d.backends.nats).await?;
+        nats_reachable(&backends.nats).await?;
+        let catalog_postgres = match &backends.catalog_postgres {
+            Some(url) => url.clone(),
+            None => {
+                let dir = temp.path().join("catalog-postgres");
+                let pg = tokio::task::spawn_blocking(move || {
+                    spoke::testing::PrivatePostgres::start(&dir)
+                })
+                .await
+                .map_err(|e| anyhow!("starting Catalog's private PostgreSQL: {e}"))?
+                .ok_or_else(|| {
+                    anyhow!(
+                        "Catalog's PostgreSQL needs wal_level=logical: give one (--catalog-postgres), or install PostgreSQL's server binaries (initdb, pg_ctl; SPOKE_PG_BIN) so the shop starts a private one"
+                    )
+                })?;
+                let url = pg.url();
+                shop.catalog_pg = Some(pg);
+                url
+            }
+        };
+        shop._temp = Some(temp);
+        let d = Distributed::new(backends, catalog_postgres);
         shop.distributed = Some(d.clone());
         d.create().await?;
         shop.needs_cleanup = true;
@@ -394,6 +528,10 @@ impl Shop {
             orders: None,
             copies: None,
             relay: None,
+            storefront: None,
+            storefront_agent: None,
+            cdc_feed: None,
+            catalog_pg: None,
             distributed: None,
             needs_cleanup: false,
             http: web::client()?,
@@ -412,6 +550,27 @@ impl Shop {
     async fn start_all(&mut self) -> anyhow::Result<()> {
         for &part in self.parts() {
             self.start_part(part).await?;
+        }
+        if self.distributed.is_some() {
+            // And the storefront's copy of products holds the CDC snapshot.
+            Shop::wait_until(
+                Duration::from_secs(30),
+                "the storefront's copy of products is bootstrapped",
+                || async {
+                    let status = self
+                        .storefront()?
+                        .status(catalog::DATASET, None, None)
+                        .await;
+                    Ok(matches!(&status, Ok(s) if s.position.is_some()).then_some(()))
+                },
+            )
+            .await
+            .map_err(|e| {
+                anyhow!(
+                    "{e:#} (agent: {})",
+                    self.storefront_error().unwrap_or_else(|| "no error".into())
+                )
+            })?;
         }
         // Ready when the agent created the copy and bootstrapped it.
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -474,6 +633,42 @@ impl Shop {
         self.copies
             .as_ref()
             .ok_or_else(|| anyhow!("order-service has not been started"))
+    }
+
+    /// The storefront's read API over its copy of products (distributed shop).
+    pub fn storefront(&self) -> anyhow::Result<&Copies> {
+        self.storefront
+            .as_ref()
+            .ok_or_else(|| anyhow!("the storefront's agent has not been started"))
+    }
+
+    /// The storefront agent's current error for its copy of products, if any.
+    pub fn storefront_error(&self) -> Option<String> {
+        let agent = self.storefront_agent.as_ref()?;
+        agent.progress().get(catalog::DATASET)?.last_error()
+    }
+
+    /// The latest change of a product the CDC source put in the feed.
+    pub async fn captured_product(&self, sku: &str) -> anyhow::Result<Option<Change>> {
+        let feed = self
+            .cdc_feed
+            .as_ref()
+            .ok_or_else(|| anyhow!("the CDC source has not been started"))?;
+        // The compacted state, read from the key just before `sku`: the
+        // JetStream feed serves pages of its state, not single records.
+        let mut after: Option<String> = None;
+        loop {
+            let page = feed
+                .snapshot(catalog::DATASET, after.as_deref(), 100)
+                .await?;
+            if let Some(c) = page.records.iter().find(|c| c.key == sku) {
+                return Ok(Some(c.clone()));
+            }
+            match page.next_after_key {
+                Some(k) if k.as_str() < sku => after = Some(k),
+                _ => return Ok(None),
+            }
+        }
     }
 
     /// The agent's current error for the copy of customers, if any.
@@ -598,13 +793,71 @@ impl Shop {
                         .context("hub")
                 })
             }
-            Part::Catalog => tokio::spawn(catalog::serve(
-                self.listen(part)?,
-                catalog::Config {
-                    db: dir.join("catalog").join("catalog.db"),
-                },
-                shutdown,
-            )),
+            Part::Catalog => {
+                let storage = match &distributed {
+                    None => catalog::Storage::Sqlite(dir.join("catalog").join("catalog.db")),
+                    Some(d) => catalog::Storage::Postgres {
+                        url: d.catalog_postgres.clone(),
+                        schema: d.catalog_schema.clone(),
+                    },
+                };
+                tokio::spawn(catalog::serve(
+                    self.listen(part)?,
+                    catalog::Config { storage },
+                    shutdown,
+                ))
+            }
+            Part::Cdc => {
+                let d = distributed
+                    .ok_or_else(|| anyhow!("the embedded shop's Catalog is not captured by CDC"))?;
+                // Catalog creates its table before it answers.
+                Shop::wait_until(
+                    Duration::from_secs(10),
+                    "catalog-service answers",
+                    || async { Ok(self.product("kb-01").await.ok().map(|_| ())) },
+                )
+                .await?;
+                let feed = Arc::new(JetStreamFeed::connect(d.jetstream(), &self.manifest).await?);
+                let source = CdcSource::new(d.cdc_config()?, self.manifest.clone(), feed.clone())?
+                    .with_reader(feed.clone());
+                self.cdc_feed = Some(feed);
+                tokio::spawn(async move { source.run(shutdown).await.context("cdc") })
+            }
+            Part::Storefront => {
+                let d =
+                    distributed.ok_or_else(|| anyhow!("the embedded shop has no storefront"))?;
+                let listener = self.listen(part)?;
+                let feed = Arc::new(JetStreamFeed::connect(d.jetstream(), &self.manifest).await?);
+                let store: Arc<dyn CopyStore> = Arc::new(
+                    PostgresCopyStore::open(PostgresOptions {
+                        url: d.backends.postgres.clone(),
+                        schema: d.storefront_schema.clone(),
+                        readers: Vec::new(),
+                    })
+                    .await?,
+                );
+                let agent = Arc::new(
+                    Agent::new(self.manifest.clone(), STOREFRONT, feed, store.clone())?
+                        .with_options(AgentOptions {
+                            backoff_max: BACKOFF_MAX,
+                            ..AgentOptions::default()
+                        }),
+                );
+                self.storefront = Some(Copies::new(
+                    &self.manifest,
+                    STOREFRONT,
+                    store,
+                    Clock::System,
+                ));
+                self.storefront_agent = Some(agent.clone());
+                tokio::spawn(async move {
+                    let api = agent_http::router(agent.clone(), Tokens::default());
+                    let server = tokio::spawn(hub::serve(listener, api, shutdown.clone().signal()));
+                    agent.run(shutdown).await.context("storefront agent")?;
+                    server.await?.context("storefront agent HTTP API")?;
+                    Ok(())
+                })
+            }
             Part::Inventory => tokio::spawn(inventory::serve(
                 self.listen(part)?,
                 inventory::Config {
@@ -762,6 +1015,9 @@ impl Shop {
         self.orders = None;
         self.copies = None;
         self.agent = None;
+        self.storefront = None;
+        self.storefront_agent = None;
+        self.cdc_feed = None;
         if let Some(d) = self.distributed.clone().filter(|_| self.needs_cleanup) {
             match d.remove().await {
                 Ok(()) => self.needs_cleanup = false,
