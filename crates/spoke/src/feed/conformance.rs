@@ -95,12 +95,9 @@ async fn stale_and_duplicate_changes_are_ignored<T: Feed + Publisher>(feed: T) {
         "only the newer version is appended"
     );
     assert_eq!(r.ignored, 3);
-    let b = feed
-        .read("items", 0, 100, Duration::ZERO)
-        .await
-        .expect("read");
-    assert_eq!(b.entries.len(), 2, "ignored changes are not in the log");
-    assert_eq!(b.entries[1].change.fields["n"], json!(6));
+    let (entries, head) = read_n(&feed, 0, 100, 2).await;
+    assert_eq!(head, 2, "ignored changes are not in the log");
+    assert_eq!(entries[1].change.fields["n"], json!(6));
 }
 
 async fn an_invalid_change_rejects_the_whole_batch<T: Feed + Publisher>(feed: T) {
@@ -275,12 +272,7 @@ async fn snapshot_pages_hold_the_latest_state_with_tombstones<T: Feed + Publishe
     // asynchronously), but a snapshot plus a replay from its head converges
     // at every instant: that is the contract bootstrap relies on.
     let mut expected = MemoryCopy::new();
-    for e in feed
-        .read("items", 0, 1000, Duration::ZERO)
-        .await
-        .expect("read")
-        .entries
-    {
+    for e in read_n(&feed, 0, 1000, 32).await.0 {
         expected.apply(&e.change, 0);
     }
     let (copy, head) = snapshot_then_replay(&feed).await;
