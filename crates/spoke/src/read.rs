@@ -336,13 +336,16 @@ impl Copies {
                 Err(CacheMiss { error, stale: None }) => Err(ReadError::Owner(Box::new(error))),
             };
         }
-        let cursor = self.store.cursor(dataset).await?;
+        // One trip for both: the local value is the answer when fresh
+        // enough, and the stale value a TooStale error carries otherwise.
+        let (cursor, record) = self.store.get_with_cursor(dataset, key).await?;
+        let local = record.map(|r| self.stored_read(dataset, info, &cursor, r));
         let staleness = Freshness {
             fresh_as_of_ms: cursor.fresh_as_of_ms,
         }
         .staleness_ms(self.clock.now_ms());
         if staleness.is_some_and(|s| s <= max_ms) {
-            return self.local(dataset, key, info, &cursor).await;
+            return Ok(local);
         }
         let too_stale = |value: Option<Read>, fallback_error| ReadError::TooStale {
             dataset: dataset.to_owned(),
@@ -354,10 +357,7 @@ impl Copies {
         };
         let owner = match (&self.owner, info.has_owner_url) {
             (Some(owner), true) => owner,
-            _ => {
-                let local = self.local(dataset, key, info, &cursor).await?;
-                return Err(too_stale(local, None));
-            }
+            _ => return Err(too_stale(local, None)),
         };
         check_key(key)?;
         let sent_at = self.clock.now_ms();
@@ -377,10 +377,7 @@ impl Copies {
                     ReadSource::Owner,
                 )))
             }
-            Err(e) => {
-                let local = self.local(dataset, key, info, &cursor).await?;
-                Err(too_stale(local, Some(Box::new(e))))
-            }
+            Err(e) => Err(too_stale(local, Some(Box::new(e)))),
         }
     }
 
@@ -478,20 +475,6 @@ impl Copies {
             c.age_ms,
             source,
         ))
-    }
-
-    /// The stored record for `key` with the copy's freshness per `cursor`.
-    async fn local(
-        &self,
-        dataset: &str,
-        key: &str,
-        info: &CopyInfo,
-        cursor: &crate::copy::Cursor,
-    ) -> Result<Option<Read>, ReadError> {
-        let Some(rec) = self.store.get(dataset, key).await? else {
-            return Ok(None);
-        };
-        Ok(Some(self.stored_read(dataset, info, cursor, rec)))
     }
 
     /// A stored record as a read, with the copy's freshness.

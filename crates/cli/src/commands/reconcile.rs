@@ -20,7 +20,7 @@ use spoke::copy::CopySpec;
 use spoke::feed::jetstream::JetStreamFeed;
 use spoke::feed::Feed;
 use spoke::reconcile::{KeyState, Progress, ReconcileOptions, ReconcileReport, Reconciler};
-use spoke_core::{Manifest, Projection};
+use spoke_core::Manifest;
 
 use super::runtime;
 
@@ -165,14 +165,9 @@ pub fn run(config: &Path, dataset: Option<&str>, json: bool) -> anyhow::Result<E
                 .datasets
                 .get(&sub.dataset)
                 .ok_or_else(|| anyhow!("dataset {} is not in the manifest", sub.dataset))?;
-            let spec = CopySpec {
-                dataset: ds.name.clone(),
-                owner: ds.owner.clone(),
-                key_name: ds.key.clone(),
-                projection: Projection::new(&ds.schema, &sub.fields).ok_or_else(|| {
-                    anyhow!("the projection of {} does not match its schema", ds.name)
-                })?,
-            };
+            let spec = CopySpec::of(&manifest, sub).ok_or_else(|| {
+                anyhow!("the projection of {} does not match its schema", ds.name)
+            })?;
             // Idempotent; builds the digest of a copy made before digests.
             store.ensure_copy(&spec).await?;
             if store.cursor(&ds.name).await?.position.is_none() {

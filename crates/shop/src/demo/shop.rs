@@ -60,7 +60,7 @@ use spoke::outbox::relay::{RelayOptions, RelayStats};
 use spoke::read::{Copies, Read};
 use spoke::reconcile::{ReconcileReport, Reconciler};
 use spoke::shutdown::{shutdown_channel, ShutdownTrigger};
-use spoke_core::{Change, Manifest, Projection};
+use spoke_core::{Change, Manifest};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
@@ -721,22 +721,12 @@ impl Shop {
                 "the distributed shop's copy lives in PostgreSQL; this handle is for the embedded shop"
             ));
         }
-        let ds = self
-            .manifest
-            .datasets
-            .get(order::CUSTOMERS)
-            .context("the shop manifest declares customers")?;
         let sub = self
             .manifest
             .subscription(order::SERVICE, order::CUSTOMERS)
             .context("the shop manifest has order-service → customers")?;
-        let spec = CopySpec {
-            dataset: ds.name.clone(),
-            owner: ds.owner.clone(),
-            key_name: ds.key.clone(),
-            projection: Projection::new(&ds.schema, &sub.fields)
-                .context("the copy's projection fits the schema")?,
-        };
+        let spec =
+            CopySpec::of(&self.manifest, sub).context("the copy's projection fits the schema")?;
         Ok((SqliteCopyStore::open(&self.order_db())?, spec))
     }
 

@@ -288,13 +288,7 @@ impl Agent {
     }
 
     fn spec(&self, sub: &Subscription) -> Option<CopySpec> {
-        let ds = self.manifest.datasets.get(&sub.dataset)?;
-        Some(CopySpec {
-            dataset: ds.name.clone(),
-            owner: ds.owner.clone(),
-            key_name: ds.key.clone(),
-            projection: Projection::new(&ds.schema, &sub.fields)?,
-        })
+        CopySpec::of(&self.manifest, sub)
     }
 
     /// Creates every copy, then follows the feed until `shutdown` fires.

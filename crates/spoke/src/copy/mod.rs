@@ -65,6 +65,24 @@ pub struct CopySpec {
     pub projection: Projection,
 }
 
+impl CopySpec {
+    /// The copy `subscription` makes of its dataset in `manifest`; `None`
+    /// when the dataset is missing or the projection does not fit its
+    /// schema (a manifest that passed `spoke check` has neither).
+    pub fn of(
+        manifest: &spoke_core::Manifest,
+        subscription: &spoke_core::manifest::Subscription,
+    ) -> Option<Self> {
+        let ds = manifest.datasets.get(&subscription.dataset)?;
+        Some(CopySpec {
+            dataset: ds.name.clone(),
+            owner: ds.owner.clone(),
+            key_name: ds.key.clone(),
+            projection: Projection::new(&ds.schema, &subscription.fields)?,
+        })
+    }
+}
+
 /// Where a copy stands in its feed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Cursor {

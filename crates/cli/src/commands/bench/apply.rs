@@ -29,7 +29,7 @@ use rusqlite::{params, Connection, TransactionBehavior};
 use serde::Serialize;
 use spoke::copy::sqlite::SqliteCopyStore;
 use spoke::copy::{Advance, CopySpec, CopyStore};
-use spoke_core::{Change, Op, Projection};
+use spoke_core::{Change, Op};
 
 use super::{
     manifest, pg, progress, thousands, Machine, Row, ScratchDir, StoreKind, DATASET, OWNER,
@@ -270,17 +270,11 @@ pub fn run(args: ApplyArgs) -> anyhow::Result<ExitCode> {
 /// The copy the bench applies into: the bench manifest's projection.
 pub(super) fn copy_spec() -> anyhow::Result<CopySpec> {
     let m = manifest()?;
-    let ds = &m.datasets[DATASET];
     let sub = m
         .subscriptions_of(super::CONSUMER)
         .next()
         .context("bench manifest has a subscription")?;
-    Ok(CopySpec {
-        dataset: DATASET.into(),
-        owner: ds.owner.clone(),
-        key_name: ds.key.clone(),
-        projection: Projection::new(&ds.schema, &sub.fields).context("bench projection")?,
-    })
+    CopySpec::of(&m, sub).context("bench projection")
 }
 
 /// `--store postgres`: the same workload against [`super::apply_pg`].

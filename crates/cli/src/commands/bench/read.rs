@@ -31,7 +31,7 @@ use spoke::copy::sqlite::SqliteCopyStore;
 use spoke::copy::{Advance, CopySpec, CopyStore};
 use spoke::read::Copies;
 use spoke::shutdown::shutdown_channel;
-use spoke_core::{Change, Op, Projection};
+use spoke_core::{Change, Op};
 use spoke_shop::customer::{self, Customer, Publish};
 
 use super::{progress, thousands, Machine, ScratchDir, Summary};
@@ -122,12 +122,7 @@ async fn measure(args: &ReadArgs, dir: PathBuf, machine: Machine) -> anyhow::Res
         .subscriptions_of(CONSUMER)
         .find(|s| s.dataset == DATASET)
         .context("the shop manifest has order-service → customers")?;
-    let spec = CopySpec {
-        dataset: DATASET.into(),
-        owner: ds.owner.clone(),
-        key_name: ds.key.clone(),
-        projection: Projection::new(&ds.schema, &sub.fields).context("projection")?,
-    };
+    let spec = CopySpec::of(&manifest, sub).context("projection")?;
     store.ensure_copy(&spec).await?;
     for chunk in customers.chunks(1_000) {
         let changes: Vec<Change> = chunk

@@ -34,7 +34,7 @@ use spoke::feed::sqlite::SqliteFeed;
 use spoke::feed::{ChangeInput, Feed, Publisher, MAX_BATCH};
 use spoke::hub::{self, Tokens};
 use spoke::reconcile::{Progress, Reconciler, RepairCounts};
-use spoke_core::{Change, Op, Projection, Version};
+use spoke_core::{Change, Op, Version};
 
 use super::{manifest, progress, thousands, Machine, Row, ScratchDir, DATASET, OWNER};
 
@@ -292,17 +292,7 @@ pub fn run(args: ReconcileArgs) -> anyhow::Result<ExitCode> {
     let scratch = ScratchDir::new(args.dir.as_deref())?;
     let machine = Machine::probe(scratch.path());
     let m = manifest()?;
-    let ds = &m.datasets[DATASET];
-    let sub = m
-        .subscriptions_of(super::CONSUMER)
-        .next()
-        .context("bench manifest has a subscription")?;
-    let spec = CopySpec {
-        dataset: DATASET.into(),
-        owner: ds.owner.clone(),
-        key_name: ds.key.clone(),
-        projection: Projection::new(&ds.schema, &sub.fields).context("bench projection")?,
-    };
+    let spec = super::apply::copy_spec()?;
     let rt = super::super::runtime()?;
     rt.block_on(async {
         // Setup, not timed: the same N records in the hub's feed and the copy.
