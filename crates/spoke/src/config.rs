@@ -193,18 +193,31 @@ impl OwnerPostgres {
     /// The connection string with the password from its source; `path`
     /// names the config entry in errors.
     pub fn conninfo(&self, path: &str) -> Result<String, ConfigError> {
-        Ok(match &self.password {
-            None => self.url.clone(),
-            Some(p) => {
-                let p = p.read(&format!("{path}.password"))?;
-                format!(
-                    "{} password='{}'",
-                    self.url,
-                    p.replace('\\', "\\\\").replace('\'', "\\'")
-                )
-            }
-        })
+        with_password(
+            &self.url,
+            self.password.as_ref(),
+            &format!("{path}.password"),
+        )
     }
+}
+
+/// A libpq connection string with the password from `password` (read now;
+/// `what` names its config entry in errors) appended as a quoted value.
+fn with_password(
+    url: &str,
+    password: Option<&SecretSource>,
+    what: &str,
+) -> Result<String, ConfigError> {
+    Ok(match password {
+        None => url.to_owned(),
+        Some(p) => {
+            let p = p.read(what)?;
+            format!(
+                "{url} password='{}'",
+                p.replace('\\', "\\\\").replace('\'', "\\'")
+            )
+        }
+    })
 }
 
 #[derive(Deserialize)]
@@ -345,16 +358,8 @@ impl StoreConfig {
         else {
             return Ok(None);
         };
-        let mut url = url.clone();
-        if let Some(p) = password {
-            let p = p.read("agent.store.password")?;
-            url = format!(
-                "{url} password='{}'",
-                p.replace('\\', "\\\\").replace('\'', "\\'")
-            );
-        }
         Ok(Some(crate::copy::postgres::PostgresOptions {
-            url,
+            url: with_password(url, password.as_ref(), "agent.store.password")?,
             schema: schema.clone(),
             readers: readers.clone(),
         }))

@@ -257,11 +257,6 @@ impl HttpOwnerSource {
             timeout,
         })
     }
-
-    /// Whether any subscription declared an endpoint.
-    pub fn is_empty(&self) -> bool {
-        self.endpoints.is_empty()
-    }
 }
 
 /// A reqwest error with its causes: reqwest's own message alone is terse.

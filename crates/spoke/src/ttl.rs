@@ -216,14 +216,6 @@ impl TtlCache {
         }
     }
 
-    pub fn dataset(&self) -> &str {
-        &self.inner.dataset
-    }
-
-    pub fn settings(&self) -> CacheSettings {
-        self.inner.settings
-    }
-
     /// The record for `key`: from the cache within its ttl, else from the
     /// owner; when the owner fails, an expired entry at most
     /// `ttl + stale_if_error` old, flagged [`CacheSource::StaleOnError`].

@@ -316,34 +316,31 @@ impl Agent {
         {
             let Some(spec) = self.spec(sub) else { continue };
             self.store.ensure_copy(&spec).await?;
-            let follower = Follower {
-                agent: self.clone(),
-                spec,
-                horizon_ms: self
-                    .manifest
-                    .datasets
-                    .get(&sub.dataset)
-                    .map_or(0, |d| d.tombstone_horizon.as_millis()),
-                progress: self.progress[&sub.dataset].clone(),
-            };
-            let stop = shutdown.clone();
-            tasks.spawn(async move { follower.run(stop).await });
+            let horizon_ms = self
+                .manifest
+                .datasets
+                .get(&sub.dataset)
+                .map_or(0, |d| d.tombstone_horizon.as_millis());
+            let progress = self.progress[&sub.dataset].clone();
             if let Some(every) = sub.reconcile_every {
-                let Some(spec) = self.spec(sub) else { continue };
                 let reconciler = Reconcile {
                     agent: self.clone(),
-                    spec,
+                    spec: spec.clone(),
                     every: every.as_std(),
-                    horizon_ms: self
-                        .manifest
-                        .datasets
-                        .get(&sub.dataset)
-                        .map_or(0, |d| d.tombstone_horizon.as_millis()),
-                    progress: self.progress[&sub.dataset].clone(),
+                    horizon_ms,
+                    progress: progress.clone(),
                 };
                 let shutdown = shutdown.clone();
                 tasks.spawn(async move { reconciler.run(shutdown).await });
             }
+            let follower = Follower {
+                agent: self.clone(),
+                spec,
+                horizon_ms,
+                progress,
+            };
+            let stop = shutdown.clone();
+            tasks.spawn(async move { follower.run(stop).await });
         }
         for sub in self
             .manifest

@@ -442,6 +442,24 @@ impl SqliteCopyStore {
     }
 }
 
+/// One live record by key.
+fn get_live(
+    conn: &Connection,
+    layout: &Layout,
+    key: &str,
+) -> Result<Option<CopyRecord>, StoreError> {
+    let mut stmt = conn.prepare_cached(&layout.get_live).map_err(unavailable)?;
+    let rec = stmt
+        .query_row([key], |r| layout.row_to_record(r))
+        .optional()
+        .map_err(unavailable)?;
+    Ok(rec.map(|(key, version, _, fields)| CopyRecord {
+        key,
+        version,
+        fields,
+    }))
+}
+
 /// The cursor row of `dataset`.
 fn read_cursor(conn: &Connection, dataset: &str) -> Result<Cursor, StoreError> {
     conn.prepare_cached(
@@ -627,19 +645,8 @@ impl CopyStore for SqliteCopyStore {
 
     async fn get(&self, dataset: &str, key: &str) -> Result<Option<CopyRecord>, StoreError> {
         let key = key.to_owned();
-        self.read(dataset, move |conn, layout| {
-            let mut stmt = conn.prepare_cached(&layout.get_live).map_err(unavailable)?;
-            let rec = stmt
-                .query_row([&key], |r| layout.row_to_record(r))
-                .optional()
-                .map_err(unavailable)?;
-            Ok(rec.map(|(key, version, _, fields)| CopyRecord {
-                key,
-                version,
-                fields,
-            }))
-        })
-        .await
+        self.read(dataset, move |conn, layout| get_live(conn, layout, &key))
+            .await
     }
 
     async fn get_with_cursor(
@@ -653,19 +660,7 @@ impl CopyStore for SqliteCopyStore {
             // One read transaction: cursor and record from the same snapshot.
             let tx = conn.unchecked_transaction().map_err(unavailable)?;
             let cursor = read_cursor(&tx, &ds)?;
-            let mut stmt = tx.prepare_cached(&layout.get_live).map_err(unavailable)?;
-            let rec = stmt
-                .query_row([&key], |r| layout.row_to_record(r))
-                .optional()
-                .map_err(unavailable)?;
-            Ok((
-                cursor,
-                rec.map(|(key, version, _, fields)| CopyRecord {
-                    key,
-                    version,
-                    fields,
-                }),
-            ))
+            Ok((cursor, get_live(&tx, layout, &key)?))
         })
         .await
     }
@@ -890,8 +885,8 @@ struct Rows {
     /// column of the layout (NULL for deletes).
     values: Vec<SqlValue>,
     stride: usize,
-    /// Per change: key, version, and the digest hash of its new state.
-    digest: Vec<(String, Version, u128)>,
+    /// Per change: key, version, its bucket and the digest hash of its new state.
+    digest: Vec<(String, Version, u16, u128)>,
     /// The keys as one JSON array, for the batch's look-up of old states.
     keys_json: String,
 }
@@ -911,11 +906,12 @@ impl Rows {
             rows.ops.push(c.op);
             rows.values.push(SqlValue::Text(c.key.clone()));
             rows.values.push(SqlValue::Integer(c.version as i64));
-            rows.values
-                .push(SqlValue::Integer(i64::from(bucket_of(&c.key))));
+            let bucket = bucket_of(&c.key);
+            rows.values.push(SqlValue::Integer(i64::from(bucket)));
             rows.digest.push((
                 c.key.clone(),
                 c.version,
+                bucket,
                 entry_hash(&c.key, c.version, c.op == Op::Delete),
             ));
             match c.op {
@@ -925,12 +921,12 @@ impl Rows {
                     .extend(std::iter::repeat_n(SqlValue::Null, layout.columns.len())),
             }
         }
-        let keys: Vec<&str> = rows.digest.iter().map(|(k, _, _)| k.as_str()).collect();
+        let keys: Vec<&str> = rows.digest.iter().map(|(k, ..)| k.as_str()).collect();
         rows.keys_json = serde_json::to_string(&keys).unwrap_or_else(|_| "[]".into());
         rows
     }
 
-    fn iter(&self) -> impl Iterator<Item = (Op, &[SqlValue], &(String, Version, u128))> {
+    fn iter(&self) -> impl Iterator<Item = (Op, &[SqlValue], &(String, Version, u16, u128))> {
         self.ops
             .iter()
             .copied()
@@ -1001,7 +997,7 @@ fn apply_batch(
         let mut update_live = tx.prepare_cached(&layout.update_live)?;
         let mut update_tombstone = tx.prepare_cached(&layout.update_tombstone)?;
         let now = SqlValue::Integer(now_ms as i64);
-        for ((op, values, (key, version, new_hash)), old) in rows.iter().zip(old) {
+        for ((op, values, (key, version, bucket, new_hash)), old) in rows.iter().zip(old) {
             let n = match (old, op) {
                 // The apply rule: only a newer version changes the copy.
                 (Some((_, v, _)), _) if v as Version >= *version => continue,
@@ -1019,7 +1015,7 @@ fn apply_batch(
             if n > 0 {
                 out.applied += 1;
                 let old_hash = old.map_or(0, |(_, v, d)| entry_hash(key, v as Version, d));
-                delta.xor(bucket_of(key), old_hash ^ new_hash);
+                delta.xor(*bucket, old_hash ^ new_hash);
             }
         }
     }
