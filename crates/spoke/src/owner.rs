@@ -243,20 +243,37 @@ impl HttpOwnerSource {
         endpoints: BTreeMap<String, Endpoint>,
         timeout: Duration,
     ) -> Result<Self, EndpointError> {
-        let client = reqwest::Client::builder()
-            .timeout(timeout)
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .map_err(|e| EndpointError {
-                dataset: endpoints.keys().cloned().collect::<Vec<_>>().join(", "),
-                reason: format!("cannot build the HTTP client: {e}"),
-            })?;
+        let client = owner_client(timeout).map_err(|e| EndpointError {
+            dataset: endpoints.keys().cloned().collect::<Vec<_>>().join(", "),
+            reason: format!("cannot build the HTTP client: {e}"),
+        })?;
         Ok(HttpOwnerSource {
             client,
             endpoints,
             timeout,
         })
     }
+}
+
+/// The HTTP client Spoke reads owners with: a whole-request timeout, and no
+/// redirects (an owner endpoint that moves is a configuration to fix, not
+/// a hop to follow silently).
+pub(crate) fn owner_client(timeout: Duration) -> reqwest::Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .timeout(timeout)
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+}
+
+/// The start of an owner's error body, for a message: at most 200
+/// characters, `…` when cut.
+pub(crate) fn snippet(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(body);
+    let mut snippet: String = text.chars().take(200).collect();
+    if snippet.len() < text.len() {
+        snippet.push('…');
+    }
+    snippet
 }
 
 /// A reqwest error with its causes: reqwest's own message alone is terse.
@@ -324,17 +341,12 @@ impl OwnerSource for HttpOwnerSource {
             body.extend_from_slice(&chunk);
         }
         if status != reqwest::StatusCode::OK {
-            let text = String::from_utf8_lossy(&body);
-            let mut snippet: String = text.chars().take(200).collect();
-            if snippet.len() < text.len() {
-                snippet.push('…');
-            }
             return Err(OwnerError::Status {
                 dataset: dataset.to_owned(),
                 key: key.to_owned(),
                 url,
                 status: status.as_u16(),
-                body: snippet,
+                body: snippet(&body),
             });
         }
         endpoint.parse(dataset, key, &url, &body).map(Some)

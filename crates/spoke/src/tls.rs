@@ -177,11 +177,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> io::Result<()> {
     match tls {
-        None => {
-            axum::serve(listener, router)
-                .with_graceful_shutdown(shutdown)
-                .await
-        }
+        None => crate::hub::serve(listener, router, shutdown).await,
         Some(config) => {
             axum::serve(TlsListener::new(listener, config), router)
                 .with_graceful_shutdown(shutdown)

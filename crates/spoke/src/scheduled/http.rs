@@ -70,10 +70,7 @@ impl HttpSnapshot {
     ) -> Result<Self, String> {
         reqwest::Url::parse(url.as_str())
             .map_err(|e| format!("snapshot_url of {dataset}: '{url}' is not a usable URL: {e}"))?;
-        let client = reqwest::Client::builder()
-            .timeout(timeout)
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
+        let client = crate::owner::owner_client(timeout)
             .map_err(|e| format!("snapshot_url of {dataset}: cannot build the HTTP client: {e}"))?;
         Ok(HttpSnapshot {
             dataset: dataset.to_owned(),
@@ -135,11 +132,7 @@ impl HttpSnapshot {
             body.extend_from_slice(&chunk);
         }
         if status != reqwest::StatusCode::OK {
-            let text = String::from_utf8_lossy(&body);
-            let mut snippet: String = text.chars().take(200).collect();
-            if snippet.len() < text.len() {
-                snippet.push('…');
-            }
+            let snippet = crate::owner::snippet(&body);
             let transient = status.is_server_error() || status.as_u16() == 429;
             return Err(self.error(
                 url,
