@@ -69,6 +69,13 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Changes a copy could not hold (a projected field missing or retyped by
+    /// the owner), kept aside with their reason: list them, or replay them once
+    /// they fit. Exit 1 from replay while any still does not fit.
+    Quarantine {
+        #[command(subcommand)]
+        action: QuarantineAction,
+    },
     /// Forward an SQLite or PostgreSQL outbox to a hub or JetStream (a sidecar for owners not linking the library).
     Relay(RelayArgs),
     /// Capture an owner's PostgreSQL tables from the WAL (logical replication) into its feed.
@@ -85,6 +92,29 @@ enum Command {
         /// Prefix of subjects, as in the JetStream feed settings.
         #[arg(long, default_value = "spoke")]
         subject_prefix: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum QuarantineAction {
+    /// The held changes of each copy, oldest first, with why each was held.
+    List {
+        /// Deployment config: the copies of its agent and their store.
+        #[arg(long)]
+        config: PathBuf,
+        /// Only this dataset's copy.
+        dataset: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Apply the held changes that fit the config's projections now (never
+    /// rolling a record back) and forget them; report the ones that still do not.
+    Replay {
+        #[arg(long)]
+        config: PathBuf,
+        dataset: Option<String>,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -198,6 +228,18 @@ fn main() -> ExitCode {
             dataset,
             json,
         } => commands::reconcile::run(&config, dataset.as_deref(), json),
+        Command::Quarantine { action } => match action {
+            QuarantineAction::List {
+                config,
+                dataset,
+                json,
+            } => commands::quarantine::list(&config, dataset.as_deref(), json),
+            QuarantineAction::Replay {
+                config,
+                dataset,
+                json,
+            } => commands::quarantine::run_replay(&config, dataset.as_deref(), json),
+        },
         Command::Relay(args) => commands::serve::relay(args),
         Command::Cdc(args) => commands::cdc::run(args),
         Command::Bench(args) => commands::bench::run(args),

@@ -97,6 +97,14 @@ impl MemoryCopy {
         self.records.remove(key)
     }
 
+    /// Removes `names` from every record's fields (a copy whose projection
+    /// narrowed). Versions and tombstones stay as they are.
+    pub fn drop_fields(&mut self, names: &[String]) {
+        for r in self.records.values_mut() {
+            r.fields.retain(|k, _| !names.contains(k));
+        }
+    }
+
     /// Drops tombstones older than `horizon` at `now_ms`; returns how many.
     pub fn gc_tombstones(&mut self, now_ms: u64, horizon: Duration) -> usize {
         let before = self.records.len();

@@ -88,10 +88,7 @@ pub fn validate_key(key: &str) -> Result<(), ChangeError> {
 impl Change {
     /// Validates key, version and (for upserts) fields against `schema`.
     pub fn validate(&self, schema: &Schema) -> Result<(), ChangeError> {
-        validate_key(&self.key)?;
-        if self.version == 0 {
-            return Err(ChangeError::ZeroVersion);
-        }
+        self.validate_shape()?;
         match self.op {
             Op::Upsert => schema
                 .validate(&self.fields)
@@ -99,9 +96,22 @@ impl Change {
                     key: self.key.clone(),
                     source,
                 }),
-            Op::Delete if !self.fields.is_empty() => Err(ChangeError::DeleteWithFields),
             Op::Delete => Ok(()),
         }
+    }
+
+    /// Validates key, version and that a delete carries no fields, without
+    /// a schema (for changes written under a schema version the reader
+    /// does not hold).
+    pub fn validate_shape(&self) -> Result<(), ChangeError> {
+        validate_key(&self.key)?;
+        if self.version == 0 {
+            return Err(ChangeError::ZeroVersion);
+        }
+        if self.op == Op::Delete && !self.fields.is_empty() {
+            return Err(ChangeError::DeleteWithFields);
+        }
+        Ok(())
     }
 }
 

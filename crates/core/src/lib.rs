@@ -37,4 +37,4 @@ pub use duration::Duration;
 pub use freshness::Freshness;
 pub use manifest::{Manifest, ManifestError, Problem};
 pub use projection::Projection;
-pub use schema::{FieldSpec, FieldType, Schema, SchemaError};
+pub use schema::{Break, FieldSpec, FieldType, Schema, SchemaError};

@@ -2,7 +2,7 @@
 
 use serde_json::{Map, Value};
 
-use crate::schema::{FieldSpec, Schema};
+use crate::schema::{FieldSpec, Schema, SchemaError};
 
 /// An ordered list of projected fields with their specs from the owner's schema.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,6 +36,24 @@ impl Projection {
         self.fields.iter().map(|(n, _)| n.as_str())
     }
 
+    /// Checks that an upsert's record can fill this projection: every
+    /// projected field present (unless optional) with its declared type.
+    /// Fields outside the projection are not looked at.
+    pub fn check(&self, record: &Map<String, Value>) -> Result<(), SchemaError> {
+        for (name, spec) in &self.fields {
+            match record.get(name) {
+                Some(v) => spec.check(name, v)?,
+                None if spec.optional => {}
+                None => {
+                    return Err(SchemaError::MissingField {
+                        field: name.clone(),
+                    })
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Keeps only the projected fields; absent optional fields become `null`
     /// so every copy row has every column.
     pub fn apply(&self, record: &Map<String, Value>) -> Map<String, Value> {
@@ -62,5 +80,27 @@ mod tests {
         let out = p.apply(rec.as_object().unwrap());
         assert_eq!(Value::Object(out), json!({"name": "Ada", "nick": null}));
         assert!(Projection::new(&s, &["missing".into()]).is_none());
+    }
+
+    #[test]
+    fn check_names_what_the_projection_cannot_be_filled_with() {
+        let mut s = Schema::default();
+        s.fields.insert("name".into(), "string".parse().unwrap());
+        s.fields.insert("nick".into(), "string?".parse().unwrap());
+        let p = Projection::new(&s, &["name".into(), "nick".into()]).unwrap();
+        let ok = json!({"name": "Ada", "other": 1});
+        p.check(ok.as_object().unwrap()).unwrap();
+        let e = p
+            .check(json!({"nick": "a"}).as_object().unwrap())
+            .unwrap_err();
+        assert_eq!(e.to_string(), "required field 'name' is missing");
+        let e = p
+            .check(json!({"name": 1}).as_object().unwrap())
+            .unwrap_err();
+        assert_eq!(e.to_string(), "field 'name' must be string, got an int");
+        let e = p
+            .check(json!({"name": null}).as_object().unwrap())
+            .unwrap_err();
+        assert_eq!(e.to_string(), "field 'name' must be string, got null");
     }
 }

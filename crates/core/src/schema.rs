@@ -83,6 +83,26 @@ impl FromStr for FieldSpec {
     }
 }
 
+impl FieldSpec {
+    /// Checks one present value (`null` included) of field `name`.
+    pub fn check(&self, name: &str, value: &Value) -> Result<(), SchemaError> {
+        let ok = if value.is_null() {
+            self.optional
+        } else {
+            self.ty.accepts(value)
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(SchemaError::WrongType {
+                field: name.to_owned(),
+                expected: self.to_string(),
+                got: json_kind(value),
+            })
+        }
+    }
+}
+
 impl fmt::Display for FieldSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
@@ -155,21 +175,7 @@ impl Schema {
                 .ok_or_else(|| SchemaError::UnknownField {
                     field: name.clone(),
                 })?;
-            if value.is_null() {
-                if !spec.optional {
-                    return Err(SchemaError::WrongType {
-                        field: name.clone(),
-                        expected: spec.to_string(),
-                        got: "null",
-                    });
-                }
-            } else if !spec.ty.accepts(value) {
-                return Err(SchemaError::WrongType {
-                    field: name.clone(),
-                    expected: spec.to_string(),
-                    got: json_kind(value),
-                });
-            }
+            spec.check(name, value)?;
         }
         for (name, spec) in &self.fields {
             if !spec.optional && !fields.contains_key(name) {
@@ -179,6 +185,65 @@ impl Schema {
             }
         }
         Ok(())
+    }
+}
+
+/// How a new schema version breaks a field some consumer projects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Break {
+    /// The field is gone.
+    Removed,
+    /// The field's type changed, or it became optional (so `null` may now
+    /// arrive where the copy was promised a value).
+    Retyped { from: FieldSpec, to: FieldSpec },
+}
+
+impl fmt::Display for Break {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Break::Removed => write!(f, "is removed"),
+            Break::Retyped { from, to } if from.ty == to.ty => {
+                write!(
+                    f,
+                    "becomes optional ({from} → {to}), so it may arrive as null"
+                )
+            }
+            Break::Retyped { from, to } => write!(f, "changes type from {from} to {to}"),
+        }
+    }
+}
+
+impl Schema {
+    /// What `next` breaks among `projected` fields of this schema. A field
+    /// that keeps its type, or goes from optional to required, is compatible.
+    pub fn breaks<'a>(
+        &self,
+        next: &Schema,
+        projected: impl IntoIterator<Item = &'a str>,
+    ) -> Vec<(String, Break)> {
+        projected
+            .into_iter()
+            .filter_map(|name| {
+                let from = *self.fields.get(name)?;
+                let b = match next.fields.get(name) {
+                    None => Break::Removed,
+                    Some(to) if to.ty != from.ty || (to.optional && !from.optional) => {
+                        Break::Retyped { from, to: *to }
+                    }
+                    Some(_) => return None,
+                };
+                Some((name.to_owned(), b))
+            })
+            .collect()
+    }
+
+    /// Fields `next` has that this schema does not.
+    pub fn added<'a>(&self, next: &'a Schema) -> Vec<&'a str> {
+        next.fields
+            .keys()
+            .filter(|n| !self.fields.contains_key(*n))
+            .map(String::as_str)
+            .collect()
     }
 }
 
@@ -289,6 +354,38 @@ mod tests {
             .validate(&obj(json!({"name": "a", "age": 1, "born": "yesterday"})))
             .unwrap_err();
         assert!(e.to_string().contains("'born' must be timestamp?"));
+    }
+
+    #[test]
+    fn breaks_name_removed_retyped_and_loosened_fields_only() {
+        let old = schema();
+        let mut next = schema();
+        next.version = 2;
+        next.fields.remove("name");
+        next.fields.insert("age".into(), "string".parse().unwrap());
+        next.fields.insert("nick".into(), "string".parse().unwrap());
+        next.fields.insert("vip".into(), "bool?".parse().unwrap());
+        next.fields.insert("score".into(), "float".parse().unwrap());
+        next.fields.insert("new".into(), "int?".parse().unwrap());
+        let mut old2 = old.clone();
+        old2.fields.insert("score".into(), "float".parse().unwrap());
+        let b = old2.breaks(&next, ["name", "age", "nick", "vip", "score", "ghost"]);
+        let text: Vec<String> = b.iter().map(|(f, b)| format!("{f} {b}")).collect();
+        assert_eq!(
+            text,
+            ["name is removed", "age changes type from int to string"],
+            "nick (optional → required), vip and score (unchanged) are compatible"
+        );
+        let mut loosened = old2.clone();
+        loosened
+            .fields
+            .insert("age".into(), "int?".parse().unwrap());
+        let b = old2.breaks(&loosened, ["age"]);
+        assert_eq!(
+            b[0].1.to_string(),
+            "becomes optional (int → int?), so it may arrive as null"
+        );
+        assert_eq!(old.added(&next), ["new"]);
     }
 
     #[test]

@@ -43,8 +43,10 @@ pub mod feed;
 pub mod hub;
 pub mod outbox;
 pub mod owner;
+pub mod quarantine;
 pub mod read;
 pub mod reconcile;
+pub mod registry;
 pub mod scheduled;
 pub mod shutdown;
 #[doc(hidden)]

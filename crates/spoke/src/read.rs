@@ -106,6 +106,17 @@ pub struct CopyStatus {
     /// when read from the store without a running agent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache: Option<CacheStats>,
+    /// Changes held in quarantine (see [`crate::quarantine`]); while any is
+    /// held the copy is not fresh.
+    #[serde(default)]
+    pub quarantined: u64,
+    /// Why the oldest held change was held.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quarantine_reason: Option<String>,
+    /// Fields the owner's newer schema offers that the subscription does not
+    /// project (reported by a running agent; never copied until projected).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub new_fields: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -531,11 +542,25 @@ impl Copies {
                 last_error,
                 reconcile: ReconcileStats::default(),
                 cache,
+                quarantined: 0,
+                quarantine_reason: None,
+                new_fields: Vec::new(),
             });
         }
         let cursor = self.store.cursor(dataset).await?;
         let records = self.store.count(dataset).await?;
         let reconcile = self.store.reconcile_stats(dataset).await?;
+        let quarantined = self.store.held_count(dataset).await?;
+        let quarantine_reason = if quarantined > 0 {
+            self.store
+                .held(dataset, 1)
+                .await?
+                .into_iter()
+                .next()
+                .map(|h| h.reason)
+        } else {
+            None
+        };
         // The head was seen before the cursor was read; the copy may have
         // moved past it meanwhile, and a head behind the position means nothing.
         let head = head.map(|h| h.max(cursor.position.unwrap_or(0)));
@@ -560,6 +585,9 @@ impl Copies {
             last_error,
             reconcile,
             cache: None,
+            quarantined,
+            quarantine_reason,
+            new_fields: Vec::new(),
         })
     }
 }

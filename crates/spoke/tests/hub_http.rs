@@ -74,6 +74,8 @@ struct State {
     heads: Vec<u64>,
     logs: Vec<Vec<FeedEntry>>,
     snapshots: Vec<Vec<Change>>,
+    /// Each dataset's registered schema versions.
+    schemas: Vec<Vec<u8>>,
 }
 
 async fn start() -> TestHub {
@@ -191,6 +193,7 @@ impl TestHub {
             heads: vec![],
             logs: vec![],
             snapshots: vec![],
+            schemas: vec![],
         };
         for (ds, client) in [
             ("items", &self.owner),
@@ -217,6 +220,17 @@ impl TestHub {
                 }
             }
             s.snapshots.push(records);
+            let token = if ds == "ledger" { LEDGER } else { OWNER };
+            let (status, versions) = self
+                .call(
+                    Method::GET,
+                    &format!("/v1/datasets/{ds}/schema/versions"),
+                    Some(token),
+                    None,
+                )
+                .await;
+            assert_eq!(status, 200, "{}", String::from_utf8_lossy(&versions));
+            s.schemas.push(versions);
         }
         s
     }
@@ -778,6 +792,7 @@ async fn hostile_requests_against_a_hub_with_tokens_are_refused_and_change_nothi
                 (Method::GET, "/v1/datasets/notes/changes?after=0"),
                 (Method::GET, "/v1/datasets/notes/snapshot"),
                 (Method::GET, "/v1/datasets/notes/schema"),
+                (Method::GET, "/v1/datasets/notes/schema/versions"),
                 (Method::GET, "/v1/datasets/notes/digest"),
                 (Method::GET, "/v1/datasets/notes/digest/entries?buckets=0,1"),
                 (Method::POST, "/v1/datasets/notes/records"),
@@ -786,6 +801,7 @@ async fn hostile_requests_against_a_hub_with_tokens_are_refused_and_change_nothi
                 (Method::GET, "/v1/datasets/items/changes?after=0"),
                 (Method::GET, "/v1/datasets/items/snapshot"),
                 (Method::GET, "/v1/datasets/items/schema"),
+                (Method::GET, "/v1/datasets/items/schema/versions"),
                 (Method::GET, "/v1/datasets/items/digest"),
                 (Method::GET, "/v1/datasets/items/digest/entries?buckets=0,1"),
                 (Method::POST, "/v1/datasets/items/records"),
@@ -915,6 +931,104 @@ async fn hostile_requests_against_a_hub_with_tokens_are_refused_and_change_nothi
             vec!["owner-svc", "ledger-svc", "ledger"],
         ),
     ];
+    // The schema registry: only the owner registers, and a body it cannot
+    // use is refused by name.
+    let schema_path = "/v1/datasets/items/schema";
+    let v2 =
+        |fields: Value| serde_json::to_vec(&json!({"version": 2, "fields": fields})).expect("json");
+    let good_v2 = v2(json!({"n": "int", "label": "string?", "price": "float?", "cost": "float?"}));
+    for (who, auth, status, kind, needles) in [
+        (
+            "without a token",
+            None,
+            401,
+            "unauthorized",
+            vec!["Authorization"],
+        ),
+        (
+            "by a consumer",
+            Some(bearer(READER)),
+            403,
+            "forbidden",
+            vec!["reader-svc", "items"],
+        ),
+        (
+            "by another owner",
+            Some(bearer(LEDGER)),
+            403,
+            "forbidden",
+            vec!["ledger-svc", "owner-svc"],
+        ),
+    ] {
+        cases.push((
+            match who {
+                "without a token" => "schema registered without a token",
+                "by a consumer" => "schema registered by a consumer",
+                _ => "schema registered by another owner",
+            },
+            Method::POST,
+            schema_path,
+            auth,
+            Some(good_v2.clone()),
+            status,
+            kind,
+            needles,
+        ));
+    }
+    for (case, body, needles) in [
+        (
+            "schema body that is not JSON",
+            b"{version: 2".to_vec(),
+            vec!["body must be", "\"version\""],
+        ),
+        (
+            "schema body with an unknown member",
+            serde_json::to_vec(&json!({"version": 2, "fields": {"n": "int"}, "force": true}))
+                .expect("json"),
+            vec!["unknown field `force`"],
+        ),
+        (
+            "schema with an unknown type",
+            v2(json!({"n": "integer"})),
+            vec!["unknown field type 'integer'"],
+        ),
+        (
+            "schema with a hostile field name",
+            v2(json!({"n": "int", "x\"; DROP TABLE items; --": "int?"})),
+            vec!["must be an identifier"],
+        ),
+        (
+            "schema with a reserved field name",
+            v2(json!({"n": "int", "_spoke_version": "int?"})),
+            vec!["_spoke"],
+        ),
+        (
+            "schema with no fields",
+            v2(json!({})),
+            vec!["declares no fields"],
+        ),
+        (
+            "schema version not newer",
+            serde_json::to_vec(&json!({"version": 1, "fields": {"n": "int"}})).expect("json"),
+            vec!["not newer than the current version 1"],
+        ),
+        (
+            "schema version out of range",
+            serde_json::to_vec(&json!({"version": -1, "fields": {"n": "int"}})).expect("json"),
+            vec!["body must be"],
+        ),
+    ] {
+        cases.push((
+            case,
+            Method::POST,
+            schema_path,
+            Some(bearer(OWNER)),
+            Some(body),
+            400,
+            "bad_request",
+            needles,
+        ));
+    }
     for (method, path) in reads_of("items") {
         let body = (method == Method::POST).then(|| keys.clone());
         cases.push((

@@ -22,8 +22,8 @@ use serde_json::{json, Map, Value};
 use spoke::agent::{http as agent_http, Agent, AgentOptions};
 use spoke::copy::sqlite::SqliteCopyStore;
 use spoke::copy::{
-    Advance, ApplyOutcome, CopyRecord, CopySpec, CopyStore, Cursor, ReconcileRun, ReconcileStats,
-    StoreError,
+    Advance, ApplyOutcome, CopyRecord, CopySpec, CopyStore, Cursor, Held, ReconcileRun,
+    ReconcileStats, StoreError,
 };
 use spoke::feed::http::HubClient;
 use spoke::feed::sqlite::SqliteFeed;
@@ -167,6 +167,18 @@ impl CopyStore for Watched {
     }
     async fn record_reconcile(&self, dataset: &str, run: &ReconcileRun) -> Result<(), StoreError> {
         self.inner.record_reconcile(dataset, run).await
+    }
+    async fn hold(&self, dataset: &str, held: &[Held]) -> Result<(), StoreError> {
+        self.inner.hold(dataset, held).await
+    }
+    async fn held(&self, dataset: &str, limit: usize) -> Result<Vec<Held>, StoreError> {
+        self.inner.held(dataset, limit).await
+    }
+    async fn held_count(&self, dataset: &str) -> Result<u64, StoreError> {
+        self.inner.held_count(dataset).await
+    }
+    async fn release(&self, dataset: &str, held: &[(String, Version)]) -> Result<u64, StoreError> {
+        self.inner.release(dataset, held).await
     }
     async fn dump(&self, dataset: &str) -> Result<Dump, StoreError> {
         self.inner.dump(dataset).await

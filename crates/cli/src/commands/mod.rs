@@ -6,6 +6,7 @@ pub mod cdc;
 pub mod check;
 pub mod demo;
 pub mod nats_config;
+pub mod quarantine;
 pub mod reconcile;
 pub mod serve;
 pub mod status;

@@ -23,6 +23,7 @@ use spoke::outbox::postgres::{Outbox, PostgresOutbox};
 use spoke::outbox::relay::Relay;
 use spoke::outbox::sqlite::SqliteOutbox;
 use spoke::outbox::Source;
+use spoke::registry::SchemaRegistry;
 use spoke::shutdown::{shutdown_channel, Shutdown};
 use spoke::tls;
 use spoke_core::Manifest;
@@ -89,6 +90,14 @@ pub fn hub(args: HubArgs) -> anyhow::Result<ExitCode> {
                 Arc::new(JetStreamFeed::connect(j.options("hub.jetstream")?, &manifest).await?)
             }
         };
+        let mut registry = SchemaRegistry::open(
+            Some(&cfg.data_dir),
+            manifest.clone(),
+            spoke::clock::now_ms(),
+        )?;
+        if let Some(c) = feed.catalog() {
+            registry = registry.with_catalog(c.clone())?;
+        }
         let listener = tokio::net::TcpListener::bind(cfg.listen)
             .await
             .with_context(|| format!("binding {}", cfg.listen))?;
@@ -109,7 +118,7 @@ pub fn hub(args: HubArgs) -> anyhow::Result<ExitCode> {
         tls::serve(
             listener,
             tls,
-            hub::router(feed, manifest, tokens),
+            hub::router_with_registry(feed, manifest, tokens, Arc::new(registry)),
             shutdown.signal(),
         )
         .await?;

@@ -247,15 +247,17 @@ pub async fn statuses(agent: &Agent) -> Result<Vec<CopyStatus>, ReadError> {
     let mut out = Vec::new();
     for dataset in copies.datasets() {
         let p = progress.get(dataset);
-        out.push(
-            copies
-                .status(
-                    dataset,
-                    p.and_then(|p| p.head()),
-                    p.and_then(|p| p.last_error()),
-                )
-                .await?,
-        );
+        let mut status = copies
+            .status(
+                dataset,
+                p.and_then(|p| p.head()),
+                p.and_then(|p| p.last_error()),
+            )
+            .await?;
+        if let Some(p) = p {
+            status.new_fields = p.new_fields();
+        }
+        out.push(status);
     }
     Ok(out)
 }

@@ -19,6 +19,7 @@ pub const BUDGET_SECONDS: &str = "spoke_staleness_budget_seconds";
 pub const BUDGET_BREACHES: &str = "spoke_budget_breaches_total";
 pub const RECORDS: &str = "spoke_copy_records";
 pub const COPY_ERROR: &str = "spoke_copy_error";
+pub const QUARANTINED: &str = "spoke_quarantined_changes";
 pub const RECONCILE_RUNS: &str = "spoke_reconcile_runs_total";
 pub const RECONCILE_REPAIRED: &str = "spoke_reconcile_repaired_total";
 pub const RECONCILE_LAST_RUN: &str = "spoke_reconcile_last_run_timestamp_seconds";
@@ -107,6 +108,12 @@ pub fn render(samples: &[Sample<'_>]) -> String {
                 0.0
             })
         },
+    );
+    family(
+        QUARANTINED,
+        "gauge",
+        "Changes held in quarantine because the copy cannot hold them (spoke quarantine list).",
+        &|s| Some(s.status.quarantined as f64),
     );
     family(
         RECONCILE_RUNS,

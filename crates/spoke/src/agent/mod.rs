@@ -44,9 +44,10 @@ use spoke_core::{Change, Manifest, Op, Projection};
 use tokio::task::JoinSet;
 
 use crate::clock::Clock;
-use crate::copy::{Advance, CopySpec, CopyStore, StoreError};
+use crate::copy::{Advance, CopySpec, CopyStore, Held, StoreError};
 use crate::feed::{Feed, FeedError, Position};
 use crate::owner::{EndpointError, HttpOwnerSource, OwnerSource, DEFAULT_OWNER_TIMEOUT};
+use crate::quarantine;
 use crate::read::Copies;
 use crate::reconcile::{ReconcileOptions, Reconciler};
 use crate::scheduled::http::{HttpSnapshot, DEFAULT_SNAPSHOT_TIMEOUT};
@@ -96,6 +97,12 @@ pub struct CopyProgress {
     pub budget_breaches: AtomicU64,
     pub breaching: std::sync::atomic::AtomicBool,
     pub last_error: Mutex<Option<String>>,
+    /// Changes held in quarantine, as last counted in the store.
+    pub held: AtomicU64,
+    /// Highest owner schema version seen on the feed.
+    pub schema_seen: AtomicU64,
+    /// Fields a newer owner schema offers that the projection leaves out.
+    pub new_fields: Mutex<Vec<String>>,
 }
 
 impl CopyProgress {
@@ -126,6 +133,9 @@ impl CopyProgress {
     }
     pub fn last_error(&self) -> Option<String> {
         self.last_error.lock().expect("progress lock").clone()
+    }
+    pub fn new_fields(&self) -> Vec<String> {
+        self.new_fields.lock().expect("progress lock").clone()
     }
 }
 
@@ -338,6 +348,11 @@ impl Agent {
                 spec,
                 horizon_ms,
                 progress,
+                known_version: self
+                    .manifest
+                    .datasets
+                    .get(&sub.dataset)
+                    .map_or(0, |d| d.schema.version),
             };
             let stop = shutdown.clone();
             tasks.spawn(async move { follower.run(stop).await });
@@ -569,6 +584,8 @@ struct Follower {
     spec: CopySpec,
     horizon_ms: u64,
     progress: Arc<CopyProgress>,
+    /// The dataset's schema version in this consumer's manifest.
+    known_version: u32,
 }
 
 /// Why following stopped.
@@ -634,6 +651,90 @@ impl Follower {
         c
     }
 
+    /// Splits entries into projected changes that fit the copy and held
+    /// ones that do not (see [`crate::quarantine`]), learning newer owner
+    /// schemas on the way.
+    async fn sort(&self, entries: Vec<(Option<Position>, Change)>) -> (Vec<Change>, Vec<Held>) {
+        let now = self.agent.clock.now_ms();
+        let mut fit = Vec::with_capacity(entries.len());
+        let mut held = Vec::new();
+        for (position, c) in entries {
+            if u64::from(c.schema_version) > self.progress.schema_seen.load(Ordering::Relaxed) {
+                self.learn_schema(c.schema_version).await;
+            }
+            match quarantine::misfit(&self.spec, self.known_version, &c) {
+                None => fit.push(self.project(c)),
+                Some(reason) => held.push(quarantine::held(&self.spec, c, position, reason, now)),
+            }
+        }
+        (fit, held)
+    }
+
+    /// A change carries a schema version above any seen: asks the feed for
+    /// the schema (as this consumer may see it) and reports the fields the
+    /// projection leaves out as available. Never projects them.
+    async fn learn_schema(&self, version: u32) {
+        let seen = self
+            .progress
+            .schema_seen
+            .swap(u64::from(version), Ordering::Relaxed);
+        if seen == 0 && version <= self.known_version {
+            return;
+        }
+        let ds = self.dataset();
+        match self.agent.feed.schema(ds).await {
+            Ok(schema) => {
+                let new: Vec<String> = schema
+                    .fields
+                    .keys()
+                    .filter(|f| !self.spec.projection.names().any(|p| p == f.as_str()))
+                    .cloned()
+                    .collect();
+                if !new.is_empty() {
+                    tracing::info!(dataset = ds, version = schema.version, fields = ?new, "the owner's schema offers fields this copy does not project; add them to the subscription's fields to copy them");
+                }
+                *self.progress.new_fields.lock().expect("progress lock") = new;
+            }
+            Err(e) => {
+                tracing::debug!(dataset = ds, "could not read schema version {version}: {e}")
+            }
+        }
+    }
+
+    /// Holds changes the copy cannot take, then counts what is held.
+    async fn hold(&self, held: &[Held]) -> Result<(), Failure> {
+        let ds = self.dataset();
+        if !held.is_empty() {
+            self.agent
+                .store
+                .hold(ds, held)
+                .await
+                .map_err(|e| self.store_failure(e))?;
+            tracing::warn!(
+                dataset = ds,
+                "quarantined {} change(s) the copy cannot hold; the copy stops being fresh until `spoke quarantine replay` applies them: {}",
+                held.len(),
+                held[0].reason
+            );
+        }
+        if !held.is_empty() || self.progress.held.load(Ordering::Relaxed) > 0 {
+            let n = self
+                .agent
+                .store
+                .held_count(ds)
+                .await
+                .map_err(|e| self.store_failure(e))?;
+            if n == 0 && self.progress.held.load(Ordering::Relaxed) > 0 {
+                tracing::info!(
+                    dataset = ds,
+                    "quarantine is empty: the copy can be fresh again"
+                );
+            }
+            self.progress.held.store(n, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
     async fn apply(&self, changes: &[Change], advance: Advance) -> Result<(), Failure> {
         let out = self
             .agent
@@ -676,6 +777,13 @@ impl Follower {
         self.progress
             .fresh_as_of_ms
             .store(cursor.fresh_as_of_ms, Ordering::Relaxed);
+        let held = self
+            .agent
+            .store
+            .held_count(&ds)
+            .await
+            .map_err(|e| self.store_failure(e))?;
+        self.progress.held.store(held, Ordering::Relaxed);
         let mut position = match cursor.position {
             Some(p) => p,
             None => self.bootstrap().await?,
@@ -704,12 +812,19 @@ impl Follower {
             self.progress.head.store(batch.head, Ordering::Relaxed);
             self.progress.head_known.store(1, Ordering::Relaxed);
             let new_position = batch.entries.last().map_or(position, |e| e.position);
-            let fresh = (new_position >= batch.head).then_some(sent_at);
-            let changes: Vec<Change> = batch
-                .entries
-                .into_iter()
-                .map(|e| self.project(e.change))
-                .collect();
+            let (changes, held) = self
+                .sort(
+                    batch
+                        .entries
+                        .into_iter()
+                        .map(|e| (Some(e.position), e.change))
+                        .collect(),
+                )
+                .await;
+            // Held before the position moves past them (see crate::quarantine).
+            self.hold(&held).await?;
+            let quarantined = self.progress.held.load(Ordering::Relaxed) > 0;
+            let fresh = (new_position >= batch.head && !quarantined).then_some(sent_at);
             if !changes.is_empty() || fresh.is_some() {
                 self.apply(
                     &changes,
@@ -763,7 +878,10 @@ impl Follower {
             {
                 tracing::info!(dataset = %ds, records = copied, "bootstrapping from snapshot");
             }
-            let changes: Vec<Change> = page.records.into_iter().map(|c| self.project(c)).collect();
+            let (changes, held) = self
+                .sort(page.records.into_iter().map(|c| (None, c)).collect())
+                .await;
+            self.hold(&held).await?;
             self.apply(
                 &changes,
                 Advance {

@@ -9,7 +9,7 @@ use spoke_core::{Change, Op, Projection, Schema, Version};
 
 use spoke_core::digest::{Digest, DigestEntry, BUCKETS};
 
-use super::{Advance, CopySpec, CopyStore, Cursor, ReconcileRun, ReconcileStats, StoreError};
+use super::{Advance, CopySpec, CopyStore, Cursor, Held, ReconcileRun, ReconcileStats, StoreError};
 use crate::clock::Clock;
 
 pub fn schema() -> Schema {
@@ -96,6 +96,112 @@ where
     digest_follows_every_write(make(Clock::manual(1_000)).await).await;
     remove_drops_only_the_state_it_names(make(Clock::manual(1_000)).await).await;
     reconcile_stats_accumulate(make(Clock::manual(1_000)).await).await;
+    held_changes_are_kept_once_and_released(make(Clock::manual(1_000)).await).await;
+    a_narrower_projection_applies_in_place(make(Clock::manual(1_000)).await).await;
+}
+
+async fn held_changes_are_kept_once_and_released<T: CopyStore>(store: T) {
+    store.ensure_copy(&spec()).await.expect("ensure");
+    assert_eq!(store.held_count("items").await.unwrap(), 0);
+    let held = |key: &str, version: Version, position: Option<u64>, at: u64| Held {
+        change: upsert(key, version, 7),
+        position,
+        reason: format!("reason {key}"),
+        held_at_ms: at,
+    };
+    let a = held("a", 2, Some(5), 10);
+    let b = held("b", 1, None, 11);
+    let c = held("c", 4, Some(6), 12);
+    store
+        .hold("items", &[a.clone(), b.clone()])
+        .await
+        .expect("hold");
+    let mut a_again = a.clone();
+    a_again.reason = "another reason".into();
+    store
+        .hold("items", &[a_again, c.clone()])
+        .await
+        .expect("hold again");
+    assert_eq!(
+        store.held_count("items").await.unwrap(),
+        3,
+        "once per key and version"
+    );
+    let all = store.held("items", 10).await.unwrap();
+    assert_eq!(
+        all,
+        [a.clone(), b.clone(), c.clone()],
+        "oldest first, the first reason kept, the change as it was held"
+    );
+    assert_eq!(
+        store.held("items", 1).await.unwrap(),
+        std::slice::from_ref(&a)
+    );
+    let gone = store
+        .release("items", &[("a".into(), 2), ("b".into(), 9)])
+        .await
+        .unwrap();
+    assert_eq!(gone, 1, "only a (key, version) that is held is released");
+    assert_eq!(store.held("items", 10).await.unwrap(), [b, c]);
+    assert!(
+        store.dump("items").await.unwrap().is_empty(),
+        "held changes are not in the copy"
+    );
+}
+
+async fn a_narrower_projection_applies_in_place<T: CopyStore>(store: T) {
+    let wide = spec();
+    store.ensure_copy(&wide).await.expect("ensure");
+    let mut rec = upsert("a", 1, 1);
+    rec.fields.insert("label".into(), json!("kept?"));
+    store
+        .apply(
+            "items",
+            &[rec, upsert("b", 2, 2), delete("c", 3)],
+            feed_advance(3, 900),
+        )
+        .await
+        .expect("apply");
+    let digest = store.digest("items").await.unwrap();
+    let names: Vec<String> = ["n", "flag", "score", "at", "meta"]
+        .map(String::from)
+        .to_vec();
+    let mut narrow = wide.clone();
+    narrow.projection = Projection::new(&schema(), &names).expect("projection");
+    store
+        .ensure_copy(&narrow)
+        .await
+        .expect("dropping a field is done in place");
+    store.ensure_copy(&narrow).await.expect("idempotent");
+    let dump = store.dump("items").await.unwrap();
+    assert_eq!(dump.len(), 3, "records and tombstones stay");
+    assert!(!dump["a"].2.contains_key("label"), "{:?}", dump["a"]);
+    assert_eq!(dump["a"].2["n"], json!(1));
+    assert_eq!(
+        store.digest("items").await.unwrap(),
+        digest,
+        "the digest does not cover fields"
+    );
+    assert_eq!(store.cursor("items").await.unwrap().position, Some(3));
+    let mut next = upsert("a", 5, 9);
+    next.fields.remove("label");
+    store
+        .apply("items", &[next], feed_advance(4, 901))
+        .await
+        .expect("apply after narrowing");
+    assert_eq!(
+        store.get("items", "a").await.unwrap().unwrap().fields["n"],
+        json!(9)
+    );
+    // Widening back, or adding a field, needs the records the copy never kept.
+    let e = store
+        .ensure_copy(&wide)
+        .await
+        .expect_err("widening needs a rebuild");
+    assert!(
+        matches!(e, StoreError::Layout(ref m) if m.contains("cannot become in place")),
+        "{e:?}"
+    );
 }
 
 /// The digest computed from scratch over every row (tombstones included).

@@ -11,8 +11,8 @@ use spoke_core::duration::Duration;
 use spoke_core::{Change, MemoryCopy, Op, Version};
 
 use super::{
-    newest_per_key, Advance, ApplyOutcome, CopyRecord, CopySpec, CopyStore, Cursor, ReconcileRun,
-    ReconcileStats, StoreError,
+    narrowing, newest_per_key, Advance, ApplyOutcome, CopyRecord, CopySpec, CopyStore, Cursor,
+    Held, ReconcileRun, ReconcileStats, StoreError,
 };
 use crate::clock::Clock;
 
@@ -23,6 +23,10 @@ struct Slot {
     cursor: Cursor,
     digest: Digest,
     stats: ReconcileStats,
+    /// Quarantined changes, oldest first.
+    held: Vec<Held>,
+    /// The projection's (name, spec) list as JSON, like the SQL stores keep it.
+    fields: String,
 }
 
 #[derive(Default)]
@@ -54,11 +58,23 @@ impl MemoryCopyStore {
 #[async_trait]
 impl CopyStore for MemoryCopyStore {
     async fn ensure_copy(&self, spec: &CopySpec) -> Result<(), StoreError> {
-        self.copies
-            .lock()
-            .expect("memory store")
-            .entry(spec.dataset.clone())
-            .or_default();
+        let fields = serde_json::to_string(spec.projection.fields())
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        let mut copies = self.copies.lock().expect("memory store");
+        let slot = copies.entry(spec.dataset.clone()).or_insert_with(|| Slot {
+            fields: fields.clone(),
+            ..Slot::default()
+        });
+        if slot.fields != fields {
+            let dropped = narrowing(&slot.fields, spec.projection.fields()).ok_or_else(|| {
+                StoreError::Layout(format!(
+                    "the copy of {} holds fields {}, but the subscription now projects {fields}, which it cannot become in place",
+                    spec.dataset, slot.fields
+                ))
+            })?;
+            slot.copy.drop_fields(&dropped);
+            slot.fields = fields;
+        }
         Ok(())
     }
 
@@ -189,6 +205,40 @@ impl CopyStore for MemoryCopyStore {
 
     async fn record_reconcile(&self, dataset: &str, run: &ReconcileRun) -> Result<(), StoreError> {
         self.with_slot(dataset, |s| s.stats = s.stats.with_run(run))
+    }
+
+    async fn hold(&self, dataset: &str, held: &[Held]) -> Result<(), StoreError> {
+        self.with_slot(dataset, |s| {
+            for h in held {
+                let known = s
+                    .held
+                    .iter()
+                    .any(|x| x.change.key == h.change.key && x.change.version == h.change.version);
+                if !known {
+                    s.held.push(h.clone());
+                }
+            }
+        })
+    }
+
+    async fn held(&self, dataset: &str, limit: usize) -> Result<Vec<Held>, StoreError> {
+        self.with_slot(dataset, |s| s.held.iter().take(limit).cloned().collect())
+    }
+
+    async fn held_count(&self, dataset: &str) -> Result<u64, StoreError> {
+        self.with_slot(dataset, |s| s.held.len() as u64)
+    }
+
+    async fn release(&self, dataset: &str, held: &[(String, Version)]) -> Result<u64, StoreError> {
+        self.with_slot(dataset, |s| {
+            let before = s.held.len();
+            s.held.retain(|x| {
+                !held
+                    .iter()
+                    .any(|(k, v)| *k == x.change.key && *v == x.change.version)
+            });
+            (before - s.held.len()) as u64
+        })
     }
 
     async fn dump(

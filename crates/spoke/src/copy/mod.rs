@@ -41,6 +41,16 @@
 //!   the owner's feed produced is never removed, because the feed still
 //!   holds that key at that version or newer, so reconcile never classifies
 //!   it as extra; and a changed row fails the state check and is left alone.
+//! - **Quarantine.** A change the copy cannot hold (its record does not fill
+//!   the projection: a projected field missing or of another type) is kept
+//!   with its reason by [`CopyStore::hold`], once per (key, version), and
+//!   never applied until [`crate::quarantine::replay`] finds that it fits
+//!   and applies it through the apply rule. Held changes keep only the
+//!   projection's fields, like the copy itself.
+//! - **Narrowing.** [`CopyStore::ensure_copy`] accepts a projection that
+//!   only drops fields, or lets a required field be null, in place (see
+//!   [`narrowing`]); any other change of the projection is a layout error
+//!   that needs the copy rebuilt.
 
 pub mod conformance;
 pub mod memory;
@@ -161,6 +171,37 @@ impl ReconcileStats {
     }
 }
 
+/// A change kept out of the copy, with why (see "Quarantine" above).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Held {
+    /// As received, fields limited to the projection's names.
+    pub change: Change,
+    /// The feed position it came from; `None` for a bootstrap snapshot record.
+    pub position: Option<Position>,
+    pub reason: String,
+    /// Consumer-clock time it was first held.
+    pub held_at_ms: u64,
+}
+
+/// The columns to drop when the copy laid out as `existing` (the store's
+/// JSON list of (name, spec)) can become `next` in place: every field of
+/// `next` is in `existing` with the same type, and none that could hold
+/// null becomes required. `None` when it cannot (a rebuild is needed);
+/// `Some(empty)` when only optionality loosened.
+pub fn narrowing(existing: &str, next: &[(String, spoke_core::FieldSpec)]) -> Option<Vec<String>> {
+    let old: Vec<(String, spoke_core::FieldSpec)> = serde_json::from_str(existing).ok()?;
+    let fits = next.iter().all(|(n, s)| {
+        old.iter()
+            .any(|(o, os)| o == n && os.ty == s.ty && (s.optional || !os.optional))
+    });
+    fits.then(|| {
+        old.iter()
+            .filter(|(o, _)| !next.iter().any(|(n, _)| n == o))
+            .map(|(o, _)| o.clone())
+            .collect()
+    })
+}
+
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -261,6 +302,19 @@ pub trait CopyStore: Send + Sync {
 
     /// Adds a finished run to the bookkeeping.
     async fn record_reconcile(&self, dataset: &str, run: &ReconcileRun) -> Result<(), StoreError>;
+
+    /// Keeps changes out of the copy with their reasons; a (key, version)
+    /// already held is left as it is.
+    async fn hold(&self, dataset: &str, held: &[Held]) -> Result<(), StoreError>;
+
+    /// Held changes, oldest first, at most `limit`.
+    async fn held(&self, dataset: &str, limit: usize) -> Result<Vec<Held>, StoreError>;
+
+    /// How many changes are held.
+    async fn held_count(&self, dataset: &str) -> Result<u64, StoreError>;
+
+    /// Forgets these held (key, version) pairs; returns how many it forgot.
+    async fn release(&self, dataset: &str, held: &[(String, Version)]) -> Result<u64, StoreError>;
 
     /// Every live record and tombstone, for tests and small comparisons:
     /// key → (version, deleted, fields).

@@ -59,8 +59,8 @@ use tokio_postgres::{Client, NoTls, Row};
 
 use super::sqlite::read_only_message;
 use super::{
-    newest_per_key, Advance, ApplyOutcome, CopyRecord, CopySpec, CopyStore, Cursor, ReconcileRun,
-    ReconcileStats, StoreError,
+    narrowing, newest_per_key, Advance, ApplyOutcome, CopyRecord, CopySpec, CopyStore, Cursor,
+    Held, ReconcileRun, ReconcileStats, StoreError,
 };
 use crate::clock::Clock;
 
@@ -556,6 +556,11 @@ impl CopyStore for PostgresCopyStore {
                         last_duration_ms bigint NOT NULL DEFAULT 0, last_repaired bigint NOT NULL DEFAULT 0,
                         missing_total bigint NOT NULL DEFAULT 0, stale_total bigint NOT NULL DEFAULT 0, extra_total bigint NOT NULL DEFAULT 0);
                      REVOKE ALL ON \"{schema}\"._spoke_reconcile FROM PUBLIC;
+                     CREATE TABLE IF NOT EXISTS \"{schema}\"._spoke_quarantine (
+                        dataset text NOT NULL, key text NOT NULL, version bigint NOT NULL, position bigint,
+                        reason text NOT NULL, held_at_ms bigint NOT NULL, change text NOT NULL,
+                        PRIMARY KEY (dataset, key, version));
+                     REVOKE ALL ON \"{schema}\"._spoke_quarantine FROM PUBLIC;
                      CREATE OR REPLACE FUNCTION \"{schema}\"._spoke_guard() RETURNS trigger LANGUAGE plpgsql AS $f$
                      BEGIN
                         IF coalesce(current_setting('spoke.agent', true), '') <> 'on' THEN
@@ -569,19 +574,23 @@ impl CopyStore for PostgresCopyStore {
                     .query_opt(&format!("SELECT fields FROM \"{schema}\"._spoke_copies WHERE dataset = $1"), &[&ds])
                     .await?
                     .map(|r| r.get(0));
+                let view_cols: String = columns.iter().map(|(n, _)| format!(", \"{n}\"")).collect();
+                let escaped = msg.replace('\'', "''");
+                let view = format!(
+                    "CREATE VIEW \"{schema}\".\"{ds}\" AS SELECT _spoke_key AS \"{key}\"{view_cols}, _spoke_version FROM {base} WHERE _spoke_deleted_at IS NULL;
+                     COMMENT ON VIEW \"{schema}\".\"{ds}\" IS '{escaped}';
+                     REVOKE ALL ON \"{schema}\".\"{ds}\" FROM PUBLIC;"
+                );
                 if existing.is_none() {
                     let cols: String = columns.iter().map(|(n, s)| format!(", \"{n}\" {}", pg_type(s.ty))).collect();
-                    let view_cols: String = columns.iter().map(|(n, _)| format!(", \"{n}\"")).collect();
-                    let escaped = msg.replace('\'', "''");
                     tx.batch_execute(&format!(
                         "CREATE TABLE {base} (_spoke_key text PRIMARY KEY, _spoke_version bigint NOT NULL, _spoke_deleted_at bigint{cols}, _spoke_bucket int NOT NULL DEFAULT 0, _spoke_h1 bigint, _spoke_h2 bigint, _spoke_p1 bigint, _spoke_p2 bigint);
                          CREATE INDEX ON {base} (_spoke_bucket);
                          DELETE FROM \"{schema}\"._spoke_digest WHERE dataset = '{ds}';
-                         CREATE VIEW \"{schema}\".\"{ds}\" AS SELECT _spoke_key AS \"{key}\"{view_cols}, _spoke_version FROM {base} WHERE _spoke_deleted_at IS NULL;
-                         COMMENT ON VIEW \"{schema}\".\"{ds}\" IS '{escaped}';
+                         {view}
                          CREATE TRIGGER _spoke_read_only BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ON {base}
                             FOR EACH STATEMENT EXECUTE FUNCTION \"{schema}\"._spoke_guard('{escaped}');
-                         REVOKE ALL ON {base}, \"{schema}\".\"{ds}\" FROM PUBLIC;"
+                         REVOKE ALL ON {base} FROM PUBLIC;"
                     ))
                     .await?;
                     tx.execute(
@@ -591,6 +600,13 @@ impl CopyStore for PostgresCopyStore {
                     .await?;
                 } else if existing.as_deref() == Some(fields_json.as_str()) {
                     migrate_digest(&tx, &schema, &ds, &base).await?;
+                } else if let Some(dropped) = existing.as_deref().and_then(|e| narrowing(e, &columns)) {
+                    let drops: String = dropped.iter().map(|c| format!("ALTER TABLE {base} DROP COLUMN \"{c}\";")).collect();
+                    tx.batch_execute(&format!("DROP VIEW \"{schema}\".\"{ds}\"; {drops} {view}")).await?;
+                    tx.execute(&format!("UPDATE \"{schema}\"._spoke_copies SET fields = $2 WHERE dataset = $1"), &[&ds, &fields_json]).await?;
+                    tracing::info!(dataset = %ds, dropped = ?dropped, "narrowed the copy in place to the subscription's projection");
+                    tx.commit().await?;
+                    return Ok(None);
                 }
                 for r in &readers {
                     tx.batch_execute(&format!(
@@ -606,7 +622,7 @@ impl CopyStore for PostgresCopyStore {
         if let Some(existing) = existing {
             if existing != fields_json {
                 return Err(StoreError::Layout(format!(
-                    "the copy of {ds} in schema {schema} holds fields {existing}, but the subscription now projects {fields_json}; drop the copy (DROP VIEW {schema}.{ds}; DROP TABLE {base}; DELETE FROM {schema}._spoke_copies WHERE dataset = '{ds}') and the agent rebuilds it from a snapshot",
+                    "the copy of {ds} in schema {schema} holds fields {existing}, but the subscription now projects {fields_json}, which it cannot become in place (only dropping fields or letting one be null can); drop the copy (DROP VIEW {schema}.{ds}; DROP TABLE {base}; DELETE FROM {schema}._spoke_copies WHERE dataset = '{ds}') and the agent rebuilds it from a snapshot",
                     schema = self.options.schema
                 )));
             }
@@ -852,6 +868,89 @@ impl CopyStore for PostgresCopyStore {
                 repaired_extra_total: r.get::<_, i64>(6) as u64,
             }),
         )
+    }
+
+    async fn hold(&self, dataset: &str, held: &[Held]) -> Result<(), StoreError> {
+        let sql = format!(
+            "INSERT INTO \"{}\"._spoke_quarantine (dataset, key, version, position, reason, held_at_ms, change)
+             SELECT $1, * FROM unnest($2::text[], $3::int8[], $4::int8[], $5::text[], $6::int8[], $7::text[])
+             ON CONFLICT (dataset, key, version) DO NOTHING",
+            self.options.schema
+        );
+        let ds = dataset.to_owned();
+        let keys: Vec<&str> = held.iter().map(|h| h.change.key.as_str()).collect();
+        let versions: Vec<i64> = held.iter().map(|h| h.change.version as i64).collect();
+        let positions: Vec<Option<i64>> =
+            held.iter().map(|h| h.position.map(|p| p as i64)).collect();
+        let reasons: Vec<&str> = held.iter().map(|h| h.reason.as_str()).collect();
+        let at: Vec<i64> = held.iter().map(|h| h.held_at_ms as i64).collect();
+        let changes = held
+            .iter()
+            .map(|h| serde_json::to_string(&h.change))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(unavailable)?;
+        self.with_client(&self.writer, async |c| {
+            c.execute(
+                &sql,
+                &[&ds, &keys, &versions, &positions, &reasons, &at, &changes],
+            )
+            .await
+            .map(|_| ())
+        })
+        .await
+    }
+
+    async fn held(&self, dataset: &str, limit: usize) -> Result<Vec<Held>, StoreError> {
+        self.layout(dataset).await?;
+        let sql = format!(
+            "SELECT change, position, reason, held_at_ms FROM \"{}\"._spoke_quarantine WHERE dataset = $1 ORDER BY held_at_ms, position, key LIMIT $2",
+            self.options.schema
+        );
+        let ds = dataset.to_owned();
+        let limit = limit.min(i64::MAX as usize) as i64;
+        let rows = self
+            .with_client(&self.reader, async |c| c.query(&sql, &[&ds, &limit]).await)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(Held {
+                    change: serde_json::from_str(r.get::<_, &str>(0)).map_err(|e| {
+                        StoreError::Layout(format!("a held change of {ds} is unreadable: {e}"))
+                    })?,
+                    position: r.get::<_, Option<i64>>(1).map(|p| p as u64),
+                    reason: r.get(2),
+                    held_at_ms: r.get::<_, i64>(3) as u64,
+                })
+            })
+            .collect()
+    }
+
+    async fn held_count(&self, dataset: &str) -> Result<u64, StoreError> {
+        self.layout(dataset).await?;
+        let sql = format!(
+            "SELECT count(*) FROM \"{}\"._spoke_quarantine WHERE dataset = $1",
+            self.options.schema
+        );
+        let ds = dataset.to_owned();
+        let row = self
+            .with_client(&self.reader, async |c| c.query_one(&sql, &[&ds]).await)
+            .await?;
+        Ok(row.get::<_, i64>(0) as u64)
+    }
+
+    async fn release(&self, dataset: &str, held: &[(String, Version)]) -> Result<u64, StoreError> {
+        let sql = format!(
+            "DELETE FROM \"{}\"._spoke_quarantine q USING unnest($2::text[], $3::int8[]) AS r(key, version)
+             WHERE q.dataset = $1 AND q.key = r.key AND q.version = r.version",
+            self.options.schema
+        );
+        let ds = dataset.to_owned();
+        let keys: Vec<&str> = held.iter().map(|(k, _)| k.as_str()).collect();
+        let versions: Vec<i64> = held.iter().map(|(_, v)| *v as i64).collect();
+        self.with_client(&self.writer, async |c| {
+            c.execute(&sql, &[&ds, &keys, &versions]).await
+        })
+        .await
     }
 
     async fn record_reconcile(&self, dataset: &str, run: &ReconcileRun) -> Result<(), StoreError> {

@@ -74,8 +74,8 @@ use spoke_core::digest::{
 use spoke_core::{Change, FieldSpec, FieldType, Op, Version};
 
 use super::{
-    newest_per_key, Advance, ApplyOutcome, CopyRecord, CopySpec, CopyStore, Cursor, ReconcileRun,
-    ReconcileStats, StoreError,
+    narrowing, newest_per_key, Advance, ApplyOutcome, CopyRecord, CopySpec, CopyStore, Cursor,
+    Held, ReconcileRun, ReconcileStats, StoreError,
 };
 use crate::clock::Clock;
 
@@ -111,7 +111,39 @@ CREATE TABLE IF NOT EXISTS _spoke_reconcile (
     stale_total INTEGER NOT NULL DEFAULT 0,
     extra_total INTEGER NOT NULL DEFAULT 0
 );
+CREATE TABLE IF NOT EXISTS _spoke_quarantine (
+    dataset TEXT NOT NULL,
+    key TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    position INTEGER,
+    reason TEXT NOT NULL,
+    held_at_ms INTEGER NOT NULL,
+    change TEXT NOT NULL,
+    PRIMARY KEY (dataset, key, version)
+);
 ";
+
+/// The copy's view (live records, the key under the owner's key name) and
+/// the triggers that refuse writes through it.
+fn view_sql(
+    ds: &str,
+    key: &str,
+    owner: &str,
+    columns: &[(String, FieldSpec)],
+    base: &str,
+) -> String {
+    let view_cols: String = columns.iter().map(|(n, _)| format!(", \"{n}\"")).collect();
+    let msg = read_only_message(ds, owner);
+    let mut sql = format!(
+        "CREATE VIEW \"{ds}\" AS SELECT _spoke_key AS \"{key}\"{view_cols}, _spoke_version FROM {base} WHERE _spoke_deleted_at IS NULL;"
+    );
+    for op in ["INSERT", "UPDATE", "DELETE"] {
+        sql.push_str(&format!(
+            "CREATE TRIGGER \"_spoke_ro_{ds}_view_{op}\" INSTEAD OF {op} ON \"{ds}\" BEGIN SELECT RAISE(ABORT, '{msg}'); END;"
+        ));
+    }
+    sql
+}
 
 /// Reads the stored digest of `dataset` from `table` (chunk rows; absent = empty).
 pub(crate) fn read_digest(
@@ -571,9 +603,20 @@ impl CopyStore for SqliteCopyStore {
             let ds = &spec.dataset;
             if let Some(existing) = existing {
                 if existing != fields_json {
-                    return Err(StoreError::Layout(format!(
-                        "the copy of {ds} in this store holds fields {existing}, but the subscription now projects {fields_json}; drop the copy (DROP VIEW {ds}; DROP TABLE _spoke_copy_{ds}; DELETE FROM _spoke_copies WHERE dataset = '{ds}') and the agent rebuilds it from a snapshot"
-                    )));
+                    let Some(dropped) = narrowing(&existing, &columns) else {
+                        return Err(StoreError::Layout(format!(
+                            "the copy of {ds} in this store holds fields {existing}, but the subscription now projects {fields_json}, which it cannot become in place (only dropping fields or letting one be null can); drop the copy (DROP VIEW {ds}; DROP TABLE _spoke_copy_{ds}; DELETE FROM _spoke_copies WHERE dataset = '{ds}') and the agent rebuilds it from a snapshot"
+                        )));
+                    };
+                    let base = Layout::new(ds, columns.clone()).base;
+                    let mut sql = format!("DROP VIEW IF EXISTS \"{ds}\";");
+                    for col in &dropped {
+                        sql.push_str(&format!("ALTER TABLE {base} DROP COLUMN \"{col}\";"));
+                    }
+                    sql.push_str(&view_sql(ds, &spec.key_name, &spec.owner, &columns, &base));
+                    tx.execute_batch(&sql).map_err(|e| StoreError::Layout(format!("narrowing the copy of {ds}: {e}")))?;
+                    tx.execute("UPDATE _spoke_copies SET fields = ?2 WHERE dataset = ?1", params![ds, fields_json]).map_err(unavailable)?;
+                    tracing::info!(dataset = %ds, dropped = ?dropped, "narrowed the copy in place to the subscription's projection");
                 }
                 let base = Layout::new(ds, columns.clone()).base;
                 if let Some(rows) = migrate_digest(&tx, ds, &base).map_err(unavailable)? {
@@ -583,20 +626,18 @@ impl CopyStore for SqliteCopyStore {
                 let layout = Layout::new(ds, columns.clone());
                 let base = &layout.base;
                 let cols: String = columns.iter().map(|(n, s)| format!(", \"{n}\" {}", sql_type(s.ty))).collect();
-                let view_cols: String = columns.iter().map(|(n, _)| format!(", \"{n}\"")).collect();
                 let msg = read_only_message(ds, &spec.owner);
                 let key = &spec.key_name;
                 let mut sql = format!(
                     "CREATE TABLE {base} (_spoke_key TEXT PRIMARY KEY NOT NULL, _spoke_version INTEGER NOT NULL, _spoke_deleted_at INTEGER{cols}, _spoke_bucket INTEGER NOT NULL DEFAULT 0);
                      CREATE INDEX \"_spoke_copy_{ds}_bucket\" ON {base} (_spoke_bucket);
-                     DELETE FROM _spoke_digest WHERE dataset = '{ds}';
-                     CREATE VIEW \"{ds}\" AS SELECT _spoke_key AS \"{key}\"{view_cols}, _spoke_version FROM {base} WHERE _spoke_deleted_at IS NULL;"
+                     DELETE FROM _spoke_digest WHERE dataset = '{ds}';"
                 );
+                sql.push_str(&view_sql(ds, key, &spec.owner, &columns, base));
                 for op in ["INSERT", "UPDATE", "DELETE"] {
                     sql.push_str(&format!(
                         "CREATE TRIGGER \"_spoke_ro_{ds}_{op}\" BEFORE {op} ON {base} WHEN (SELECT agent_writing FROM _spoke_guard WHERE id = 1) IS NOT 1
-                         BEGIN SELECT RAISE(ABORT, '{msg}'); END;
-                         CREATE TRIGGER \"_spoke_ro_{ds}_view_{op}\" INSTEAD OF {op} ON \"{ds}\" BEGIN SELECT RAISE(ABORT, '{msg}'); END;"
+                         BEGIN SELECT RAISE(ABORT, '{msg}'); END;"
                     ));
                 }
                 tx.execute_batch(&sql).map_err(|e| StoreError::Layout(format!("creating the copy of {ds}: {e}")))?;
@@ -847,6 +888,108 @@ impl CopyStore for SqliteCopyStore {
                 params![ds, run.started_ms as i64, run.duration_ms as i64, run.missing as i64, run.stale as i64, run.extra as i64],
             )
             .map(|_| ())
+        })
+        .await
+        .map_err(unavailable)?
+        .map_err(unavailable)
+    }
+
+    async fn hold(&self, dataset: &str, held: &[Held]) -> Result<(), StoreError> {
+        let writer = self.writer()?;
+        let ds = dataset.to_owned();
+        let rows = held
+            .iter()
+            .map(|h| {
+                Ok((
+                    h.change.key.clone(),
+                    h.change.version as i64,
+                    h.position.map(|p| p as i64),
+                    h.reason.clone(),
+                    h.held_at_ms as i64,
+                    serde_json::to_string(&h.change)?,
+                ))
+            })
+            .collect::<Result<Vec<_>, serde_json::Error>>()
+            .map_err(unavailable)?;
+        tokio::task::spawn_blocking(move || {
+            let mut conn = writer.lock().expect("copy writer");
+            let tx = conn.transaction()?;
+            {
+                let mut stmt = tx.prepare_cached(
+                    "INSERT OR IGNORE INTO _spoke_quarantine (dataset, key, version, position, reason, held_at_ms, change) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                )?;
+                for (key, version, position, reason, at, change) in &rows {
+                    stmt.execute(params![ds, key, version, position, reason, at, change])?;
+                }
+            }
+            tx.commit()
+        })
+        .await
+        .map_err(unavailable)?
+        .map_err(unavailable)
+    }
+
+    async fn held(&self, dataset: &str, limit: usize) -> Result<Vec<Held>, StoreError> {
+        let ds = dataset.to_owned();
+        self.read(dataset, move |conn, _| {
+            let mut stmt = match conn.prepare_cached(
+                "SELECT change, position, reason, held_at_ms FROM _spoke_quarantine WHERE dataset = ?1 ORDER BY held_at_ms, position, key LIMIT ?2",
+            ) {
+                Ok(s) => s,
+                Err(e) if e.to_string().contains("no such table") => return Ok(Vec::new()),
+                Err(e) => return Err(unavailable(e)),
+            };
+            let rows = stmt
+                .query_map(params![ds, limit.min(i64::MAX as usize) as i64], |r| {
+                    Ok((r.get::<_, String>(0)?, r.get::<_, Option<i64>>(1)?, r.get::<_, String>(2)?, r.get::<_, i64>(3)?))
+                })
+                .map_err(unavailable)?;
+            rows.map(|row| {
+                let (change, position, reason, at) = row.map_err(unavailable)?;
+                Ok(Held {
+                    change: serde_json::from_str(&change).map_err(|e| StoreError::Layout(format!("a held change of {ds} is unreadable: {e}")))?,
+                    position: position.map(|p| p as u64),
+                    reason,
+                    held_at_ms: at as u64,
+                })
+            })
+            .collect()
+        })
+        .await
+    }
+
+    async fn held_count(&self, dataset: &str) -> Result<u64, StoreError> {
+        let ds = dataset.to_owned();
+        self.read(dataset, move |conn, _| {
+            match conn.query_row(
+                "SELECT count(*) FROM _spoke_quarantine WHERE dataset = ?1",
+                [&ds],
+                |r| r.get::<_, i64>(0),
+            ) {
+                Ok(n) => Ok(n as u64),
+                Err(e) if e.to_string().contains("no such table") => Ok(0),
+                Err(e) => Err(unavailable(e)),
+            }
+        })
+        .await
+    }
+
+    async fn release(&self, dataset: &str, held: &[(String, Version)]) -> Result<u64, StoreError> {
+        let writer = self.writer()?;
+        let ds = dataset.to_owned();
+        let held = held.to_vec();
+        tokio::task::spawn_blocking(move || {
+            let mut conn = writer.lock().expect("copy writer");
+            let tx = conn.transaction()?;
+            let mut n = 0;
+            {
+                let mut stmt = tx.prepare_cached("DELETE FROM _spoke_quarantine WHERE dataset = ?1 AND key = ?2 AND version = ?3")?;
+                for (key, version) in &held {
+                    n += stmt.execute(params![ds, key, *version as i64])? as u64;
+                }
+            }
+            tx.commit()?;
+            Ok::<u64, rusqlite::Error>(n)
         })
         .await
         .map_err(unavailable)?
@@ -1172,11 +1315,17 @@ mod tests {
         let spec = conformance::spec();
         store.ensure_copy(&spec).await.unwrap();
         store.ensure_copy(&spec).await.expect("idempotent");
-        let mut narrower = spec.clone();
+        let mut wider = spec.clone();
         let schema = conformance::schema();
-        narrower.projection = spoke_core::Projection::new(&schema, &["n".to_owned()]).unwrap();
-        let e = store.ensure_copy(&narrower).await.unwrap_err().to_string();
-        assert!(e.contains("now projects"), "{e}");
+        let names: Vec<String> = ["n", "label", "flag", "score", "at", "meta", "secret"]
+            .map(String::from)
+            .to_vec();
+        wider.projection = spoke_core::Projection::new(&schema, &names).unwrap();
+        let e = store.ensure_copy(&wider).await.unwrap_err().to_string();
+        assert!(
+            e.contains("now projects") && e.contains("cannot become in place"),
+            "{e}"
+        );
     }
 
     #[tokio::test]

@@ -58,6 +58,10 @@ impl MemoryFeed {
 
 #[async_trait]
 impl Publisher for MemoryFeed {
+    fn catalog(&self) -> Option<&Catalog> {
+        Some(&self.catalog)
+    }
+
     async fn publish(
         &self,
         dataset: &str,
@@ -181,7 +185,7 @@ impl Feed for MemoryFeed {
     }
 
     async fn schema(&self, dataset: &str) -> Result<Schema, FeedError> {
-        Ok(self.catalog.get(dataset)?.schema.clone())
+        Ok((*self.catalog.schema(dataset)?).clone())
     }
 
     async fn digest(&self, dataset: &str, query: &DigestQuery) -> Result<DigestNodes, FeedError> {

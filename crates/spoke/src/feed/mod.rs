@@ -52,7 +52,7 @@ pub mod memory;
 pub mod sqlite;
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -182,6 +182,13 @@ pub trait Publisher: Send + Sync {
         dataset: &str,
         changes: Vec<ChangeInput>,
     ) -> Result<PublishReceipt, FeedError>;
+
+    /// The catalog this publisher validates against, when it validates
+    /// locally (a hub's registry installs new schema versions there); `None`
+    /// for a client of a remote hub, which validates on its side.
+    fn catalog(&self) -> Option<&Catalog> {
+        None
+    }
 }
 
 /// The consumer's side of a feed.
@@ -268,17 +275,43 @@ pub fn check_digest_request(buckets: &[u16], keys: usize) -> Result<(), FeedErro
     Ok(())
 }
 
-/// Datasets a feed backend serves, resolved from the manifest once.
+/// Datasets a feed backend serves, resolved from the manifest once, and the
+/// schema each is validated against now: the manifest's, until a hub's
+/// schema registry installs a newer version ([`crate::registry`]).
 #[derive(Debug, Clone)]
 pub struct Catalog {
     datasets: Arc<HashMap<String, Dataset>>,
+    current: Arc<RwLock<HashMap<String, Arc<Schema>>>>,
 }
 
 impl Catalog {
     pub fn new(manifest: &Manifest) -> Self {
+        let current = manifest
+            .datasets
+            .iter()
+            .map(|(name, ds)| (name.clone(), Arc::new(ds.schema.clone())))
+            .collect();
         Catalog {
             datasets: Arc::new(manifest.datasets.clone().into_iter().collect()),
+            current: Arc::new(RwLock::new(current)),
         }
+    }
+
+    /// The schema published changes of `dataset` are validated against.
+    pub fn schema(&self, dataset: &str) -> Result<Arc<Schema>, FeedError> {
+        self.get(dataset)?;
+        Ok(self.current.read().expect("catalog schemas")[dataset].clone())
+    }
+
+    /// Validates later publishes of `dataset` against `schema` (the hub's
+    /// registry calls this once it accepted a version).
+    pub fn install(&self, dataset: &str, schema: Schema) -> Result<(), FeedError> {
+        self.get(dataset)?;
+        self.current
+            .write()
+            .expect("catalog schemas")
+            .insert(dataset.to_owned(), Arc::new(schema));
+        Ok(())
     }
 
     pub fn get(&self, dataset: &str) -> Result<&Dataset, FeedError> {
@@ -301,6 +334,7 @@ impl Catalog {
         now_ms: u64,
     ) -> Result<Vec<Change>, FeedError> {
         let ds = self.get(dataset)?;
+        let schema = self.schema(dataset)?;
         if inputs.len() > MAX_BATCH {
             return Err(FeedError::BadRequest(format!(
                 "batch of {} changes exceeds the limit of {MAX_BATCH}",
@@ -319,14 +353,12 @@ impl Catalog {
                     fields: input.fields,
                     owner: ds.owner.clone(),
                     ts: input.ts.unwrap_or(now_ms),
-                    schema_version: ds.schema.version,
+                    schema_version: schema.version,
                 };
-                change
-                    .validate(&ds.schema)
-                    .map_err(|e| FeedError::Invalid {
-                        index,
-                        message: e.to_string(),
-                    })?;
+                change.validate(&schema).map_err(|e| FeedError::Invalid {
+                    index,
+                    message: e.to_string(),
+                })?;
                 Ok(change)
             })
             .collect()

@@ -229,6 +229,10 @@ impl SqliteFeed {
 
 #[async_trait]
 impl Publisher for SqliteFeed {
+    fn catalog(&self) -> Option<&Catalog> {
+        Some(&self.catalog)
+    }
+
     async fn publish(
         &self,
         dataset: &str,
@@ -360,7 +364,7 @@ impl Feed for SqliteFeed {
     }
 
     async fn schema(&self, dataset: &str) -> Result<Schema, FeedError> {
-        Ok(self.catalog.get(dataset)?.schema.clone())
+        Ok((*self.catalog.schema(dataset)?).clone())
     }
 
     async fn digest(&self, dataset: &str, query: &DigestQuery) -> Result<DigestNodes, FeedError> {

@@ -7,7 +7,12 @@
 //!  GET  /v1/datasets/{d}/digest?level=L&under=a,b   ─▶ Feed::digest (reconciliation; see spoke_core::digest)
 //!  GET  /v1/datasets/{d}/digest/entries?buckets=a,b ─▶ Feed::bucket_entries
 //!  POST /v1/datasets/{d}/records  {"keys": […]}     ─▶ Feed::records (a read: latest state of those keys)
+//!  POST /v1/datasets/{d}/schema   {version, fields, accept_breaking} ─ owner only ─▶ SchemaRegistry::register
+//!  GET  /v1/datasets/{d}/schema/versions            ─▶ SchemaRegistry::versions
 //! ```
+//!
+//! The schema registry ([`crate::registry`]) holds every version of each
+//! dataset's schema; `GET …/schema` answers the current one.
 //!
 //! The hub is generic over the feed backend, so the same server fronts the
 //! embedded SQLite log and JetStream. Authentication is by bearer token per
@@ -47,6 +52,7 @@ use crate::feed::http::{
     bucket_list, digest_query, EntriesBody, ErrorBody, RecordsBody, RecordsRequest,
 };
 use crate::feed::{ChangeInput, Feed, FeedError, Publisher};
+use crate::registry::{Registration, RegistryError, SchemaRegistry};
 
 /// Largest publish body accepted, in bytes.
 pub const MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
@@ -100,6 +106,7 @@ struct Hub {
     feed: Arc<dyn FeedBackend>,
     manifest: Arc<Manifest>,
     tokens: Tokens,
+    registry: Arc<SchemaRegistry>,
     /// (consumer, dataset) → the fields the hub sends that consumer, built
     /// once from the manifest's subscriptions and grants.
     grants: HashMap<(String, String), Arc<BTreeSet<String>>>,
@@ -216,6 +223,15 @@ fn query_error(e: QueryRejection) -> ApiError {
     )))
 }
 
+/// A request body that could not be read: too large, or cut short.
+fn body_error(e: BytesRejection) -> FeedError {
+    if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        FeedError::BadRequest(format!("body exceeds the limit of {MAX_BODY_BYTES} bytes"))
+    } else {
+        FeedError::BadRequest(format!("body: {}", e.body_text()))
+    }
+}
+
 async fn publish(
     State(hub): State<Arc<Hub>>,
     Path(dataset): Path<String>,
@@ -224,13 +240,7 @@ async fn publish(
 ) -> Result<Response, ApiError> {
     let caller = hub.caller(&headers)?;
     hub.may_publish(&caller, &dataset)?;
-    let body = body.map_err(|e| {
-        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            FeedError::BadRequest(format!("body exceeds the limit of {MAX_BODY_BYTES} bytes"))
-        } else {
-            FeedError::BadRequest(format!("body: {}", e.body_text()))
-        }
-    })?;
+    let body = body.map_err(body_error)?;
     let changes: Vec<ChangeInput> = serde_json::from_slice(&body).map_err(|e| {
         FeedError::BadRequest(format!(
             "body must be a JSON array of changes {{key, version, op, fields}}: {e}"
@@ -296,9 +306,75 @@ async fn schema(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let access = hub.reader(&headers, &dataset)?;
-    let schema = hub.feed.schema(&dataset).await?;
+    let schema = match hub.registry.current(&dataset) {
+        Some(s) => s,
+        None => hub.feed.schema(&dataset).await?,
+    };
     let ds = &hub.manifest.datasets[&dataset];
     Ok(Json(access.schema(ds, schema)).into_response())
+}
+
+/// Every registered version, as this caller may see it: a subscriber sees
+/// the fields it may receive and only the breaks of its own subscriptions.
+async fn schema_versions(
+    State(hub): State<Arc<Hub>>,
+    Path(dataset): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let access = hub.reader(&headers, &dataset)?;
+    let ds = &hub.manifest.datasets[&dataset];
+    let mut versions = hub.registry.versions(&dataset).map_err(registry_error)?;
+    for v in &mut versions {
+        v.fields = access.schema(ds, v.schema()).fields;
+        if let Access::Fields { service, .. } = &access {
+            v.added.retain(|f| ds.may_receive(service, f));
+            v.breaks.retain(|b| &b.consumer == service);
+        }
+    }
+    Ok(Json(serde_json::json!({ "dataset": dataset, "versions": versions })).into_response())
+}
+
+fn registry_error(e: RegistryError) -> ApiError {
+    ApiError(match e {
+        RegistryError::UnknownDataset(d) => FeedError::UnknownDataset(d),
+        RegistryError::Invalid(m) => FeedError::BadRequest(m),
+        other => FeedError::Unavailable(other.to_string()),
+    })
+}
+
+async fn register_schema(
+    State(hub): State<Arc<Hub>>,
+    Path(dataset): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let caller = hub.caller(&headers)?;
+    hub.may_publish(&caller, &dataset)?;
+    let body = body.map_err(body_error)?;
+    let reg: Registration = serde_json::from_slice(&body).map_err(|e| {
+        FeedError::BadRequest(format!(
+            "body must be {{\"version\": N, \"fields\": {{\"name\": \"type\", …}}, \"accept_breaking\": false}}: {e}"
+        ))
+    })?;
+    match hub
+        .registry
+        .register(&dataset, reg, crate::clock::Clock::System.now_ms())
+    {
+        Ok(v) => Ok(Json(v).into_response()),
+        Err(e @ RegistryError::Incompatible { .. }) => {
+            let breaks = match &e {
+                RegistryError::Incompatible { breaks, .. } => breaks.clone(),
+                _ => Vec::new(),
+            };
+            let body = serde_json::json!({
+                "error": e.to_string(),
+                "kind": "incompatible_schema",
+                "breaks": breaks,
+            });
+            Ok((StatusCode::CONFLICT, Json(body)).into_response())
+        }
+        Err(e) => Err(registry_error(e)),
+    }
 }
 
 #[derive(Deserialize)]
@@ -346,7 +422,7 @@ async fn records(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let access = hub.reader(&headers, &dataset)?;
-    let body = body.map_err(|e| FeedError::BadRequest(format!("body: {}", e.body_text())))?;
+    let body = body.map_err(body_error)?;
     let req: RecordsRequest = serde_json::from_slice(&body).map_err(|e| {
         FeedError::BadRequest(format!(
             "body must be {{\"keys\": [\"key\", …]}} (at most {} keys): {e}",
@@ -366,7 +442,7 @@ async fn records(
 
 async fn fallback() -> Response {
     let body = ErrorBody {
-        error: "no such endpoint; see /v1/datasets/{dataset}/changes|snapshot|schema|digest|digest/entries|records".into(),
+        error: "no such endpoint; see /v1/datasets/{dataset}/changes|snapshot|schema|schema/versions|digest|digest/entries|records".into(),
         kind: "not_found".into(),
         index: None,
     };
@@ -382,8 +458,26 @@ async fn method_not_allowed() -> Response {
     (StatusCode::METHOD_NOT_ALLOWED, Json(body)).into_response()
 }
 
-/// The hub's router over `feed`.
+/// The hub's router over `feed`, with a schema registry kept in memory.
 pub fn router(feed: Arc<dyn FeedBackend>, manifest: Arc<Manifest>, tokens: Tokens) -> Router {
+    let mut registry = SchemaRegistry::open(None, manifest.clone(), 0)
+        .expect("an in-memory registry opens from a resolved manifest");
+    if let Some(c) = feed.catalog() {
+        registry = registry
+            .with_catalog(c.clone())
+            .expect("the feed's catalog serves the manifest's datasets");
+    }
+    router_with_registry(feed, manifest, tokens, Arc::new(registry))
+}
+
+/// The hub's router over `feed`, with `registry` (which should already
+/// update the feed's catalog, see [`SchemaRegistry::with_catalog`]).
+pub fn router_with_registry(
+    feed: Arc<dyn FeedBackend>,
+    manifest: Arc<Manifest>,
+    tokens: Tokens,
+    registry: Arc<SchemaRegistry>,
+) -> Router {
     if tokens.is_empty() {
         tracing::warn!("hub runs open, without tokens: any caller may publish to and read every dataset, all fields included (configure [hub.tokens] to enforce ownership, subscriptions and grants)");
     } else {
@@ -399,11 +493,19 @@ pub fn router(feed: Arc<dyn FeedBackend>, manifest: Arc<Manifest>, tokens: Token
         feed,
         manifest,
         tokens,
+        registry,
     });
     Router::new()
         .route("/v1/datasets/{dataset}/changes", get(read).post(publish))
         .route("/v1/datasets/{dataset}/snapshot", get(snapshot))
-        .route("/v1/datasets/{dataset}/schema", get(schema))
+        .route(
+            "/v1/datasets/{dataset}/schema",
+            get(schema).post(register_schema),
+        )
+        .route(
+            "/v1/datasets/{dataset}/schema/versions",
+            get(schema_versions),
+        )
         .route("/v1/datasets/{dataset}/digest", get(digest))
         .route("/v1/datasets/{dataset}/digest/entries", get(digest_entries))
         .route(

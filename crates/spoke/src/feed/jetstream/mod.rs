@@ -444,9 +444,16 @@ fn decode_entry(ds: &Dataset, position: Position, payload: &[u8]) -> Result<Chan
             change.dataset, change.owner
         )));
     }
-    change
-        .validate(&ds.schema)
-        .map_err(|e| corrupt(format!("is invalid: {e}")))?;
+    // Fields are checked against the schema version the reader knows; a
+    // change written under another version (a hub's registry accepted it) is
+    // checked for shape here and against the consumer's projection by the
+    // agent, which quarantines what its copy cannot hold.
+    let checked = if change.schema_version == ds.schema.version {
+        change.validate(&ds.schema)
+    } else {
+        change.validate_shape()
+    };
+    checked.map_err(|e| corrupt(format!("is invalid: {e}")))?;
     Ok(change)
 }
 
@@ -481,6 +488,10 @@ fn take(
 
 #[async_trait]
 impl Publisher for JetStreamFeed {
+    fn catalog(&self) -> Option<&Catalog> {
+        Some(&self.catalog)
+    }
+
     async fn publish(
         &self,
         dataset: &str,
@@ -683,7 +694,7 @@ impl Feed for JetStreamFeed {
     }
 
     async fn schema(&self, dataset: &str) -> Result<Schema, FeedError> {
-        Ok(self.catalog.get(dataset)?.schema.clone())
+        Ok((*self.catalog.schema(dataset)?).clone())
     }
 }
 
