@@ -142,7 +142,7 @@ pub fn run(config: &Path, json: bool) -> anyhow::Result<ExitCode> {
             "records",
             "applied",
             "last reconcile / refresh",
-            "last error",
+            "attention",
         ]);
         for s in &statuses {
             t.add_row([
@@ -173,7 +173,7 @@ pub fn run(config: &Path, json: bool) -> anyhow::Result<ExitCode> {
                 s.records.to_string(),
                 s.applied_total.to_string(),
                 fmt_reconcile(&s.strategy, &s.reconcile),
-                s.last_error.clone().unwrap_or_default(),
+                attention(s),
             ]);
         }
         println!("{} — from {source}\n{t}", cfg.consumer);
@@ -183,6 +183,29 @@ pub fn run(config: &Path, json: bool) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::from(2)
     })
+}
+
+/// What needs a person: quarantined changes (why the copy stopped being
+/// fresh), the last error, fields the owner added that are not copied.
+fn attention(s: &spoke::read::CopyStatus) -> String {
+    let mut parts = Vec::new();
+    if s.quarantined > 0 {
+        parts.push(format!(
+            "{} quarantined (spoke quarantine list): {}",
+            s.quarantined,
+            s.quarantine_reason.as_deref().unwrap_or("")
+        ));
+    }
+    if let Some(e) = &s.last_error {
+        parts.push(e.clone());
+    }
+    if !s.new_fields.is_empty() {
+        parts.push(format!(
+            "owner offers fields not projected: {}",
+            s.new_fields.join(", ")
+        ));
+    }
+    parts.join("; ")
 }
 
 /// `spoke status --cdc FILE`: the CDC slot's standing, read from the owner's
