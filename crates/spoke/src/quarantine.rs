@@ -138,7 +138,7 @@ pub async fn replay(
 mod tests {
     use super::*;
     use crate::copy::memory::MemoryCopyStore;
-    use serde_json::json;
+    use serde_json::{json, Value};
     use spoke_core::{Projection, Schema};
 
     fn spec(fields: &[&str]) -> CopySpec {
@@ -224,5 +224,30 @@ mod tests {
         assert_eq!(dump["c1"].0, 2);
         assert_eq!(dump["c2"].0, 5, "never rolled back");
         assert_eq!(store.held_count("customers").await.unwrap(), 0);
+    }
+
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(500))]
+
+        /// Any record an owner (or anyone on the bus) sends: either the copy
+        /// can hold its projection, and every projected value has its
+        /// declared type, or it is held with a reason. Never a panic.
+        #[test]
+        fn a_change_either_fits_its_projection_or_is_held_with_a_reason(
+            fields in proptest::collection::btree_map("name|email|.{0,4}", crate::feed::props::json_value(), 0..4),
+        ) {
+            let s = spec(&["name", "email"]);
+            let c = change("k", 1, Value::Object(fields.into_iter().collect()));
+            match misfit(&s, 2, &c) {
+                None => {
+                    let projected = s.projection.apply(&c.fields);
+                    prop_assert!(s.projection.check(&projected).is_ok());
+                    prop_assert_eq!(projected.len(), 2);
+                }
+                Some(reason) => prop_assert!(reason.starts_with("key 'k' version 1 (owner schema v2)")),
+            }
+        }
     }
 }

@@ -375,3 +375,97 @@ pub fn check_after_key(after_key: Option<&str>) -> Result<(), FeedError> {
 
 /// Largest page a read or snapshot returns, whatever the caller asks for.
 pub const MAX_PAGE: usize = 10_000;
+
+#[cfg(test)]
+pub(crate) mod props {
+    //! Hostile input on the way in: whatever bytes arrive as a publish body,
+    //! decoding and validation answer with a value or an error, never a
+    //! panic, and what passes is a change the schema accepts.
+
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Any JSON value, nested a few levels.
+    pub fn json_value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            any::<f64>().prop_map(Value::from),
+            ".{0,12}".prop_map(Value::String),
+            prop_oneof![Just("n"), Just("label"), Just("upsert"), Just("delete")]
+                .prop_map(|s| Value::String(s.into())),
+        ];
+        leaf.prop_recursive(4, 64, 8, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                proptest::collection::btree_map(
+                    prop_oneof![
+                        Just("key".to_owned()),
+                        Just("version".to_owned()),
+                        Just("op".to_owned()),
+                        Just("fields".to_owned()),
+                        Just("n".to_owned()),
+                        Just("label".to_owned()),
+                        ".{0,8}"
+                    ],
+                    inner,
+                    0..6
+                )
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    fn catalog() -> Catalog {
+        Catalog::new(&conformance::manifest())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1000))]
+
+        #[test]
+        fn any_publish_body_is_decoded_or_refused_never_a_panic(
+            body in json_value(),
+            bytes in proptest::collection::vec(any::<u8>(), 0..200),
+        ) {
+            let c = catalog();
+            for raw in [serde_json::to_vec(&body).expect("json"), bytes] {
+                if let Ok(inputs) = serde_json::from_slice::<Vec<ChangeInput>>(&raw) {
+                    if let Ok(changes) = c.prepare("items", inputs, 1) {
+                        let schema = c.schema("items").expect("items");
+                        for ch in &changes {
+                            prop_assert!(ch.validate(&schema).is_ok());
+                        }
+                    }
+                }
+            }
+        }
+
+        #[test]
+        fn changes_with_random_fields_are_validated_by_name(
+            key in ".{0,40}",
+            version in any::<u64>(),
+            fields in proptest::collection::btree_map(".{0,6}|n|label", json_value(), 0..4),
+            delete in any::<bool>(),
+        ) {
+            let input = serde_json::json!({
+                "key": key,
+                "version": version,
+                "op": if delete { "delete" } else { "upsert" },
+                "fields": fields,
+            });
+            if let Ok(i) = serde_json::from_value::<ChangeInput>(input) {
+                match catalog().prepare("items", vec![i], 1) {
+                    Ok(changes) => prop_assert_eq!(changes.len(), 1),
+                    Err(FeedError::Invalid { index, message }) => {
+                        prop_assert_eq!(index, 0);
+                        prop_assert!(!message.is_empty());
+                    }
+                    Err(other) => prop_assert!(false, "unexpected error kind: {other:?}"),
+                }
+            }
+        }
+    }
+}

@@ -711,6 +711,45 @@ mod tests {
         assert_eq!(base64url(b"a.b *>"), "YS5iICo-");
         assert!(!base64url("ключ.*>".as_bytes()).contains(['.', '*', '>', ' ']));
     }
+
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1000))]
+
+        /// Whatever another publisher puts on a log subject, the reader
+        /// answers with a well-formed change of this dataset or a corrupt
+        /// entry naming its position; it never panics.
+        #[test]
+        fn any_bytes_on_the_bus_decode_or_are_refused(
+            bytes in proptest::collection::vec(any::<u8>(), 0..300),
+            fields in crate::feed::props::json_value(),
+            version in any::<u64>(),
+            schema_version in 0u32..4,
+            cut in 0usize..300,
+        ) {
+            let m = crate::feed::conformance::manifest();
+            let ds = &m.datasets["items"];
+            let change = serde_json::json!({
+                "dataset": "items", "key": "k", "version": version, "op": "upsert",
+                "fields": fields, "owner": "owner-svc", "ts": 1, "schema_version": schema_version,
+            });
+            let whole = serde_json::to_vec(&change).expect("json");
+            let cut_short = whole[..cut.min(whole.len())].to_vec();
+            for payload in [bytes, whole, cut_short] {
+                match decode_entry(ds, 9, &payload) {
+                    Ok(c) => {
+                        prop_assert!(c.validate_shape().is_ok());
+                        if c.schema_version == ds.schema.version {
+                            prop_assert!(c.validate(&ds.schema).is_ok());
+                        }
+                    }
+                    Err(FeedError::Corrupt(m)) => prop_assert!(m.contains("log message 9 of dataset items")),
+                    Err(other) => prop_assert!(false, "unexpected error kind: {other:?}"),
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]
