@@ -59,12 +59,23 @@ enum Command {
     /// Compare each copy with its feed by digest and repair what differs: fetch
     /// missing and newer records, remove what the source does not have (never
     /// rolls a record back). Exit 2 when a copy holds records newer than its source.
+    /// With --against-owner: compare feeds with their owner's PostgreSQL rows
+    /// instead and report the drift (exit 1 on drift; nothing is changed).
     Reconcile {
-        /// Deployment config: the copies of its agent, its store and its feed.
-        #[arg(long)]
-        config: PathBuf,
-        /// Only this dataset's copy.
+        /// Deployment config: the copies of its agent, its store and its feed
+        /// (with --against-owner: its snapshot_sql datasets).
+        #[arg(long, required_unless_present = "cdc", conflicts_with = "cdc")]
+        config: Option<PathBuf>,
+        /// With --against-owner: a `spoke cdc` config, whose tables are
+        /// compared with the feed they are captured into.
+        #[arg(long, requires = "against_owner")]
+        cdc: Option<PathBuf>,
+        /// Only this dataset.
         dataset: Option<String>,
+        /// Compare the feed with the owner's PostgreSQL rows (by digest when
+        /// the owner keeps versions, by presence when versions are commit LSNs).
+        #[arg(long)]
+        against_owner: bool,
         /// Print the reports as JSON.
         #[arg(long)]
         json: bool,
@@ -225,9 +236,20 @@ fn main() -> ExitCode {
         },
         Command::Reconcile {
             config,
+            cdc,
             dataset,
+            against_owner,
             json,
-        } => commands::reconcile::run(&config, dataset.as_deref(), json),
+        } => {
+            use commands::reconcile::{against_owner as drift, run, OwnerConfig};
+            let dataset = dataset.as_deref();
+            match (config, cdc, against_owner) {
+                (_, Some(cdc), _) => drift(OwnerConfig::Cdc(&cdc), dataset, json),
+                (Some(config), None, true) => drift(OwnerConfig::Agent(&config), dataset, json),
+                (Some(config), None, false) => run(&config, dataset, json),
+                (None, None, _) => Err(anyhow::anyhow!("give --config FILE or --cdc FILE")),
+            }
+        }
         Command::Quarantine { action } => match action {
             QuarantineAction::List {
                 config,

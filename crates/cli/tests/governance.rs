@@ -311,7 +311,7 @@ fn the_shop_passes_every_rule_without_warnings() {
     assert_eq!(code, 0, "stdout: {stdout}\nstderr: {stderr}");
     assert_eq!(
         stdout,
-        "examples/shop/manifest.toml: ok (6 services, 4 datasets, 5 subscriptions, 1 path)\n"
+        "examples/shop/manifest.toml: ok (6 services, 5 datasets, 6 subscriptions, 1 path)\n"
     );
 }
 
@@ -349,6 +349,7 @@ fn advise_on_the_shop_duplicates_customers_snapshots_prices_and_calls_inventory_
         ("payment_methods.status", "call-owner"),
         ("products.name", "duplicate"),
         ("products.category", "duplicate"),
+        ("categories.name", "duplicate"),
     ];
     assert_eq!(
         decisions,

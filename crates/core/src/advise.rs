@@ -635,6 +635,7 @@ mod tests {
                 ("payment_methods.status".to_owned(), Decision::CallOwner),
                 ("products.name".to_owned(), Decision::Duplicate),
                 ("products.category".to_owned(), Decision::Duplicate),
+                ("categories.name".to_owned(), Decision::Duplicate),
             ]
         );
         for f in &a.fields {

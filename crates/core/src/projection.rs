@@ -21,6 +21,11 @@ impl Projection {
         Some(Projection { fields })
     }
 
+    /// No fields: for reads that only need keys and versions.
+    pub fn none() -> Self {
+        Projection { fields: Vec::new() }
+    }
+
     /// The projection of every field in the schema.
     pub fn all(schema: &Schema) -> Self {
         Projection {

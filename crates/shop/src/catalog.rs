@@ -14,10 +14,16 @@
 //! - `GET /products/{sku}` → [`Product`]; 404 when absent.
 //! - `PUT /products/{sku}` [`ProductInput`] → [`Product`] (create or replace).
 //! - `PUT /products/{sku}/price` `{unit_price_cents}` → [`Product`].
+//! - `GET /categories/{id}` → [`Category`] (the `categories` reference
+//!   dataset, which consumers read through a `ttl` cache); 404 when absent.
+//! - `GET /stats` → [`Stats`]: how many category reads Catalog served, so a
+//!   caller can see what a cache in front of it saved.
 //!
-//! An empty database is seeded with [`default_products`].
+//! An empty database is seeded with [`default_products`]; the categories
+//! are fixed ([`default_categories`]).
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use anyhow::anyhow;
@@ -41,6 +47,9 @@ pub const TABLE: &str = "products";
 
 /// This service's name in the manifest.
 pub const SERVICE: &str = "catalog-service";
+
+/// The reference dataset Catalog owns beside products.
+pub const CATEGORIES: &str = "categories";
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS products (
@@ -73,6 +82,33 @@ pub struct ProductInput {
 #[serde(deny_unknown_fields)]
 pub struct PriceInput {
     pub unit_price_cents: i64,
+}
+
+/// A product category (the `categories` dataset).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Category {
+    pub id: String,
+    pub name: String,
+    /// Categories never change in this shop: every one is at version 1.
+    pub version: u64,
+}
+
+/// The body of `GET /stats`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stats {
+    /// `GET /categories/{id}` requests served since Catalog started.
+    pub category_reads: u64,
+}
+
+/// The categories of [`default_products`].
+pub fn default_categories() -> Vec<Category> {
+    [("peripherals", "Peripherals"), ("displays", "Displays")]
+        .map(|(id, name)| Category {
+            id: id.into(),
+            name: name.into(),
+            version: 1,
+        })
+        .to_vec()
 }
 
 /// The products an empty catalog starts with.
@@ -289,10 +325,15 @@ pub async fn serve(
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
     let store = Store::open(&config.storage).await?;
+    let categories = Router::new()
+        .route("/categories/{id}", get(category))
+        .route("/stats", get(stats))
+        .with_state(Arc::new(AtomicU64::new(0)));
     let router = Router::new()
         .route("/products/{sku}", get(read).put(replace))
         .route("/products/{sku}/price", put(set_price))
-        .with_state(Arc::new(store));
+        .with_state(Arc::new(store))
+        .merge(categories);
     web::serve(listener, router, shutdown).await
 }
 
@@ -329,6 +370,24 @@ fn check_price(cents: i64) -> Result<(), ApiError> {
         )));
     }
     Ok(())
+}
+
+async fn category(
+    State(reads): State<Arc<AtomicU64>>,
+    Path(id): Path<String>,
+) -> Result<Json<Category>, ApiError> {
+    reads.fetch_add(1, Ordering::Relaxed);
+    default_categories()
+        .into_iter()
+        .find(|c| c.id == id)
+        .map(Json)
+        .ok_or_else(|| ApiError::not_found(format!("no category {id}")))
+}
+
+async fn stats(State(reads): State<Arc<AtomicU64>>) -> Json<Stats> {
+    Json(Stats {
+        category_reads: reads.load(Ordering::Relaxed),
+    })
 }
 
 async fn read(State(store): Shared, Path(sku): Path<String>) -> Result<Json<Product>, ApiError> {

@@ -60,7 +60,25 @@ pub const MANIFEST_PATH: &str = "examples/shop/manifest.toml";
 /// The shop's manifest, as compiled in.
 pub const MANIFEST_TOML: &str = include_str!("../../../examples/shop/manifest.toml");
 
+/// Where the manifest's `owner_url`s find Catalog: the address
+/// `shop catalog-service --listen` is given in the shop's README.
+pub const CATALOG_ADDR: &str = "127.0.0.1:7102";
+
 /// The shop's manifest, parsed.
 pub fn manifest() -> anyhow::Result<Manifest> {
     Manifest::parse(MANIFEST_PATH, MANIFEST_TOML).map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+/// The shop's manifest with Catalog at `catalog` instead of
+/// [`CATALOG_ADDR`] in its `owner_url`s, for a shop whose Catalog listens
+/// on a port chosen at run time: the demo binds Catalog's listener first,
+/// then loads the manifest with the address it got.
+pub fn manifest_with_catalog_at(catalog: std::net::SocketAddr) -> anyhow::Result<Manifest> {
+    let at = format!("http://{CATALOG_ADDR}/");
+    anyhow::ensure!(
+        MANIFEST_TOML.contains(&at),
+        "{MANIFEST_PATH} has no owner_url at {at}: nothing to point at Catalog's address"
+    );
+    let text = MANIFEST_TOML.replace(&at, &format!("http://{catalog}/"));
+    Manifest::parse(MANIFEST_PATH, &text).map_err(|e| anyhow::anyhow!("{e}"))
 }

@@ -44,7 +44,9 @@ services:
   customer-service   --db FILE (--hub URL | --jetstream URL) [--manifest FILE]
                      --hub: its relay publishes to the hub (token from SPOKE_TOKEN_CUSTOMER_SERVICE;
                        unset: open hub); --jetstream: straight into JetStream (streams SPOKE_*)
-  catalog-service    --db FILE
+  catalog-service    (--db FILE | --postgres URL [--schema S])
+                     --postgres: products in schema S (default catalog, created if missing); give
+                       the database wal_level=logical and run `spoke cdc` to publish them
   inventory-service  --db FILE
   payment-service    --db FILE
   order-service      (--db FILE | --postgres URL [--schema S] [--orders-schema O])
@@ -186,10 +188,28 @@ fn run() -> anyhow::Result<()> {
                 customer::serve(listener, config, shutdown).await
             }
             catalog::SERVICE => {
-                let db = PathBuf::from(flags.take("db")?);
+                let (config, place) = match (flags.take_optional("db"), flags.take_optional("postgres")) {
+                    (Some(db), None) => {
+                        if flags.take_optional("schema").is_some() {
+                            bail!("--schema goes with --postgres, not --db\n\n{USAGE}");
+                        }
+                        (catalog::Config::sqlite(PathBuf::from(&db)), db)
+                    }
+                    (None, Some(url)) => {
+                        let schema = flags.take_optional("schema").unwrap_or_else(|| "catalog".to_owned());
+                        let place = format!("PostgreSQL schema {schema}");
+                        (
+                            catalog::Config {
+                                storage: catalog::Storage::Postgres { url, schema },
+                            },
+                            place,
+                        )
+                    }
+                    _ => bail!("give exactly one of --db FILE or --postgres URL\n\n{USAGE}"),
+                };
                 flags.done()?;
-                announce(catalog::SERVICE, &db.display().to_string());
-                catalog::serve(listener, catalog::Config::sqlite(db), shutdown).await
+                announce(catalog::SERVICE, &place);
+                catalog::serve(listener, config, shutdown).await
             }
             inventory::SERVICE => {
                 let db = PathBuf::from(flags.take("db")?);

@@ -10,8 +10,8 @@ async fn every_step_of_the_demo_holds() {
     let numbers: Vec<usize> = report.steps.iter().map(|s| s.number).collect();
     assert_eq!(
         numbers,
-        (1..=8).collect::<Vec<_>>(),
-        "eight steps ran\n{narration}"
+        (1..=9).collect::<Vec<_>>(),
+        "nine steps ran\n{narration}"
     );
     for step in &report.steps {
         assert!(
@@ -27,7 +27,7 @@ async fn every_step_of_the_demo_holds() {
     }
     assert!(report.all_held());
     assert!(
-        narration.contains("Summary") && narration.contains("8 of 8 steps held"),
+        narration.contains("Summary") && narration.contains("9 of 9 steps held"),
         "{narration}"
     );
     assert!(
@@ -39,6 +39,24 @@ async fn every_step_of_the_demo_holds() {
             && narration.contains("repaired missing c-alan")
             && narration.contains("repaired extra   c-mallory"),
         "step 8 lists the three repairs\n{narration}"
+    );
+    let ttl = &report.steps[8];
+    assert_eq!(ttl.failures, Vec::<String>::new());
+    for claim in [
+        "a miss, read from Catalog → \"Peripherals\"",
+        "second read: a cache hit",
+        "Catalog counted 2 category reads for 22 reads",
+        "is read from Catalog again (3 Catalog reads in all)",
+    ] {
+        assert!(
+            narration.contains(claim),
+            "step 9 shows {claim:?}\n{narration}"
+        );
+    }
+    assert!(
+        ttl.measured.contains("23 reads, 3 Catalog calls"),
+        "{}",
+        ttl.measured
     );
     assert!(
         report.elapsed_ms < 20_000,

@@ -607,6 +607,47 @@ hub = "http://127.0.0.1:7070/"
 token = { file = "secrets/order.token" }
 "#;
 
+    /// The deployment and CDC configs shipped in examples/ load, and each
+    /// names a manifest that is valid and declares the consumer it serves.
+    #[test]
+    fn the_example_configs_load_with_valid_manifests() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples");
+        let mut seen = 0;
+        for dir in ["shop", "distributed"] {
+            for entry in std::fs::read_dir(root.join(dir)).unwrap() {
+                let path = entry.unwrap().path();
+                let name = path.file_name().unwrap().to_string_lossy().into_owned();
+                if !name.ends_with(".toml") || name == "manifest.toml" {
+                    continue;
+                }
+                seen += 1;
+                let manifest = if name == "cdc.toml" {
+                    crate::cdc::file::CdcFile::load(&path)
+                        .unwrap_or_else(|e| panic!("{name}: {e}"))
+                        .manifest
+                } else {
+                    let c = DeploymentConfig::load(&path).unwrap_or_else(|e| panic!("{name}: {e}"));
+                    let m = c
+                        .agent()
+                        .map(|a| a.manifest.clone())
+                        .or_else(|_| c.hub().map(|h| h.manifest.clone()));
+                    let m = m.unwrap_or_else(|e| panic!("{name}: {e}"));
+                    if let Ok(a) = c.agent() {
+                        let manifest = spoke_core::Manifest::load(&m).unwrap();
+                        assert!(
+                            manifest.services.contains_key(&a.consumer),
+                            "{name}: {}",
+                            a.consumer
+                        );
+                    }
+                    m
+                };
+                spoke_core::Manifest::load(&manifest).unwrap_or_else(|e| panic!("{name}: {e}"));
+            }
+        }
+        assert!(seen >= 4, "found {seen} example configs");
+    }
+
     #[test]
     fn resolves_paths_against_the_config_folder() {
         let c = DeploymentConfig::parse("spoke.toml", FULL, Path::new("/etc/spoke")).unwrap();

@@ -24,6 +24,8 @@
 //! - [`ttl`]: the `ttl` strategy's read-through cache.
 //! - [`reconcile`]: compares a copy's digest with its feed's and repairs
 //!   exactly the keys that differ.
+//! - [`drift`]: compares a feed with its owner's PostgreSQL rows (a CDC
+//!   table or a `snapshot_sql` query) and reports what differs.
 //! - [`scheduled`]: the `scheduled` strategy: refreshes a copy from its
 //!   owner's snapshot (a paged HTTP listing or an SQL query), digest first,
 //!   fetching only the records of buckets that differ.
@@ -39,6 +41,7 @@ pub mod cdc;
 pub mod clock;
 pub mod config;
 pub mod copy;
+pub mod drift;
 pub mod feed;
 pub mod hub;
 pub mod outbox;

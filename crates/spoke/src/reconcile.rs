@@ -53,7 +53,7 @@ use futures_util::StreamExt;
 
 use serde::{Deserialize, Serialize};
 use spoke_core::digest::{
-    compare_entries, Difference, DigestEntry, DigestError, DigestQuery, BUCKETS,
+    compare_entries, Difference, Digest, DigestEntry, DigestError, DigestQuery, BUCKETS,
 };
 use spoke_core::freshness::format_rfc3339_ms;
 use spoke_core::{Change, Op, Version};
@@ -282,28 +282,10 @@ impl<'a> Reconciler<'a> {
         let ds = &self.spec.dataset;
         // Copy first, then the feed (see "Races").
         let copy = self.store.digest(ds).await?;
-        progress(Progress::Comparing { level: 0 });
-        let root = self.feed.digest(ds, &DigestQuery::root()).await?;
-        let mut parents: Option<Vec<u32>> = None;
-        let copy_root = copy.nodes(&DigestQuery::root())?;
-        if copy_root.differing(&root).is_empty() {
-            return Ok(Vec::new());
-        }
-        for level in 1..=spoke_core::digest::LEAF_LEVEL {
-            progress(Progress::Comparing { level });
-            let query = match parents.take() {
-                None => DigestQuery::level(level),
-                Some(p) => DigestQuery::under(level, p),
-            };
-            let source = self.feed.digest(ds, &query).await?;
-            let mine = copy.nodes(&query)?;
-            parents = Some(mine.differing(&source));
-        }
-        Ok(parents
-            .unwrap_or_default()
-            .into_iter()
-            .map(|b| b as u16)
-            .collect())
+        descend(self.feed, ds, &copy, &|level| {
+            progress(Progress::Comparing { level })
+        })
+        .await
     }
 
     async fn compare_and_repair(
@@ -512,6 +494,43 @@ impl<'a> Reconciler<'a> {
             .is_some_and(|n| n.1 .0 == copy_root);
         Ok(report)
     }
+}
+
+/// The buckets where `local` and the feed's digest of `dataset` differ,
+/// read from the root down: the feed answers only for the children of
+/// nodes that differed. `level` is told each level before it is compared.
+/// Shared by reconcile (local: the copy's digest) and the drift check
+/// (local: the owner table's digest, [`crate::drift`]).
+pub async fn descend(
+    feed: &dyn Feed,
+    dataset: &str,
+    local: &Digest,
+    level: &(dyn Fn(u8) + Send + Sync),
+) -> Result<Vec<u16>, ReconcileError> {
+    level(0);
+    let root = feed.digest(dataset, &DigestQuery::root()).await?;
+    if local
+        .nodes(&DigestQuery::root())?
+        .differing(&root)
+        .is_empty()
+    {
+        return Ok(Vec::new());
+    }
+    let mut parents: Option<Vec<u32>> = None;
+    for l in 1..=spoke_core::digest::LEAF_LEVEL {
+        level(l);
+        let query = match parents.take() {
+            None => DigestQuery::level(l),
+            Some(p) => DigestQuery::under(l, p),
+        };
+        let source = feed.digest(dataset, &query).await?;
+        parents = Some(local.nodes(&query)?.differing(&source));
+    }
+    Ok(parents
+        .unwrap_or_default()
+        .into_iter()
+        .map(|b| b as u16)
+        .collect())
 }
 
 #[cfg(test)]

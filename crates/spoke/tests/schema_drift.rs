@@ -228,9 +228,14 @@ async fn a_dropped_projected_field_is_quarantined_then_replayed_after_the_consum
         )
         .await
         .expect("publish v2");
-    wait_for("the changes to be quarantined", async || {
-        status(&agent.base).await["quarantined"] == 2
-    })
+    // Held first, then the batch (and its position) applied.
+    wait_for(
+        "the changes to be quarantined and the batch applied",
+        async || {
+            let s = status(&agent.base).await;
+            s["quarantined"] == 2 && s["position"] == 5
+        },
+    )
     .await;
     let s = status(&agent.base).await;
     let reason = s["quarantine_reason"].as_str().expect("reason");

@@ -145,25 +145,34 @@ fn progress_reporter() -> Option<impl Fn(&SnapshotProgress) + Send + Sync + 'sta
     })
 }
 
+/// The feed a CDC config writes to, as a publisher and a reader (the
+/// owner's token reads its own datasets), and its URL for messages.
+pub async fn connect_feed(
+    feed: &FeedTarget,
+    token_env: Option<String>,
+    manifest: &Manifest,
+) -> anyhow::Result<(Arc<dyn Publisher>, Arc<dyn Feed>, String)> {
+    Ok(match feed {
+        FeedTarget::Hub(url) => {
+            let url = spoke::config::check_url("--hub", url)?;
+            let token = token_env
+                .map(|v| SecretSource::Env(v).read("--token-env"))
+                .transpose()?;
+            let hub = Arc::new(HubClient::new(&url, token));
+            (hub.clone(), hub, url)
+        }
+        FeedTarget::JetStream(url) => {
+            let js = Arc::new(JetStreamFeed::connect(JetStreamOptions::new(url), manifest).await?);
+            (js.clone(), js, url.clone())
+        }
+    })
+}
+
 pub fn run(args: CdcArgs) -> anyhow::Result<ExitCode> {
     let (manifest_path, cfg, feed, token_env) = resolve(&args)?;
     let manifest = Arc::new(load_manifest(&manifest_path)?);
     runtime()?.block_on(async move {
-        let (publisher, reader, target): (Arc<dyn Publisher>, Arc<dyn Feed>, String) = match feed {
-            FeedTarget::Hub(url) => {
-                let url = spoke::config::check_url("--hub", &url)?;
-                let token = token_env
-                    .map(|v| SecretSource::Env(v).read("--token-env"))
-                    .transpose()?;
-                let hub = Arc::new(HubClient::new(&url, token));
-                (hub.clone(), hub, url)
-            }
-            FeedTarget::JetStream(url) => {
-                let js =
-                    Arc::new(JetStreamFeed::connect(JetStreamOptions::new(&url), &manifest).await?);
-                (js.clone(), js, url)
-            }
-        };
+        let (publisher, reader, target) = connect_feed(&feed, token_env, &manifest).await?;
         let tables: Vec<String> = cfg
             .tables
             .iter()

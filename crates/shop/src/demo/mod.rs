@@ -19,6 +19,11 @@
 //! 8. Corrupt the copy behind the agent's back, as a restored backup and a
 //!    stray script would (a row lost, a row rolled back, a foreign row);
 //!    reconciliation finds exactly those three by digest and repairs them.
+//! 9. Read product categories, reference data Order Service keeps no copy
+//!    of, through its `ttl` cache in front of Catalog: a miss goes to
+//!    Catalog, the next read is a hit, twenty concurrent misses make one
+//!    Catalog call (Catalog counts them), and past the ttl (the cache's
+//!    clock moved by hand, not waited for) Catalog is asked again.
 //!
 //! [`run_distributed`] tells the same story on the distributed backends
 //! (PostgreSQL copies and orders, a NATS JetStream feed, no hub), with the
@@ -43,8 +48,9 @@
 //!    and category, never the must-be-current price), while an order placed
 //!    earlier keeps its snapshotted price and a new order pays the new one.
 //!
-//! (The embedded story's step 8, the repair by reconciliation, needs the
-//! hub's digests, which the JetStream feed does not serve yet.)
+//! (The embedded story's steps 8 and 9 are told once, on the embedded
+//! default; reconciliation and the ttl cache work the same against
+//! JetStream.)
 
 pub mod shop;
 
@@ -420,6 +426,11 @@ async fn run_steps(
             8,
             "Corrupt the copy behind the agent's back; reconciliation repairs exactly that",
             corrupt_and_reconcile
+        );
+        step!(
+            9,
+            "Read a category through the ttl cache: a hit, one Catalog call for many misses, expiry",
+            ttl_categories
         );
     }
 
@@ -1063,6 +1074,97 @@ async fn corrupt_and_reconcile(
 }
 
 /// The copy's freshness as the operator sees it: (staleness ms, position).
+async fn ttl_categories(shop: &mut Shop, _: &mut Ctx, st: &mut Step<'_>) -> anyhow::Result<()> {
+    use spoke::clock::Clock;
+    use spoke::read::ReadSource;
+
+    let sub = shop
+        .manifest()
+        .subscription(crate::order::SERVICE, catalog::CATEGORIES)
+        .ok_or_else(|| anyhow::anyhow!("the shop manifest has order-service → categories"))?;
+    let (Some(cache), Some(url)) = (sub.cache, sub.owner_url.clone()) else {
+        return Err(anyhow::anyhow!(
+            "order-service → categories is not a ttl subscription with an owner_url"
+        ));
+    };
+    st.say(format!(
+        "Order Service keeps no copy of categories: reads go through a cache (ttl {}) to GET {url}",
+        cache.ttl
+    ))?;
+    let clock = Clock::manual(spoke::clock::now_ms());
+    let copies = shop.read_through(clock.clone())?;
+    let catalog_reads = || async {
+        shop.catalog_stats()
+            .await
+            .map(|s| s.category_reads)
+            .map_err(|e| anyhow::anyhow!("{e}"))
+    };
+    let read = |key: &'static str| {
+        let copies = &copies;
+        async move {
+            copies
+                .get(catalog::CATEGORIES, key)
+                .await?
+                .ok_or_else(|| anyhow::anyhow!("Catalog has no category {key}"))
+        }
+    };
+    let calls_before = catalog_reads().await?;
+
+    let first = read("peripherals").await?;
+    st.check(
+        first.source == ReadSource::Owner && first.fields["name"] == "Peripherals",
+        format!(
+            "first read of 'peripherals': a miss, read from Catalog → \"{}\"",
+            first.fields["name"].as_str().unwrap_or_default()
+        ),
+    )?;
+    let second = read("peripherals").await?;
+    st.check(
+        second.source == ReadSource::Cache,
+        format!(
+            "second read: a cache hit ({} ms old, ttl {})",
+            second.staleness_ms.unwrap_or_default(),
+            cache.ttl
+        ),
+    )?;
+    const CONCURRENT: usize = 20;
+    let many = futures_util::future::join_all((0..CONCURRENT).map(|_| read("displays"))).await;
+    let named = many
+        .iter()
+        .filter(|r| matches!(r, Ok(r) if r.fields["name"] == "Displays"))
+        .count();
+    let calls = catalog_reads().await? - calls_before;
+    st.check(
+        named == CONCURRENT && calls == 2,
+        format!(
+            "{CONCURRENT} concurrent reads of 'displays' (a miss) coalesce into one call: Catalog counted {calls} category reads for {} reads (expected 2)",
+            CONCURRENT + 2
+        ),
+    )?;
+    clock.advance(cache.ttl.as_millis() + 1);
+    let expired = read("peripherals").await?;
+    let calls = catalog_reads().await? - calls_before;
+    st.check(
+        expired.source == ReadSource::Owner && calls == 3,
+        format!(
+            "past the ttl (the cache's clock moved {} ahead): 'peripherals' expired and is read from Catalog again ({calls} Catalog reads in all)",
+            cache.ttl
+        ),
+    )?;
+    if let Some(stats) = copies.cache(catalog::CATEGORIES).map(|c| c.stats()) {
+        st.say(format!(
+            "cache: {} hits, {} misses, {} owner calls, {} entries",
+            stats.hits_total, stats.misses_total, stats.owner_calls_total, stats.entries
+        ))?;
+    }
+    st.measured(format!(
+        "{} reads, {calls} Catalog calls (ttl {})",
+        CONCURRENT + 3,
+        cache.ttl
+    ));
+    Ok(())
+}
+
 async fn copy_standing(shop: &Shop) -> anyhow::Result<(Option<u64>, Option<u64>)> {
     let s = shop
         .copies()?

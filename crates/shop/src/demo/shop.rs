@@ -422,6 +422,9 @@ pub struct Shop {
     manifest: Arc<Manifest>,
     tokens: BTreeMap<String, String>,
     addrs: BTreeMap<Part, SocketAddr>,
+    /// Catalog's listener, bound before the manifest was loaded (its
+    /// address is in the manifest), until Catalog first starts.
+    catalog_listener: Option<TcpListener>,
     running: BTreeMap<Part, Running>,
     agent: Option<Arc<Agent>>,
     orders: Option<OrderService>,
@@ -517,12 +520,18 @@ impl Shop {
             .into_iter()
             .map(|s| (s.to_owned(), token(s)))
             .collect();
+        // Catalog's listener first: the manifest's owner_url for categories
+        // must name the port it got.
+        let catalog =
+            web::bind(SocketAddr::from(([127, 0, 0, 1], 0))).context("binding catalog-service")?;
+        let catalog_addr = catalog.local_addr()?;
         Ok(Shop {
             dir: dir.to_owned(),
             _temp: None,
-            manifest: Arc::new(crate::manifest()?),
+            manifest: Arc::new(crate::manifest_with_catalog_at(catalog_addr)?),
             tokens,
-            addrs: BTreeMap::new(),
+            addrs: BTreeMap::from([(Part::Catalog, catalog_addr)]),
+            catalog_listener: Some(catalog),
             running: BTreeMap::new(),
             agent: None,
             orders: None,
@@ -701,6 +710,11 @@ impl Shop {
     }
 
     fn listen(&mut self, part: Part) -> anyhow::Result<TcpListener> {
+        if part == Part::Catalog {
+            if let Some(listener) = self.catalog_listener.take() {
+                return Ok(listener);
+            }
+        }
         let addr = self
             .addrs
             .get(&part)
@@ -1057,6 +1071,26 @@ impl Shop {
     pub async fn product(&self, sku: &str) -> Result<Product, CallError> {
         let url = format!("{}/products/{sku}", self.url(Part::Catalog));
         web::call(self.http.get(url)).await
+    }
+
+    /// How many category reads Catalog has served.
+    pub async fn catalog_stats(&self) -> Result<catalog::Stats, CallError> {
+        let url = format!("{}/stats", self.url(Part::Catalog));
+        web::call(self.http.get(url)).await
+    }
+
+    /// Order Service's read API with its owner source: `ttl` subscriptions
+    /// (categories) read through their caches to Catalog, on `clock`, so
+    /// the demo can move the caches' time by hand instead of waiting.
+    pub fn read_through(&self, clock: Clock) -> anyhow::Result<Copies> {
+        let owner = spoke::owner::HttpOwnerSource::from_manifest(
+            &self.manifest,
+            order::SERVICE,
+            spoke::owner::DEFAULT_OWNER_TIMEOUT,
+        )?;
+        // A ttl subscription keeps no copy: the store is never read for it.
+        let store: Arc<dyn CopyStore> = Arc::new(spoke::copy::memory::MemoryCopyStore::new());
+        Ok(Copies::new(&self.manifest, order::SERVICE, store, clock).with_owner(Arc::new(owner)))
     }
 
     pub async fn set_price(&self, sku: &str, unit_price_cents: i64) -> Result<Product, CallError> {

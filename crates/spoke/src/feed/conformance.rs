@@ -8,9 +8,10 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Map, Value};
+use spoke_core::digest::{Digest, DigestEntry, DigestQuery, BUCKETS};
 use spoke_core::{Manifest, MemoryCopy, Op};
 
-use super::{ChangeInput, Feed, FeedEntry, FeedError, Position, Publisher};
+use super::{ChangeInput, Feed, FeedEntry, FeedError, Position, Publisher, MAX_DIGEST_BUCKETS};
 
 /// The manifest every conformance run uses: one dataset `items`.
 pub const MANIFEST: &str = r#"
@@ -51,6 +52,7 @@ where
     reads_are_ordered_limited_and_carry_the_head(make(manifest()).await).await;
     long_poll_wakes_on_publish(make(manifest()).await).await;
     snapshot_pages_hold_the_latest_state_with_tombstones(make(manifest()).await).await;
+    digests_describe_the_compacted_state(make(manifest()).await).await;
 }
 
 async fn positions_start_at_one_and_are_dense<T: Feed + Publisher>(feed: T) {
@@ -336,6 +338,118 @@ async fn snapshot_pages_hold_the_latest_state_with_tombstones<T: Feed + Publishe
     assert_eq!(k07.op, Op::Delete, "tombstones are part of the snapshot");
     let schema = feed.schema("items").await.expect("schema");
     assert_eq!(schema.fields.len(), 2);
+}
+
+/// Every key's latest `(version, deleted)` by the log, as digests see it.
+async fn expected_entries<T: Feed>(feed: &T, n: usize) -> Vec<DigestEntry> {
+    let mut latest: std::collections::BTreeMap<String, (u64, bool)> = Default::default();
+    for e in read_n(feed, 0, 1000, n).await.0 {
+        let c = e.change;
+        if latest.get(&c.key).is_none_or(|&(v, _)| v < c.version) {
+            latest.insert(c.key, (c.version, c.op == Op::Delete));
+        }
+    }
+    latest
+        .into_iter()
+        .map(|(k, (v, d))| DigestEntry::new(k, v, d))
+        .collect()
+}
+
+async fn all_bucket_entries<T: Feed>(feed: &T) -> Vec<DigestEntry> {
+    let all: Vec<u16> = (0..BUCKETS as u16).collect();
+    let mut out = Vec::new();
+    for chunk in all.chunks(MAX_DIGEST_BUCKETS) {
+        out.extend(
+            feed.bucket_entries("items", chunk)
+                .await
+                .expect("bucket entries"),
+        );
+    }
+    out.sort();
+    out
+}
+
+/// The feed's digest nodes and bucket entries equal those of `expected`.
+async fn check_digests<T: Feed>(feed: &T, expected: Vec<DigestEntry>) {
+    let scratch = Digest::from_entries(
+        expected
+            .iter()
+            .map(|e| (e.key.as_str(), e.version, e.deleted)),
+    );
+    for q in [
+        DigestQuery::root(),
+        DigestQuery::level(1),
+        DigestQuery::under(2, vec![0, 17, 63]),
+    ] {
+        assert_eq!(
+            feed.digest("items", &q).await.expect("digest"),
+            scratch.nodes(&q).expect("query"),
+            "the digest ({q:?}) equals the one computed from the latest state"
+        );
+    }
+    assert_eq!(
+        all_bucket_entries(feed).await,
+        expected,
+        "bucket entries list every key's latest state, tombstones included"
+    );
+}
+
+/// Digests, bucket entries and records describe the compacted state —
+/// latest version per key, tombstones included — at the time of the call.
+async fn digests_describe_the_compacted_state<T: Feed + Publisher>(feed: T) {
+    let root = feed
+        .digest("items", &DigestQuery::root())
+        .await
+        .expect("digest of an empty dataset");
+    assert_eq!(root.nodes.len(), 1);
+    assert_eq!(root.nodes[0].1 .0, 0, "an empty dataset's root is zero");
+    let batch: Vec<_> = (0..40)
+        .map(|i| ChangeInput::upsert(format!("d{i:02}"), 1, fields(i)))
+        .collect();
+    feed.publish("items", batch).await.expect("publish");
+    feed.publish(
+        "items",
+        vec![
+            ChangeInput::upsert("d03", 4, fields(3)),
+            ChangeInput::delete("d09", 2),
+            ChangeInput::upsert("d09", 1, fields(9)), // stale: ignored
+        ],
+    )
+    .await
+    .expect("publish");
+    check_digests(&feed, expected_entries(&feed, 42).await).await;
+    let keys: Vec<String> = ["d03", "d09", "never-published"].map(String::from).to_vec();
+    let mut records = feed.records("items", &keys).await.expect("records");
+    records.sort_by(|a, b| a.key.cmp(&b.key));
+    let got: Vec<(String, u64, Op)> = records
+        .into_iter()
+        .map(|c| (c.key, c.version, c.op))
+        .collect();
+    assert_eq!(
+        got,
+        vec![("d03".into(), 4, Op::Upsert), ("d09".into(), 2, Op::Delete)],
+        "records: latest state, tombstones included, absent keys left out"
+    );
+    // A later change shows in the next answer (no stale cached digest).
+    feed.publish("items", vec![ChangeInput::upsert("d03", 5, fields(30))])
+        .await
+        .expect("publish");
+    check_digests(&feed, expected_entries(&feed, 43).await).await;
+    let e = feed
+        .bucket_entries("items", &[BUCKETS as u16])
+        .await
+        .expect_err("bucket out of range");
+    assert!(matches!(e, FeedError::BadRequest(_)), "{e:?}");
+    let e = feed
+        .digest("items", &DigestQuery::level(3))
+        .await
+        .expect_err("level out of range");
+    assert!(matches!(e, FeedError::BadRequest(_)), "{e:?}");
+    let e = feed
+        .digest("nope", &DigestQuery::root())
+        .await
+        .expect_err("unknown dataset");
+    assert_eq!(e, FeedError::UnknownDataset("nope".into()));
 }
 
 /// Bootstraps a model copy the way the agent does: every snapshot page, then

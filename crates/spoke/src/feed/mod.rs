@@ -41,9 +41,10 @@
 //!   (root, 64 nodes, 4096 buckets, or only the children of given nodes),
 //!   [`Feed::bucket_entries`] lists a bucket's keys with version and
 //!   tombstone flag, and [`Feed::records`] returns the latest state of given
-//!   keys (tombstones included) for repairs. The embedded SQLite log, the
-//!   in-memory feed and the hub's HTTP client serve them; JetStream does not
-//!   yet and answers [`FeedError::BadRequest`] saying so (the defaults below).
+//!   keys (tombstones included) for repairs. Every backend here serves
+//!   them (JetStream from an in-memory digest of the log's last message per
+//!   key); a backend that does not answers [`FeedError::BadRequest`] saying
+//!   so (the defaults below).
 
 pub mod conformance;
 pub mod http;

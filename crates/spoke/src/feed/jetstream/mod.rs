@@ -48,6 +48,11 @@
 //! first page was taken (from the `Nats-Stream-Source` header of its last
 //! message), so replaying the log after it converges.
 //!
+//! # Digests
+//! Built from the last message of each key subject and cached in memory
+//! by the log's last sequence, then kept up by reading only what was
+//! appended since: see [`digest`]. `records` reads each key's last message.
+//!
 //! # Durability
 //! JetStream acknowledges a publish once the message is in the stream's
 //! store on a quorum of replicas, *before* it is fsynced (the server syncs
@@ -56,6 +61,7 @@
 //! always` (supported by current servers) or the stream has replicas on other
 //! machines. Use `replicas = 3` in clusters.
 
+pub mod digest;
 pub mod permissions;
 
 use std::collections::HashMap;
@@ -75,9 +81,12 @@ use spoke_core::manifest::Dataset;
 use spoke_core::{Change, Manifest, Schema, Version};
 use tokio::sync::{mpsc, Mutex};
 
+use spoke_core::digest::{DigestEntry, DigestNodes, DigestQuery};
+
+use self::digest::Compacted;
 use super::{
-    check_after_key, Catalog, ChangeInput, Feed, FeedBatch, FeedEntry, FeedError, Position,
-    PublishReceipt, Publisher, SnapshotPage, MAX_PAGE,
+    check_after_key, check_digest_request, Catalog, ChangeInput, Feed, FeedBatch, FeedEntry,
+    FeedError, Position, PublishReceipt, Publisher, SnapshotPage, MAX_PAGE,
 };
 use crate::clock::Clock;
 use crate::copy::newest_per_key;
@@ -90,6 +99,8 @@ const STARTUP_PATIENCE: Duration = Duration::from_secs(60);
 const DELIVERY_GRACE: Duration = Duration::from_secs(5);
 /// Header JetStream adds to sourced messages: `<origin stream> <origin sequence> …`.
 const SOURCE_HEADER: &str = "Nats-Stream-Source";
+/// Keys whose last message `records` asks for at once.
+const RECORDS_IN_FLIGHT: usize = 64;
 /// Keys per dataset whose last (version, subject sequence) a publisher
 /// remembers; past this the memory is dropped and rebuilt from the server.
 const KNOWN_KEYS_MAX: usize = 1_000_000;
@@ -191,6 +202,9 @@ pub struct JetStreamFeed {
     /// publisher saw on the log. A hint: publishes state the sequence they
     /// expect, so the server refuses any that a stale hint would misplace.
     known: std::sync::Mutex<HashMap<String, KnownKeys>>,
+    /// Per dataset, the compacted state's digest at some log sequence
+    /// (see [`digest`]); a request waits while another brings it up to date.
+    compacted: HashMap<String, Mutex<Compacted>>,
 }
 
 /// Per key, the last (version, subject sequence) a publisher saw on the log.
@@ -220,6 +234,10 @@ impl JetStreamFeed {
             .map_err(|e| unavailable(format!("{}: {e}", options.url)))?;
         let js = async_nats::jetstream::new(client);
         let catalog = Catalog::new(manifest);
+        let compacted = catalog
+            .names()
+            .map(|n| (n.to_owned(), Mutex::new(Compacted::default())))
+            .collect();
         let feed = JetStreamFeed {
             catalog,
             options,
@@ -227,6 +245,7 @@ impl JetStreamFeed {
             clock: Clock::System,
             tails: Mutex::new(HashMap::new()),
             known: std::sync::Mutex::new(HashMap::new()),
+            compacted,
         };
         // A cluster that is still electing its leader refuses stream
         // operations for a few seconds; keep trying rather than fail a start.
@@ -311,6 +330,32 @@ impl JetStreamFeed {
             Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
             Err(e) => Err(unavailable(e)),
         }
+    }
+
+    /// The compacted state of `dataset` as digests see it, brought up to
+    /// the log's last sequence as of this call.
+    async fn compacted(
+        &self,
+        dataset: &str,
+    ) -> Result<tokio::sync::MutexGuard<'_, Compacted>, FeedError> {
+        let ds = self.catalog.get(dataset)?;
+        let slot = self
+            .compacted
+            .get(dataset)
+            .ok_or_else(|| FeedError::UnknownDataset(dataset.to_owned()))?;
+        let log = self.options.log_stream(dataset);
+        let last = self.last_sequence(&log).await?;
+        let mut state = slot.lock().await;
+        state
+            .catch_up(
+                &self.js,
+                ds,
+                &log,
+                &self.options.log_subjects(dataset),
+                last,
+            )
+            .await?;
+        Ok(state)
     }
 
     fn known(&self, dataset: &str, key: &str) -> Option<(Version, u64)> {
@@ -695,6 +740,61 @@ impl Feed for JetStreamFeed {
 
     async fn schema(&self, dataset: &str) -> Result<Schema, FeedError> {
         Ok((*self.catalog.schema(dataset)?).clone())
+    }
+
+    async fn digest(&self, dataset: &str, query: &DigestQuery) -> Result<DigestNodes, FeedError> {
+        self.compacted(dataset)
+            .await?
+            .digest
+            .nodes(query)
+            .map_err(|e| FeedError::BadRequest(e.to_string()))
+    }
+
+    async fn bucket_entries(
+        &self,
+        dataset: &str,
+        buckets: &[u16],
+    ) -> Result<Vec<DigestEntry>, FeedError> {
+        self.catalog.get(dataset)?;
+        check_digest_request(buckets, 0)?;
+        Ok(self.compacted(dataset).await?.entries(buckets))
+    }
+
+    async fn records(&self, dataset: &str, keys: &[String]) -> Result<Vec<Change>, FeedError> {
+        let ds = self.catalog.get(dataset)?;
+        check_digest_request(&[], keys.len())?;
+        let log = self
+            .js
+            .get_stream_no_info(self.options.log_stream(dataset))
+            .await
+            .map_err(unavailable)?;
+        let log = &log;
+        // Owned keys: a stream over borrowed ones makes this future too
+        // general for the compiler to prove `Send` (as in the reconciler).
+        let found: Vec<Option<Change>> = futures_util::stream::iter(keys.to_vec())
+            .map(|key: String| async move {
+                let subject = self.options.key_subject(dataset, &key);
+                match log.get_last_raw_message_by_subject(&subject).await {
+                    Ok(m) => {
+                        let change = decode_entry(ds, m.sequence, &m.payload)?;
+                        if change.key != key {
+                            return Err(FeedError::Corrupt(format!(
+                                "log message {} of dataset {dataset} is on the subject of key '{key}' but carries key '{}'; fix or remove it",
+                                m.sequence, change.key
+                            )));
+                        }
+                        Ok(Some(change))
+                    }
+                    Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
+                    Err(e) => Err(unavailable(e)),
+                }
+            })
+            .buffered(RECORDS_IN_FLIGHT)
+            .collect::<Vec<_>>()
+            .await
+            .into_iter()
+            .collect::<Result<_, _>>()?;
+        Ok(found.into_iter().flatten().collect())
     }
 }
 
