@@ -165,6 +165,13 @@ pub struct Agent {
 pub enum AgentError {
     #[error("consumer '{0}' is not a service in the manifest")]
     UnknownConsumer(String),
+    /// The subscription projects fields the feed never carries.
+    #[error("{consumer} projects {fields} of {dataset}, private field(s) this feed never carries (a JetStream feed keeps private fields off the bus, where every reader of the dataset could read them); read {dataset} through the hub's embedded feed, or stop projecting them")]
+    Withheld {
+        consumer: String,
+        dataset: String,
+        fields: String,
+    },
     #[error(transparent)]
     OwnerEndpoint(#[from] EndpointError),
     /// A `snapshot_url` that cannot be used.
@@ -181,6 +188,25 @@ impl Agent {
     ) -> Result<Self, AgentError> {
         if !manifest.services.contains_key(consumer) {
             return Err(AgentError::UnknownConsumer(consumer.to_owned()));
+        }
+        for s in manifest
+            .subscriptions_of(consumer)
+            .filter(|s| s.strategy.follows_feed())
+        {
+            let withheld = feed.withheld_fields(&s.dataset);
+            let hit: Vec<&str> = s
+                .fields
+                .iter()
+                .filter(|f| withheld.contains(f))
+                .map(String::as_str)
+                .collect();
+            if !hit.is_empty() {
+                return Err(AgentError::Withheld {
+                    consumer: consumer.to_owned(),
+                    dataset: s.dataset.clone(),
+                    fields: hit.join(", "),
+                });
+            }
         }
         let progress = manifest
             .subscriptions_of(consumer)

@@ -239,6 +239,13 @@ pub trait Feed: Send + Sync {
         let _ = keys;
         Err(digests_not_supported(dataset))
     }
+
+    /// Fields of `dataset` this feed never carries, so no copy can be kept
+    /// of them through it (JetStream keeps private fields off the bus).
+    fn withheld_fields(&self, dataset: &str) -> Vec<String> {
+        let _ = dataset;
+        Vec::new()
+    }
 }
 
 /// Most buckets one [`Feed::bucket_entries`] call may ask for.

@@ -494,12 +494,24 @@ fn decode_entry(ds: &Dataset, position: Position, payload: &[u8]) -> Result<Chan
     // checked for shape here and against the consumer's projection by the
     // agent, which quarantines what its copy cannot hold.
     let checked = if change.schema_version == ds.schema.version {
-        change.validate(&ds.schema)
+        change.validate(&bus_schema(ds))
     } else {
         change.validate_shape()
     };
     checked.map_err(|e| corrupt(format!("is invalid: {e}")))?;
     Ok(change)
+}
+
+/// The schema of a dataset's records as the bus carries them: without its
+/// private fields, which the publisher keeps off the bus (a message that
+/// carries one was written around Spoke and is refused as corrupt).
+fn bus_schema(ds: &Dataset) -> std::borrow::Cow<'_, Schema> {
+    if ds.private.is_empty() {
+        return std::borrow::Cow::Borrowed(&ds.schema);
+    }
+    let mut s = ds.schema.clone();
+    s.fields.retain(|name, _| !ds.private.contains(name));
+    std::borrow::Cow::Owned(s)
 }
 
 /// Moves one buffered entry into `entries` if it is the next position;
@@ -542,9 +554,17 @@ impl Publisher for JetStreamFeed {
         dataset: &str,
         changes: Vec<ChangeInput>,
     ) -> Result<PublishReceipt, FeedError> {
-        let changes = self
+        let mut changes = self
             .catalog
             .prepare(dataset, changes, self.clock.now_ms())?;
+        // Private fields never go onto the bus: NATS permissions work per
+        // subject, so every reader of the dataset could read them there.
+        let private = &self.catalog.get(dataset)?.private;
+        if !private.is_empty() {
+            for c in &mut changes {
+                c.fields.retain(|name, _| !private.contains(name));
+            }
+        }
         // A handle only: no round trip (the streams exist since `connect`).
         let log = self
             .js
@@ -742,6 +762,13 @@ impl Feed for JetStreamFeed {
         Ok((*self.catalog.schema(dataset)?).clone())
     }
 
+    fn withheld_fields(&self, dataset: &str) -> Vec<String> {
+        self.catalog
+            .get(dataset)
+            .map(|ds| ds.private.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
     async fn digest(&self, dataset: &str, query: &DigestQuery) -> Result<DigestNodes, FeedError> {
         self.compacted(dataset)
             .await?
@@ -936,6 +963,111 @@ mod server_tests {
         }
         let versions: Vec<u64> = entries.iter().map(|e| e.change.version).collect();
         assert_eq!(versions, [1, 3, 4]);
+        nats_delete_streams(&url, &prefix.to_uppercase()).await;
+    }
+
+    /// Private fields never go onto the bus: NATS permissions are per
+    /// subject, so any reader of the dataset could read them there. The
+    /// publisher drops them, a message carrying one is refused as corrupt,
+    /// and an agent that projects one refuses to start over JetStream.
+    #[tokio::test]
+    async fn private_fields_stay_off_the_bus() {
+        let Some(url) = nats_or_skip("jetstream private fields").await else {
+            return;
+        };
+        let m = Manifest::parse(
+            "private.toml",
+            r#"
+[services.owner-svc]
+[services.reader-svc]
+[services.payer-svc]
+[datasets.customers]
+owner = "owner-svc"
+key = "id"
+fields = { name = "string", card = "string" }
+private = ["card"]
+grants = { "payer-svc" = ["card"] }
+[[subscriptions]]
+consumer = "reader-svc"
+dataset = "customers"
+fields = ["name"]
+staleness_budget = "1m"
+[[subscriptions]]
+consumer = "payer-svc"
+dataset = "customers"
+fields = ["name", "card"]
+staleness_budget = "1m"
+"#,
+        )
+        .expect("manifest");
+        let prefix = unique_name("spokepriv");
+        let o = options(&url, &prefix);
+        let feed = JetStreamFeed::connect(o.clone(), &m)
+            .await
+            .expect("connect");
+        let fields = serde_json::json!({"name": "Ada", "card": "4242"})
+            .as_object()
+            .cloned()
+            .unwrap();
+        feed.publish("customers", vec![ChangeInput::upsert("c1", 1, fields)])
+            .await
+            .expect("a full record validates and publishes");
+        let raw = async_nats::connect(url.as_str()).await.unwrap();
+        let js = async_nats::jetstream::new(raw);
+        let log = js.get_stream(o.log_stream("customers")).await.unwrap();
+        let msg = log
+            .get_last_raw_message_by_subject(&o.key_subject("customers", "c1"))
+            .await
+            .unwrap();
+        let on_bus = String::from_utf8_lossy(&msg.payload).into_owned();
+        assert!(
+            on_bus.contains("Ada") && !on_bus.contains("card") && !on_bus.contains("4242"),
+            "{on_bus}"
+        );
+        let b = feed
+            .read("customers", 0, 10, Duration::from_secs(5))
+            .await
+            .expect("read");
+        assert_eq!(
+            b.entries[0].change.fields.keys().collect::<Vec<_>>(),
+            ["name"]
+        );
+
+        // Written around Spoke with the private field: refused by name.
+        let leaky = br#"{"dataset":"customers","key":"c2","version":1,"op":"upsert","fields":{"name":"Bob","card":"1111"},"owner":"owner-svc","ts":1,"schema_version":1}"#;
+        js.publish(o.key_subject("customers", "c2"), leaky.to_vec().into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        let e = feed
+            .read("customers", 1, 10, Duration::from_secs(5))
+            .await
+            .expect_err("a private field on the bus");
+        assert!(
+            matches!(&e, FeedError::Corrupt(m) if m.contains("log message 2") && m.contains("'card' is not in the schema")),
+            "{e:?}"
+        );
+
+        // An agent that would copy the private field cannot use this feed.
+        let feed = std::sync::Arc::new(feed);
+        let store = std::sync::Arc::new(crate::copy::memory::MemoryCopyStore::new());
+        let e = crate::agent::Agent::new(
+            std::sync::Arc::new(m.clone()),
+            "payer-svc",
+            feed.clone(),
+            store.clone(),
+        )
+        .err()
+        .expect("payer-svc projects card");
+        assert!(
+            e.to_string().starts_with(
+                "payer-svc projects card of customers, private field(s) this feed never carries"
+            ),
+            "{e}"
+        );
+        crate::agent::Agent::new(std::sync::Arc::new(m), "reader-svc", feed, store)
+            .expect("reader-svc copies public fields only");
         nats_delete_streams(&url, &prefix.to_uppercase()).await;
     }
 
