@@ -31,6 +31,8 @@
 //!   fetching only the records of buckets that differ.
 //! - [`config`]: deployment configuration for the hub and agent roles.
 //! - [`auth`]: bearer tokens (kept hashed) and who is calling.
+//! - [`metrics`]: the Prometheus text format the agent's and the CDC
+//!   source's `GET /metrics` answer in.
 //! - [`tls`]: HTTPS for the hub and agent servers, and the CA clients trust.
 //! - [`shutdown`]: the stop signal every long-running task takes.
 //! - [`clock`]: wall-clock helpers, injectable for tests.
@@ -44,6 +46,7 @@ pub mod copy;
 pub mod drift;
 pub mod feed;
 pub mod hub;
+pub mod metrics;
 pub mod outbox;
 pub mod owner;
 pub mod quarantine;

@@ -3,10 +3,12 @@
 
 mod cdc_support;
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cdc_support::*;
 use spoke::cdc::CdcError;
+use spoke::feed::{ChangeInput, FeedError, PublishReceipt, Publisher};
 use spoke_core::Op;
 
 const T: Duration = Duration::from_secs(60);
@@ -322,4 +324,106 @@ async fn the_source_rides_out_a_postgres_crash_restart() {
     env.converge(T).await;
     assert_no_doubles(&log(env.feed.as_ref(), "items").await);
     running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_is_published_in_groups_keeping_commit_order_per_key() {
+    let Some(env) = Env::start().await else {
+        return;
+    };
+    let slot = spoke::testing::unique_name("cdc_group");
+    let running = env.spawn(env.config(&slot));
+    wait_snapshot_done(&env.db, &slot).await;
+    running.stop().await;
+    // While no source runs, 60 transactions pile up in the slot, each
+    // changing key 'k' (and a key of its own; every fifth deletes one).
+    for i in 1..=60i32 {
+        let extra = if i % 5 == 0 {
+            format!("DELETE FROM items WHERE id = 'o{}';", i - 1)
+        } else {
+            String::new()
+        };
+        env.db
+            .batch_execute(&format!(
+                "BEGIN;
+                 INSERT INTO items (id, name, qty) VALUES ('k', 'v{i}', {i})
+                   ON CONFLICT (id) DO UPDATE SET name = excluded.name, qty = excluded.qty;
+                 INSERT INTO items (id, name, qty) VALUES ('o{i}', 'own', {i});
+                 {extra}
+                 COMMIT;"
+            ))
+            .await
+            .unwrap();
+    }
+    let mut cfg = env.config(&slot);
+    cfg.options.batch = 50;
+    let recording = Arc::new(Recording {
+        feed: env.feed.clone(),
+        sizes: Mutex::new(Vec::new()),
+    });
+    let source = spoke::cdc::CdcSource::new(cfg, env.manifest.clone(), recording.clone())
+        .unwrap()
+        .with_reader(env.feed.clone());
+    let stats = source.stats();
+    let (trigger, shutdown) = spoke::shutdown::shutdown_channel();
+    let running = Running {
+        trigger,
+        task: tokio::spawn(source.run(shutdown)),
+    };
+    env.converge(T).await;
+    running.stop().await;
+
+    let entries = log(env.feed.as_ref(), "items").await;
+    assert_no_doubles(&entries);
+    let k: Vec<_> = entries.iter().filter(|e| e.change.key == "k").collect();
+    assert_eq!(k.len(), 60, "every committed version of 'k' is in the log");
+    for (i, e) in k.iter().enumerate() {
+        assert_eq!(
+            e.change.fields["qty"],
+            serde_json::json!(i as i64 + 1),
+            "commit order per key"
+        );
+        if i > 0 {
+            assert!(e.change.version > k[i - 1].change.version);
+        }
+    }
+    // 60 transactions of 2 or 3 changes, already waiting in the stream:
+    // they share publishes of at most `batch` (50) changes.
+    let sizes = recording.sizes.lock().unwrap().clone();
+    let transactions = spoke::cdc::CdcStats::get(&stats.transactions);
+    assert!(transactions >= 60, "{transactions} transactions");
+    assert!(
+        sizes.iter().sum::<usize>() >= 132,
+        "every change published: {sizes:?}"
+    );
+    assert!(sizes.iter().all(|&n| n <= 50), "{sizes:?}");
+    assert!(
+        (sizes.len() as u64) < transactions,
+        "{} publishes for {transactions} transactions: {sizes:?}",
+        sizes.len()
+    );
+    assert_eq!(
+        spoke::cdc::CdcStats::get(&stats.publishes),
+        sizes.len() as u64
+    );
+}
+
+/// A publisher that records the size of every publish into the feed.
+struct Recording {
+    feed: Arc<spoke::feed::sqlite::SqliteFeed>,
+    sizes: Mutex<Vec<usize>>,
+}
+
+#[async_trait::async_trait]
+impl Publisher for Recording {
+    async fn publish(
+        &self,
+        dataset: &str,
+        changes: Vec<ChangeInput>,
+    ) -> Result<PublishReceipt, FeedError> {
+        let n = changes.len();
+        let receipt = self.feed.publish(dataset, changes).await?;
+        self.sizes.lock().unwrap().push(n);
+        Ok(receipt)
+    }
 }

@@ -2,22 +2,30 @@
 //! publishes them to a hub or JetStream (the library's `spoke::cdc`).
 //!
 //! ```text
-//!  --config FILE | flags ─▶ CdcConfig ─▶ CdcSource::run ─▶ HubClient / JetStreamFeed
+//!  --config FILE | flags ─▶ CdcConfig ─▶ CdcSource::run ─▶ HubClient (--tls-ca for https) / JetStreamFeed
 //!                                          │ snapshot progress ─▶ progress bar (TTY) or log lines
 //!                                          └ retained WAL, lag ─▶ log every status interval
+//!                                                              └▶ GET /metrics (--metrics-listen)
 //! ```
+//!
+//! With a metrics listener, a source that stops with a definite error (a
+//! lost slot, a schema change, a rejected change) keeps serving `/metrics`
+//! (`spoke_cdc_stopped 1`, and `spoke_cdc_slot_lost 1` for a lost slot)
+//! until it is told to stop (SIGTERM, Ctrl-C), and then exits with the
+//! error: restarting would not fix it, and the alert should not vanish with
+//! the process.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::anyhow;
+use anyhow::{anyhow, Context};
 use clap::Args;
 use spoke::cdc::file::{CdcFile, FeedTarget};
-use spoke::cdc::{CdcConfig, CdcSource, SnapshotProgress, TableMapping};
+use spoke::cdc::{metrics, CdcConfig, CdcSource, SnapshotProgress, TableMapping};
 use spoke::config::SecretSource;
-use spoke::feed::http::HubClient;
 use spoke::feed::jetstream::{JetStreamFeed, JetStreamOptions};
 use spoke::feed::{Feed, Publisher};
 use spoke::shutdown::shutdown_channel;
@@ -58,24 +66,44 @@ pub struct CdcArgs {
     /// Rows per snapshot chunk.
     #[arg(long)]
     pub snapshot_chunk: Option<usize>,
-    /// Seconds between retained-WAL / lag log lines.
+    /// Seconds between retained-WAL / lag measurements (log lines and metrics).
     #[arg(long)]
     pub status_every_secs: Option<u64>,
+    /// CA certificate (PEM) to trust for an https:// hub (overrides the
+    /// config file's tls_ca).
+    #[arg(long, value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+    /// Serve GET /metrics (Prometheus text format) on this address, e.g.
+    /// 127.0.0.1:9187 (overrides the config file's metrics_listen).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 fn load_manifest(path: &std::path::Path) -> anyhow::Result<Manifest> {
     Manifest::load(path).map_err(|e| anyhow!("{e}"))
 }
 
-fn resolve(args: &CdcArgs) -> anyhow::Result<(PathBuf, CdcConfig, FeedTarget, Option<String>)> {
-    let (manifest, mut cfg, feed, token_env) = if let Some(path) = &args.config {
+/// What `spoke cdc` runs, from its config file or its flags.
+struct Resolved {
+    manifest: PathBuf,
+    cfg: CdcConfig,
+    feed: FeedTarget,
+    token_env: Option<String>,
+    tls_ca: Option<PathBuf>,
+    metrics_listen: Option<SocketAddr>,
+}
+
+fn resolve(args: &CdcArgs) -> anyhow::Result<Resolved> {
+    let mut r = if let Some(path) = &args.config {
         let f = CdcFile::load(path)?;
-        (
-            f.manifest,
-            f.cdc,
-            f.feed,
-            f.token_env.or(args.token_env.clone()),
-        )
+        Resolved {
+            manifest: f.manifest,
+            cfg: f.cdc,
+            feed: f.feed,
+            token_env: f.token_env.or(args.token_env.clone()),
+            tls_ca: f.tls_ca,
+            metrics_listen: f.metrics_listen,
+        }
     } else {
         let (Some(manifest), Some(postgres)) = (&args.manifest, &args.postgres) else {
             return Err(anyhow!(
@@ -92,22 +120,35 @@ fn resolve(args: &CdcArgs) -> anyhow::Result<(PathBuf, CdcConfig, FeedTarget, Op
             (None, Some(j)) => FeedTarget::JetStream(j.clone()),
             _ => return Err(anyhow!("give exactly one of --hub URL or --jetstream URL")),
         };
-        (
-            manifest.clone(),
-            CdcConfig::new(postgres, &args.publication, &args.slot, tables),
+        Resolved {
+            manifest: manifest.clone(),
+            cfg: CdcConfig::new(postgres, &args.publication, &args.slot, tables),
             feed,
-            args.token_env.clone(),
-        )
+            token_env: args.token_env.clone(),
+            tls_ca: None,
+            metrics_listen: None,
+        }
     };
-    cfg.options.resnapshot = args.resnapshot;
+    r.cfg.options.resnapshot = args.resnapshot;
     if let Some(n) = args.snapshot_chunk {
-        cfg.options.snapshot_chunk = n;
+        r.cfg.options.snapshot_chunk = n;
     }
     if let Some(s) = args.status_every_secs {
-        cfg.options.status_every = Duration::from_secs(s.max(1));
+        r.cfg.options.status_every = Duration::from_secs(s.max(1));
     }
-    cfg.validate()?;
-    Ok((manifest, cfg, feed, token_env))
+    if let Some(ca) = &args.tls_ca {
+        r.tls_ca = Some(ca.clone());
+    }
+    if let Some(addr) = args.metrics_listen {
+        r.metrics_listen = Some(addr);
+    }
+    if r.tls_ca.is_some() && !matches!(&r.feed, FeedTarget::Hub(h) if h.starts_with("https://")) {
+        return Err(anyhow!(
+            "--tls-ca: set, but the hub is not an https:// URL: there is no hub certificate to check"
+        ));
+    }
+    r.cfg.validate()?;
+    Ok(r)
 }
 
 /// A progress bar per table on a TTY; nothing otherwise (the library logs progress).
@@ -150,15 +191,19 @@ fn progress_reporter() -> Option<impl Fn(&SnapshotProgress) + Send + Sync + 'sta
 pub async fn connect_feed(
     feed: &FeedTarget,
     token_env: Option<String>,
+    tls_ca: Option<&std::path::Path>,
     manifest: &Manifest,
 ) -> anyhow::Result<(Arc<dyn Publisher>, Arc<dyn Feed>, String)> {
     Ok(match feed {
         FeedTarget::Hub(url) => {
             let url = spoke::config::check_url("--hub", url)?;
-            let token = token_env
-                .map(|v| SecretSource::Env(v).read("--token-env"))
-                .transpose()?;
-            let hub = Arc::new(HubClient::new(&url, token));
+            let token = token_env.map(SecretSource::Env);
+            let hub = Arc::new(super::serve::hub_client(
+                &url,
+                token.as_ref(),
+                tls_ca,
+                "--token-env",
+            )?);
             (hub.clone(), hub, url)
         }
         FeedTarget::JetStream(url) => {
@@ -169,10 +214,18 @@ pub async fn connect_feed(
 }
 
 pub fn run(args: CdcArgs) -> anyhow::Result<ExitCode> {
-    let (manifest_path, cfg, feed, token_env) = resolve(&args)?;
+    let Resolved {
+        manifest: manifest_path,
+        cfg,
+        feed,
+        token_env,
+        tls_ca,
+        metrics_listen,
+    } = resolve(&args)?;
     let manifest = Arc::new(load_manifest(&manifest_path)?);
     runtime()?.block_on(async move {
-        let (publisher, reader, target) = connect_feed(&feed, token_env, &manifest).await?;
+        let (publisher, reader, target) =
+            connect_feed(&feed, token_env, tls_ca.as_deref(), &manifest).await?;
         let tables: Vec<String> = cfg
             .tables
             .iter()
@@ -189,6 +242,25 @@ pub fn run(args: CdcArgs) -> anyhow::Result<ExitCode> {
             source = source.on_progress(report);
         }
         let (trigger, shutdown) = shutdown_channel();
+        let server = match metrics_listen {
+            None => None,
+            Some(addr) => {
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("metrics listener: cannot listen on {addr}"))?;
+                eprintln!(
+                    "spoke cdc: metrics at http://{}/metrics",
+                    listener.local_addr()?
+                );
+                let router = metrics::router(source.metrics());
+                Some(tokio::spawn(spoke::tls::serve(
+                    listener,
+                    None,
+                    router,
+                    shutdown.clone().signal(),
+                )))
+            }
+        };
         tokio::spawn(async move {
             let ctrl_c = tokio::signal::ctrl_c();
             #[cfg(unix)]
@@ -202,7 +274,20 @@ pub fn run(args: CdcArgs) -> anyhow::Result<ExitCode> {
             let _ = ctrl_c.await;
             trigger.fire();
         });
-        source.run(shutdown).await?;
+        let result = source.run(shutdown.clone()).await;
+        if let Some(server) = server {
+            if let Err(e) = &result {
+                eprintln!(
+                    "spoke cdc stopped: {e}\nspoke cdc: still serving /metrics until stopped (SIGTERM or Ctrl-C)"
+                );
+                shutdown.clone().signal().await;
+            }
+            server
+                .await
+                .context("metrics listener")?
+                .context("metrics listener")?;
+        }
+        result?;
         Ok(ExitCode::SUCCESS)
     })
 }

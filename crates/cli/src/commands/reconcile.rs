@@ -389,8 +389,13 @@ async fn cdc_owner_rows(
             names.join(", ")
         ));
     }
-    let (_, feed, _) =
-        super::cdc::connect_feed(&file.feed, file.token_env.clone(), &manifest).await?;
+    let (_, feed, _) = super::cdc::connect_feed(
+        &file.feed,
+        file.token_env.clone(),
+        file.tls_ca.as_deref(),
+        &manifest,
+    )
+    .await?;
     Ok((feed, checks))
 }
 

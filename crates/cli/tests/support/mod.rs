@@ -23,9 +23,15 @@ pub struct Proc {
 impl Proc {
     /// Starts `spoke ARGS…`.
     pub fn spawn(args: &[&str]) -> Proc {
+        Self::spawn_with_env(args, &[])
+    }
+
+    /// Starts `spoke ARGS…` with these environment variables set.
+    pub fn spawn_with_env(args: &[&str], env: &[(&str, &str)]) -> Proc {
         let mut child = Command::new(env!("CARGO_BIN_EXE_spoke"))
             .args(args)
             .env("SPOKE_LOG", "warn,spoke=info")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

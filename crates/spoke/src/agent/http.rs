@@ -293,7 +293,7 @@ async fn metrics(State(agent): State<Arc<Agent>>) -> Response {
         })
         .collect();
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        [(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
         render(&samples),
     )
         .into_response()

@@ -6,8 +6,7 @@
 //! Reconcile figures come from the copy store's bookkeeping, so runs made
 //! by `spoke reconcile` beside the agent count too.
 
-use std::fmt::Write;
-
+use crate::metrics::{Exposition, Kind};
 use crate::read::CopyStatus;
 
 pub const APPLIED_TOTAL: &str = "spoke_applied_changes_total";
@@ -41,65 +40,64 @@ pub struct Sample<'a> {
 
 /// Renders the Prometheus text exposition format.
 pub fn render(samples: &[Sample<'_>]) -> String {
-    let mut out = String::new();
+    let mut out = Exposition::new();
     let mut family =
-        |name: &str, kind: &str, help: &str, value: &dyn Fn(&Sample<'_>) -> Option<f64>| {
-            let _ = writeln!(out, "# HELP {name} {help}");
-            let _ = writeln!(out, "# TYPE {name} {kind}");
+        |name: &str, kind: Kind, help: &str, value: &dyn Fn(&Sample<'_>) -> Option<f64>| {
+            out.family(name, kind, help);
             for s in samples {
                 if let Some(v) = value(s) {
-                    let _ = writeln!(out, "{name}{{dataset=\"{}\"}} {v}", s.status.dataset);
+                    out.sample(name, &[("dataset", &s.status.dataset)], v);
                 }
             }
         };
     family(
         APPLIED_TOTAL,
-        "counter",
+        Kind::Counter,
         "Changes that changed the copy (bootstrap included).",
         &|s| Some(s.status.applied_total as f64),
     );
     family(
         RECEIVED_TOTAL,
-        "counter",
+        Kind::Counter,
         "Feed entries received after bootstrap, applied or ignored as stale.",
         &|s| Some(s.status.received_total as f64),
     );
     family(
         FEED_LAG,
-        "gauge",
+        Kind::Gauge,
         "Feed positions not yet applied (head minus position).",
         &|s| s.status.lag_positions.map(|l| l as f64),
     );
     family(
         STALENESS,
-        "gauge",
+        Kind::Gauge,
         "Seconds since the copy last held everything the feed held.",
         &|s| s.status.staleness_ms.map(|ms| ms as f64 / 1000.0),
     );
     family(
         BUDGET_SECONDS,
-        "gauge",
+        Kind::Gauge,
         "The subscription's staleness budget in seconds.",
         &|s| Some(s.budget_ms as f64 / 1000.0),
     );
     family(
         WITHIN_BUDGET,
-        "gauge",
+        Kind::Gauge,
         "1 when staleness is within the budget, else 0.",
         &|s| Some(if s.status.within_budget { 1.0 } else { 0.0 }),
     );
     family(
         BUDGET_BREACHES,
-        "counter",
+        Kind::Counter,
         "Times the copy went over its staleness budget.",
         &|s| Some(s.breaches as f64),
     );
-    family(RECORDS, "gauge", "Live records in the copy.", &|s| {
+    family(RECORDS, Kind::Gauge, "Live records in the copy.", &|s| {
         Some(s.status.records as f64)
     });
     family(
         COPY_ERROR,
-        "gauge",
+        Kind::Gauge,
         "1 while the copy's last attempt failed, else 0.",
         &|s| {
             Some(if s.status.last_error.is_some() {
@@ -111,19 +109,19 @@ pub fn render(samples: &[Sample<'_>]) -> String {
     );
     family(
         QUARANTINED,
-        "gauge",
+        Kind::Gauge,
         "Changes held in quarantine because the copy cannot hold them (spoke quarantine list).",
         &|s| Some(s.status.quarantined as f64),
     );
     family(
         RECONCILE_RUNS,
-        "counter",
+        Kind::Counter,
         "Reconcile runs (spoke reconcile) of the copy.",
         &|s| Some(s.status.reconcile.runs_total as f64),
     );
     family(
         RECONCILE_LAST_RUN,
-        "gauge",
+        Kind::Gauge,
         "Start of the last reconcile run, Unix seconds (absent: never ran).",
         &|s| {
             let r = &s.status.reconcile;
@@ -132,7 +130,7 @@ pub fn render(samples: &[Sample<'_>]) -> String {
     );
     family(
         RECONCILE_LAST_DURATION,
-        "gauge",
+        Kind::Gauge,
         "Duration of the last reconcile run in seconds.",
         &|s| {
             let r = &s.status.reconcile;
@@ -140,46 +138,46 @@ pub fn render(samples: &[Sample<'_>]) -> String {
         },
     );
     type CacheFigure = fn(&crate::ttl::CacheStats) -> u64;
-    let cache_families: [(&str, &str, &str, CacheFigure); 7] = [
+    let cache_families: [(&str, Kind, &str, CacheFigure); 7] = [
         (
             CACHE_ENTRIES,
-            "gauge",
+            Kind::Gauge,
             "Entries in a ttl subscription's cache.",
             |c| c.entries,
         ),
         (
             CACHE_HITS,
-            "counter",
+            Kind::Counter,
             "Reads answered by a ttl cache entry within its ttl.",
             |c| c.hits_total,
         ),
         (
             CACHE_MISSES,
-            "counter",
+            Kind::Counter,
             "Reads a ttl cache could not answer from an entry within its ttl.",
             |c| c.misses_total,
         ),
         (
             CACHE_OWNER_CALLS,
-            "counter",
+            Kind::Counter,
             "Reads of the owner made by a ttl cache (concurrent misses of one key share one).",
             |c| c.owner_calls_total,
         ),
         (
             CACHE_OWNER_ERRORS,
-            "counter",
+            Kind::Counter,
             "Owner reads of a ttl cache that failed.",
             |c| c.owner_errors_total,
         ),
         (
             CACHE_STALE_SERVED,
-            "counter",
+            Kind::Counter,
             "Expired ttl cache entries served because the owner failed.",
             |c| c.stale_served_total,
         ),
         (
             CACHE_EVICTIONS,
-            "counter",
+            Kind::Counter,
             "ttl cache entries evicted to stay within max_entries.",
             |c| c.evictions_total,
         ),
@@ -189,11 +187,11 @@ pub fn render(samples: &[Sample<'_>]) -> String {
             s.status.cache.as_ref().map(|c| value(c) as f64)
         });
     }
-    let _ = writeln!(
-        out,
-        "# HELP {RECONCILE_REPAIRED} Records repaired by reconcile: missing (fetched), stale (newer version fetched) or extra (removed)."
+    out.family(
+        RECONCILE_REPAIRED,
+        Kind::Counter,
+        "Records repaired by reconcile: missing (fetched), stale (newer version fetched) or extra (removed).",
     );
-    let _ = writeln!(out, "# TYPE {RECONCILE_REPAIRED} counter");
     for s in samples {
         let r = &s.status.reconcile;
         for (kind, n) in [
@@ -201,12 +199,12 @@ pub fn render(samples: &[Sample<'_>]) -> String {
             ("stale", r.repaired_stale_total),
             ("extra", r.repaired_extra_total),
         ] {
-            let _ = writeln!(
-                out,
-                "{RECONCILE_REPAIRED}{{dataset=\"{}\",kind=\"{kind}\"}} {n}",
-                s.status.dataset
+            out.sample(
+                RECONCILE_REPAIRED,
+                &[("dataset", &s.status.dataset), ("kind", kind)],
+                n as f64,
             );
         }
     }
-    out
+    out.finish()
 }

@@ -8,6 +8,8 @@
 //! # state_table = "public.spoke_cdc_state"
 //! hub = "http://127.0.0.1:7070"               # or: jetstream = "nats://127.0.0.1:4222"
 //! token_env = "SPOKE_TOKEN_CATALOG_SERVICE"   # the owner's hub token
+//! # tls_ca = "tls/ca.crt"                     # trust this CA for an https:// hub
+//! # metrics_listen = "127.0.0.1:9187"         # serve GET /metrics (Prometheus)
 //! # batch = 1000, snapshot_chunk = 5000, heartbeat_secs = 30,
 //! # status_every_secs = 10, wal_alarm_bytes = 1073741824
 //!
@@ -17,11 +19,13 @@
 //! version = "version"                         # optional: else commit LSNs
 //! ```
 //!
-//! Every problem names the field it is in; secrets come from the
+//! Paths (`manifest`, `tls_ca`) are relative to the file's folder. Every
+//! problem names the field it is in; secrets come from the
 //! environment or a file, never from the file itself when given as
 //! `{ env = … }` / `{ file = … }`.
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -44,6 +48,10 @@ pub struct CdcFile {
     pub cdc: CdcConfig,
     pub feed: FeedTarget,
     pub token_env: Option<String>,
+    /// CA certificate (PEM) to trust for an `https://` hub.
+    pub tls_ca: Option<PathBuf>,
+    /// Where to serve `GET /metrics`; `None`: no metrics listener.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 #[derive(Deserialize)]
@@ -72,6 +80,8 @@ struct Raw {
     hub: Option<String>,
     jetstream: Option<String>,
     token_env: Option<String>,
+    tls_ca: Option<PathBuf>,
+    metrics_listen: Option<String>,
     batch: Option<usize>,
     snapshot_chunk: Option<usize>,
     heartbeat_secs: Option<u64>,
@@ -110,6 +120,22 @@ impl CdcFile {
                 )))
             }
         };
+        let tls_ca = raw.tls_ca.map(|p| base.join(p));
+        if tls_ca.is_some() && !matches!(&feed, FeedTarget::Hub(h) if h.starts_with("https://")) {
+            return Err(CdcError::Config(format!(
+                "{file}: tls_ca is set, but hub is not an https:// URL: there is no hub certificate to check"
+            )));
+        }
+        let metrics_listen = raw
+            .metrics_listen
+            .map(|a| {
+                a.parse::<SocketAddr>().map_err(|_| {
+                    CdcError::Config(format!(
+                        "{file}: metrics_listen: '{a}' is not an address such as 127.0.0.1:9187"
+                    ))
+                })
+            })
+            .transpose()?;
         let tables = raw
             .datasets
             .iter()
@@ -142,6 +168,8 @@ impl CdcFile {
             cdc,
             feed,
             token_env: raw.token_env,
+            tls_ca,
+            metrics_listen,
         })
     }
 }
@@ -171,6 +199,21 @@ version = "v"
         assert_eq!(f.cdc.tables[0].schema, "catalog");
         assert_eq!(f.cdc.tables[0].version.as_deref(), Some("v"));
         assert_eq!(f.cdc.options.heartbeat, None);
+        assert_eq!((f.tls_ca, f.metrics_listen), (None, None));
+        let f = CdcFile::parse(
+            "c.toml",
+            &GOOD.replace(
+                "hub = \"http://127.0.0.1:7070\"",
+                "hub = \"https://hub.internal:7070\"\ntls_ca = \"tls/ca.pem\"\nmetrics_listen = \"127.0.0.1:9187\"",
+            ),
+            Path::new("/etc/spoke"),
+        )
+        .unwrap();
+        assert_eq!(
+            f.tls_ca.as_deref(),
+            Some(Path::new("/etc/spoke/tls/ca.pem"))
+        );
+        assert_eq!(f.metrics_listen, Some("127.0.0.1:9187".parse().unwrap()));
     }
 
     #[test]
@@ -195,5 +238,27 @@ version = "v"
         .unwrap_err()
         .to_string();
         assert!(e.contains("slot name"), "{e}");
+        let e = CdcFile::parse(
+            "c.toml",
+            &GOOD.replace(
+                "heartbeat_secs",
+                "metrics_listen = \"nowhere\"\nheartbeat_secs",
+            ),
+            Path::new("."),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("c.toml: metrics_listen: 'nowhere'"), "{e}");
+        let e = CdcFile::parse(
+            "c.toml",
+            &GOOD.replace("heartbeat_secs", "tls_ca = \"ca.pem\"\nheartbeat_secs"),
+            Path::new("."),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("tls_ca is set, but hub is not an https:// URL"),
+            "{e}"
+        );
     }
 }

@@ -13,7 +13,7 @@
 //!  │  ORDER BY key LIMIT n       │                                                            (hub or
 //!  │                             │ stream (from S's confirmed position)                        JetStream)
 //!  │  WAL ─▶ walsender ─▶ pgoutput│─────────▶ Begin … Relation/Insert/Update/Delete … Commit
-//!  └─────────────────────────────┘           coalesce per key ─▶ publish(version = commit end LSN)
+//!  └─────────────────────────────┘           coalesce per key ─▶ group ─▶ publish(version = commit end LSN)
 //!             ▲                                                   │ every batch accepted
 //!             └──────────── ack (confirmed_flush_lsn) ◀───────────┘
 //! ```
@@ -34,7 +34,11 @@
 //! - **Transactions.** A transaction is buffered until its Commit, then
 //!   published per dataset in batches of at most `batch` changes, in order.
 //!   A very large transaction is therefore several batches: a crash between
-//!   them leaves a prefix in the feed that the replay completes.
+//!   them leaves a prefix in the feed that the replay completes. Consecutive
+//!   committed transactions that have already arrived are published
+//!   together (group commit, up to `batch` changes: one feed transaction,
+//!   one fsync) and acknowledged at the last one's end; the source never
+//!   waits for more to arrive (see [`source`]).
 //! - **Initial snapshot consistent with the stream** (decided here):
 //!   the slot is created first; its consistent point `C` is stored in
 //!   `spoke_cdc_state`. Then each table is read in key-ordered chunks
@@ -71,9 +75,10 @@
 //! - **Idle tables do not pin WAL**: keepalive positions are acknowledged
 //!   when no transaction is in flight, and an optional heartbeat writes a
 //!   non-transactional logical message so the position moves even when the
-//!   owner's database writes nothing. Retained WAL and lag are logged every
-//!   `status_every` and kept in [`CdcStats`], with a warning above
-//!   `wal_alarm_bytes`.
+//!   owner's database writes nothing. Retained WAL and lag are measured
+//!   every `status_every` (also during the snapshot), logged, kept in
+//!   [`CdcStats`] and served as Prometheus metrics ([`metrics`]), with a
+//!   warning and `spoke_cdc_retained_wal_alarm` above `wal_alarm_bytes`.
 //!
 //! # Layout
 //! - [`pgoutput`]: the pgoutput message decoder.
@@ -82,17 +87,20 @@
 //! - [`slot`]: catalog checks, publication, slot, and the state table.
 //! - [`snapshot`]: the chunked, resumable initial snapshot.
 //! - [`source`]: [`CdcSource`], which runs setup, snapshot and stream.
+//! - [`metrics`]: the source's Prometheus metrics (`GET /metrics`).
 //! - [`file`]: the `spoke cdc` config file.
 
 pub mod convert;
 pub mod file;
+pub mod metrics;
 pub mod pgoutput;
 pub mod shape;
 pub mod slot;
 pub mod snapshot;
 pub mod source;
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -413,7 +421,8 @@ pub(crate) fn pg_error(context: &str, e: tokio_postgres::Error) -> CdcError {
     }
 }
 
-/// What the source has done, readable while it runs.
+/// What the source has done, readable while it runs (and rendered by
+/// [`metrics`] on each scrape).
 #[derive(Debug, Default)]
 pub struct CdcStats {
     pub transactions: AtomicU64,
@@ -421,6 +430,9 @@ pub struct CdcStats {
     pub published: AtomicU64,
     /// Changes the feed already held (replays).
     pub ignored: AtomicU64,
+    /// Publish calls that the feed accepted (changes per publish =
+    /// (published + ignored) / publishes).
+    pub publishes: AtomicU64,
     pub snapshot_rows: AtomicU64,
     /// End LSN of the last published transaction.
     pub last_commit_lsn: AtomicU64,
@@ -430,8 +442,27 @@ pub struct CdcStats {
     pub retained_wal_bytes: AtomicU64,
     /// current WAL − confirmed_flush_lsn, bytes.
     pub lag_bytes: AtomicU64,
+    /// The slot's confirmed_flush_lsn, as last measured.
+    pub confirmed_flush_lsn: AtomicU64,
+    /// When the slot was last measured, Unix ms; 0: not yet.
+    pub slot_measured_ms: AtomicU64,
+    /// The slot's `wal_status`, as last measured.
+    pub wal_status: Mutex<Option<String>>,
+    /// The slot was found gone or invalidated ([`CdcError::SlotLost`]).
+    pub slot_lost: AtomicBool,
+    /// The source stopped with a definite error (it needs a person).
+    pub stopped: AtomicBool,
     pub reconnects: AtomicU64,
     pub last_error: Mutex<Option<String>>,
+    /// Per dataset: changes the feed appended and ignored.
+    pub datasets: Mutex<BTreeMap<String, DatasetCounts>>,
+}
+
+/// One dataset's changes, as the feed answered them.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct DatasetCounts {
+    pub published: u64,
+    pub ignored: u64,
 }
 
 impl CdcStats {
@@ -440,6 +471,28 @@ impl CdcStats {
     }
     pub fn get(counter: &AtomicU64) -> u64 {
         counter.load(Ordering::Relaxed)
+    }
+
+    /// Counts one accepted publish of `dataset`.
+    pub(crate) fn count_publish(&self, dataset: &str, published: u64, ignored: u64) {
+        Self::add(&self.published, published);
+        Self::add(&self.ignored, ignored);
+        Self::add(&self.publishes, 1);
+        let mut datasets = self.datasets.lock().expect("cdc stats");
+        let counts = datasets.entry(dataset.to_owned()).or_default();
+        counts.published += published;
+        counts.ignored += ignored;
+    }
+
+    /// Per dataset counts, in name order.
+    pub fn dataset_counts(&self) -> BTreeMap<String, DatasetCounts> {
+        self.datasets.lock().expect("cdc stats").clone()
+    }
+
+    /// Whether the slot has not been measured for `every` (or ever).
+    pub(crate) fn slot_measure_due(&self, every: Duration) -> bool {
+        let last = Self::get(&self.slot_measured_ms);
+        last == 0 || crate::clock::now_ms().saturating_sub(last) >= every.as_millis() as u64
     }
 }
 

@@ -28,7 +28,7 @@ use tokio_postgres::Client;
 
 use super::shape::Shape;
 use super::slot::{save_progress, StateRow, TableInfo};
-use super::source::{publish_all, Published};
+use super::source::{measure_slot, publish_all, Published};
 use super::{ident, pg_error, pgoutput, CdcConfig, CdcError, CdcStats, SnapshotProgress};
 use crate::feed::{ChangeInput, Feed, Publisher};
 use crate::shutdown::Shutdown;
@@ -188,6 +188,10 @@ pub(crate) async fn run(
         )
         .await?;
         report(rows_done, finished);
+        // A long snapshot holds WAL back: keep its figures current.
+        if stats.slot_measure_due(cfg.options.status_every) {
+            measure_slot(client, cfg, stats).await?;
+        }
         if finished {
             return Ok(true);
         }

@@ -8,21 +8,34 @@
 //!
 //!  stream:  Begin ─▶ Txn { per table: key ─▶ last change }   (Relation: check shape)
 //!           Insert / Update / Delete ─▶ coalesce into Txn
-//!           Commit(end) ─▶ publish every batch ─▶ update_applied_lsn(end)
-//!           KeepAlive / heartbeat message, no Txn open ─▶ update_applied_lsn(pos)
+//!           Commit(end) ─▶ Group { per dataset: changes in commit order }
+//!             more events already received and group < batch? ─▶ next event
+//!             else ─▶ publish the group (per dataset, every batch) ─▶ update_applied_lsn(last end)
+//!           KeepAlive / heartbeat message, no Txn open, Group empty ─▶ update_applied_lsn(pos)
 //! ```
 //!
 //! # Contract
 //! - The applied position handed to pgwire-replication never passes a
-//!   change the publisher has not accepted: it is raised after a Commit
-//!   whose batches all returned `Ok`, or to a keepalive position while no
-//!   transaction is open (everything before it has been handled).
+//!   change the publisher has not accepted: it is raised to the last Commit
+//!   of a group whose batches all returned `Ok`, or to a keepalive position
+//!   while no transaction is open and no group waits (everything before it
+//!   has been handled).
+//! - Group commit: consecutive committed transactions are published
+//!   together (one publish per dataset, so one feed transaction and one
+//!   fsync) while more of the stream has already arrived, up to `batch`
+//!   changes. The source never waits for more: when nothing else has
+//!   arrived, the group is published at once, so a lone transaction is
+//!   published as soon as it commits. Changes keep commit order per key
+//!   (a key changed by several transactions of a group appears once per
+//!   transaction, oldest first).
 //! - An error inside a transaction discards the whole transaction: nothing
-//!   of it is published, nothing acknowledged.
+//!   of it is published, nothing acknowledged; the complete transactions
+//!   before it are published and acknowledged first.
 //! - A new session (after a transient error) starts from the slot's
 //!   confirmed position or the last published commit, whichever is later.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -33,11 +46,12 @@ use serde_json::{Map, Value};
 use spoke_core::Manifest;
 use tokio_postgres::Client;
 
+use super::metrics::CdcMetrics;
 use super::pgoutput::{self, Message, OldKind};
 use super::shape::Shape;
 use super::slot::{self, SlotInfo, TableInfo};
 use super::snapshot::{self, ProgressFn, SnapshotJob};
-use super::{fmt_lsn, CdcConfig, CdcError, CdcStats, SnapshotProgress};
+use super::{fmt_lsn, CdcConfig, CdcError, CdcStats, DatasetCounts, SnapshotProgress};
 use crate::feed::{ChangeInput, Feed, FeedError, Publisher};
 use crate::shutdown::Shutdown;
 
@@ -78,8 +92,11 @@ pub(crate) async fn publish_all(
         loop {
             match publisher.publish(dataset, chunk.to_vec()).await {
                 Ok(receipt) => {
-                    CdcStats::add(&stats.published, (chunk.len() - receipt.ignored) as u64);
-                    CdcStats::add(&stats.ignored, receipt.ignored as u64);
+                    stats.count_publish(
+                        dataset,
+                        (chunk.len() - receipt.ignored) as u64,
+                        receipt.ignored as u64,
+                    );
                     break;
                 }
                 Err(e) if e.is_transient() => {
@@ -110,6 +127,55 @@ pub(crate) async fn publish_all(
         }
     }
     Ok(Published::Done)
+}
+
+/// Measures the slot into `stats` (retained WAL, lag, confirmed position,
+/// `wal_status`) and logs it, with a warning above the alarm threshold. A
+/// slot that is gone or lost its WAL is [`CdcError::SlotLost`].
+pub(crate) async fn measure_slot(
+    client: &Client,
+    cfg: &CdcConfig,
+    stats: &CdcStats,
+) -> Result<(), CdcError> {
+    let slot = &cfg.slot;
+    let info = slot::slot_info(client, slot).await?;
+    stats
+        .slot_measured_ms
+        .store(crate::clock::now_ms().max(1), Ordering::Relaxed);
+    *stats.wal_status.lock().expect("cdc stats") = info.as_ref().and_then(|i| i.wal_status.clone());
+    let Some(info) = info else {
+        return Err(CdcError::SlotLost {
+            slot: slot.clone(),
+            reason: "it was dropped while Spoke used it".into(),
+        });
+    };
+    let retained = info.retained_bytes.unwrap_or(0);
+    let lag = info.lag_bytes.unwrap_or(0);
+    stats.retained_wal_bytes.store(retained, Ordering::Relaxed);
+    stats.lag_bytes.store(lag, Ordering::Relaxed);
+    if let Some(c) = info.confirmed_flush {
+        stats.confirmed_flush_lsn.store(c, Ordering::Relaxed);
+    }
+    tracing::info!(
+        "cdc slot {slot}: retained WAL {retained} bytes, lag {lag} bytes, wal_status {}, confirmed {}, published {} changes in {} transactions",
+        info.wal_status.as_deref().unwrap_or("?"),
+        info.confirmed_flush.map(fmt_lsn).unwrap_or_default(),
+        CdcStats::get(&stats.published),
+        CdcStats::get(&stats.transactions),
+    );
+    if info.wal_status.as_deref() == Some("lost") {
+        return Err(CdcError::SlotLost {
+            slot: slot.clone(),
+            reason: "wal_status = 'lost': PostgreSQL removed WAL it still needed (max_slot_wal_keep_size)".into(),
+        });
+    }
+    if retained > cfg.options.wal_alarm_bytes {
+        tracing::warn!(
+            "cdc slot {slot} retains {retained} bytes of WAL, above the alarm threshold of {} bytes",
+            cfg.options.wal_alarm_bytes
+        );
+    }
+    Ok(())
 }
 
 fn need_txn(txn: Option<&mut Txn>) -> Result<&mut Txn, CdcError> {
@@ -201,13 +267,19 @@ impl CdcSource {
                 )));
             }
         }
+        let stats = Arc::new(CdcStats::default());
+        stats.datasets.lock().expect("cdc stats").extend(
+            cfg.tables
+                .iter()
+                .map(|t| (t.dataset.clone(), DatasetCounts::default())),
+        );
         Ok(CdcSource {
             cfg,
             manifest,
             publisher,
             reader: None,
             progress: None,
-            stats: Arc::default(),
+            stats,
         })
     }
 
@@ -227,6 +299,11 @@ impl CdcSource {
 
     pub fn stats(&self) -> Arc<CdcStats> {
         self.stats.clone()
+    }
+
+    /// What `GET /metrics` shows of this source ([`super::metrics`]).
+    pub fn metrics(&self) -> CdcMetrics {
+        CdcMetrics::new(&self.cfg, self.stats.clone())
     }
 
     /// Runs until `shutdown`, or until a definite error.
@@ -260,6 +337,10 @@ impl CdcSource {
                 }
                 Err(e) => {
                     *self.stats.last_error.lock().expect("stats") = Some(e.to_string());
+                    if matches!(e, CdcError::SlotLost { .. }) {
+                        self.stats.slot_lost.store(true, Ordering::Relaxed);
+                    }
+                    self.stats.stopped.store(true, Ordering::Relaxed);
                     return Err(e);
                 }
             }
@@ -323,6 +404,7 @@ impl CdcSource {
             );
         }
         let consistent = self.prepare_slot(&client).await?;
+        measure_slot(&client, cfg, &self.stats).await?;
         let state = slot::load_state(&client, cfg).await?;
         for table in &tables {
             let ds = &table.info.mapping.dataset;
@@ -483,38 +565,6 @@ impl CdcSource {
         }
     }
 
-    async fn report_slot(&self, client: &Client) -> Result<(), CdcError> {
-        let slot = &self.cfg.slot;
-        let Some(info) = slot::slot_info(client, slot).await? else {
-            return Err(CdcError::SlotLost {
-                slot: slot.clone(),
-                reason: "it was dropped while streaming".into(),
-            });
-        };
-        let retained = info.retained_bytes.unwrap_or(0);
-        let lag = info.lag_bytes.unwrap_or(0);
-        self.stats
-            .retained_wal_bytes
-            .store(retained, std::sync::atomic::Ordering::Relaxed);
-        self.stats
-            .lag_bytes
-            .store(lag, std::sync::atomic::Ordering::Relaxed);
-        tracing::info!(
-            "cdc slot {slot}: retained WAL {retained} bytes, lag {lag} bytes, wal_status {}, confirmed {}, published {} changes in {} transactions",
-            info.wal_status.as_deref().unwrap_or("?"),
-            info.confirmed_flush.map(fmt_lsn).unwrap_or_default(),
-            CdcStats::get(&self.stats.published),
-            CdcStats::get(&self.stats.transactions),
-        );
-        if retained > self.cfg.options.wal_alarm_bytes {
-            tracing::warn!(
-                "cdc slot {slot} retains {retained} bytes of WAL, above the alarm threshold of {} bytes",
-                self.cfg.options.wal_alarm_bytes
-            );
-        }
-        Ok(())
-    }
-
     async fn stream(
         &self,
         admin: &Client,
@@ -551,13 +601,21 @@ impl CdcSource {
             fmt_lsn(start)
         );
         *backoff = cfg.options.backoff_min;
+        // Events the client has received from the server so far, against
+        // those this loop took: the difference is what is already waiting.
+        let wire = client.metrics();
+        let mut taken = 0u64;
         let mut relations: HashMap<u32, Option<(usize, Shape)>> = HashMap::new();
         let mut txn: Option<Txn> = None;
+        let mut group = Group::default();
+        let mut progress = Progress {
+            acked: start,
+            published_upto,
+        };
         let mut status = tokio::time::interval(cfg.options.status_every);
         let mut heartbeat =
             tokio::time::interval(cfg.options.heartbeat.unwrap_or(Duration::from_secs(3600)));
         let mut heartbeat_on = cfg.options.heartbeat.is_some();
-        let mut acked = start;
         loop {
             let event = tokio::select! {
                 _ = shutdown.wait() => {
@@ -565,7 +623,7 @@ impl CdcSource {
                     return Ok(());
                 }
                 _ = status.tick() => {
-                    self.report_slot(admin).await?;
+                    measure_slot(admin, cfg, &self.stats).await?;
                     continue;
                 }
                 _ = heartbeat.tick(), if heartbeat_on => {
@@ -583,75 +641,148 @@ impl CdcSource {
                     continue;
                 }
                 ev = client.recv() => match ev {
-                    Ok(Some(ev)) => ev,
+                    Ok(Some(ev)) => {
+                        taken += 1;
+                        ev
+                    }
                     Ok(None) => return Err(CdcError::Unavailable("the replication stream ended".into())),
                     Err(e) => return Err(self.wire_error(e)),
                 },
             };
-            match event {
+            let handled = match event {
                 ReplicationEvent::Begin {
                     commit_time_micros, ..
                 } => {
                     if txn.is_some() {
-                        return Err(CdcError::Stream("Begin inside a transaction".into()));
+                        Err(CdcError::Stream("Begin inside a transaction".into()))
+                    } else {
+                        txn = Some(Txn {
+                            commit_ms: pg_time_ms(commit_time_micros),
+                            tables: BTreeMap::new(),
+                        });
+                        Ok(())
                     }
-                    txn = Some(Txn {
-                        commit_ms: pg_time_ms(commit_time_micros),
-                        tables: BTreeMap::new(),
-                    });
                 }
-                ReplicationEvent::XLogData { data, .. } => {
-                    let msg =
-                        pgoutput::decode(&data).map_err(|e| CdcError::Stream(e.to_string()))?;
-                    self.apply(msg, tables, &mut relations, txn.as_mut())?;
-                }
+                ReplicationEvent::XLogData { data, .. } => pgoutput::decode(&data)
+                    .map_err(|e| CdcError::Stream(e.to_string()))
+                    .and_then(|msg| self.apply(msg, tables, &mut relations, txn.as_mut())),
                 ReplicationEvent::Commit {
                     end_lsn,
                     commit_time_micros,
                     ..
-                } => {
-                    let mut t = txn
-                        .take()
-                        .ok_or_else(|| CdcError::Stream("Commit without Begin".into()))?;
-                    t.commit_ms = pg_time_ms(commit_time_micros);
-                    if !self.publish_txn(t, end_lsn.0, tables, shutdown).await? {
-                        client.stop();
-                        return Ok(());
+                } => match txn.take() {
+                    None => Err(CdcError::Stream("Commit without Begin".into())),
+                    Some(mut t) => {
+                        t.commit_ms = pg_time_ms(commit_time_micros);
+                        match committed_changes(t, end_lsn.0, tables) {
+                            Err(e) => Err(e),
+                            Ok(changes) => {
+                                // One publish per dataset holds at most `batch`
+                                // changes: publish what waits before it would
+                                // overflow (a larger transaction alone is
+                                // split by `publish_all`).
+                                let rows: usize = changes.iter().map(|(_, c)| c.len()).sum();
+                                let overflows =
+                                    !group.is_empty() && group.rows + rows > cfg.options.batch;
+                                if overflows
+                                    && !self
+                                        .flush(&mut group, &client, &mut progress, shutdown)
+                                        .await?
+                                {
+                                    client.stop();
+                                    return Ok(());
+                                }
+                                group.add(changes, rows, end_lsn.0);
+                                Ok(())
+                            }
+                        }
                     }
-                    client.update_applied_lsn(end_lsn);
-                    *published_upto = (*published_upto).max(end_lsn.0);
-                    acked = acked.max(end_lsn.0);
-                    CdcStats::add(&self.stats.transactions, 1);
-                    self.stats
-                        .last_commit_lsn
-                        .store(end_lsn.0, std::sync::atomic::Ordering::Relaxed);
-                    self.stats
-                        .acked_lsn
-                        .store(acked, std::sync::atomic::Ordering::Relaxed);
-                }
-                ReplicationEvent::KeepAlive { wal_end, .. } => {
-                    if txn.is_none() && wal_end.0 > acked {
-                        client.update_applied_lsn(wal_end);
-                        acked = wal_end.0;
-                        self.stats
-                            .acked_lsn
-                            .store(acked, std::sync::atomic::Ordering::Relaxed);
-                    }
-                }
-                ReplicationEvent::Message {
+                },
+                ReplicationEvent::KeepAlive { wal_end: lsn, .. }
+                | ReplicationEvent::Message {
                     transactional: false,
                     lsn,
                     ..
                 } => {
-                    if txn.is_none() && lsn.0 > acked {
+                    // Everything before it has been handled: nothing open,
+                    // nothing waiting to be published.
+                    if txn.is_none() && group.is_empty() && lsn.0 > progress.acked {
                         client.update_applied_lsn(lsn);
-                        acked = lsn.0;
+                        progress.acked = lsn.0;
+                        self.stats.acked_lsn.store(lsn.0, Ordering::Relaxed);
                     }
+                    Ok(())
                 }
-                ReplicationEvent::Message { .. } => {}
-                ReplicationEvent::StoppedAt { .. } => return Ok(()),
+                ReplicationEvent::Message { .. } => Ok(()),
+                ReplicationEvent::StoppedAt { .. } => {
+                    self.flush(&mut group, &client, &mut progress, shutdown)
+                        .await?;
+                    return Ok(());
+                }
+            };
+            if let Err(e) = handled {
+                // The transactions before the bad one are complete: publish
+                // and acknowledge them, as if each had been published alone.
+                self.flush(&mut group, &client, &mut progress, shutdown)
+                    .await?;
+                return Err(e);
+            }
+            // Group commit: publish when the group is full, or when nothing
+            // more is waiting in the stream (never wait for more to come).
+            if !group.is_empty()
+                && (group.rows >= cfg.options.batch || wire.events_forwarded() <= taken)
+                && !self
+                    .flush(&mut group, &client, &mut progress, shutdown)
+                    .await?
+            {
+                client.stop();
+                return Ok(());
             }
         }
+    }
+
+    /// Publishes the group's changes, then confirms its last commit to the
+    /// server. `Ok(false)`: stopped by shutdown (nothing confirmed).
+    async fn flush(
+        &self,
+        group: &mut Group,
+        client: &ReplicationClient,
+        progress: &mut Progress<'_>,
+        shutdown: &mut Shutdown,
+    ) -> Result<bool, CdcError> {
+        if group.is_empty() {
+            return Ok(true);
+        }
+        let Group {
+            datasets,
+            transactions,
+            end_lsn,
+            ..
+        } = std::mem::take(group);
+        for (dataset, changes) in datasets {
+            match publish_all(
+                self.publisher.as_ref(),
+                &dataset,
+                changes,
+                &self.cfg,
+                &self.stats,
+                shutdown,
+            )
+            .await?
+            {
+                Published::Done => {}
+                Published::Stopped => return Ok(false),
+            }
+        }
+        client.update_applied_lsn(Lsn(end_lsn));
+        *progress.published_upto = (*progress.published_upto).max(end_lsn);
+        progress.acked = progress.acked.max(end_lsn);
+        CdcStats::add(&self.stats.transactions, transactions);
+        self.stats.last_commit_lsn.store(end_lsn, Ordering::Relaxed);
+        self.stats
+            .acked_lsn
+            .store(progress.acked, Ordering::Relaxed);
+        Ok(true)
     }
 
     /// Applies one decoded message to the open transaction.
@@ -786,59 +917,75 @@ impl CdcSource {
         }
         Ok(())
     }
+}
 
-    /// Publishes a committed transaction. `Ok(false)`: stopped by shutdown.
-    async fn publish_txn(
-        &self,
-        txn: Txn,
-        end_lsn: u64,
-        tables: &[Table],
-        shutdown: &mut Shutdown,
-    ) -> Result<bool, CdcError> {
-        let mut batches = Vec::new();
-        for (i, keys) in txn.tables {
-            let table = &tables[i].info.mapping;
-            let mut changes = Vec::with_capacity(keys.len());
-            for (key, p) in keys {
-                let mut change = match p {
-                    Pending::Upsert {
-                        version,
-                        fields,
-                        missing,
-                    } => {
-                        if let Some(column) = missing.into_iter().next() {
-                            return Err(CdcError::Toast {
-                                table: table.qualified(),
-                                key,
-                                column,
-                            });
-                        }
-                        ChangeInput::upsert(key, version.unwrap_or(end_lsn), fields)
-                    }
-                    Pending::Delete { version } => {
-                        ChangeInput::delete(key, version.unwrap_or(end_lsn))
-                    }
-                };
-                change.ts = Some(txn.commit_ms);
-                changes.push(change);
-            }
-            batches.push((table.dataset.clone(), changes));
-        }
-        for (dataset, changes) in batches {
-            match publish_all(
-                self.publisher.as_ref(),
-                &dataset,
-                changes,
-                &self.cfg,
-                &self.stats,
-                shutdown,
-            )
-            .await?
-            {
-                Published::Done => {}
-                Published::Stopped => return Ok(false),
-            }
-        }
-        Ok(true)
+/// Where the stream stands: the position confirmed to the server, and the
+/// last commit the feed holds (a new session starts at or after it).
+struct Progress<'a> {
+    acked: u64,
+    published_upto: &'a mut u64,
+}
+
+/// Committed transactions not yet published: per dataset, their changes
+/// in commit order (a key changed by several of them appears once per
+/// transaction, oldest first, so the feed keeps commit order per key).
+#[derive(Default)]
+struct Group {
+    datasets: BTreeMap<String, Vec<ChangeInput>>,
+    rows: usize,
+    transactions: u64,
+    /// End LSN of the last transaction: what to confirm once published.
+    end_lsn: u64,
+}
+
+impl Group {
+    fn is_empty(&self) -> bool {
+        self.transactions == 0
     }
+
+    fn add(&mut self, changes: Vec<(String, Vec<ChangeInput>)>, rows: usize, end_lsn: u64) {
+        for (dataset, c) in changes {
+            self.datasets.entry(dataset).or_default().extend(c);
+        }
+        self.rows += rows;
+        self.transactions += 1;
+        self.end_lsn = end_lsn;
+    }
+}
+
+/// A committed transaction's changes per dataset, versioned by `end_lsn`
+/// where the table has no version column.
+fn committed_changes(
+    txn: Txn,
+    end_lsn: u64,
+    tables: &[Table],
+) -> Result<Vec<(String, Vec<ChangeInput>)>, CdcError> {
+    let mut out = Vec::with_capacity(txn.tables.len());
+    for (i, keys) in txn.tables {
+        let table = &tables[i].info.mapping;
+        let mut changes = Vec::with_capacity(keys.len());
+        for (key, p) in keys {
+            let mut change = match p {
+                Pending::Upsert {
+                    version,
+                    fields,
+                    missing,
+                } => {
+                    if let Some(column) = missing.into_iter().next() {
+                        return Err(CdcError::Toast {
+                            table: table.qualified(),
+                            key,
+                            column,
+                        });
+                    }
+                    ChangeInput::upsert(key, version.unwrap_or(end_lsn), fields)
+                }
+                Pending::Delete { version } => ChangeInput::delete(key, version.unwrap_or(end_lsn)),
+            };
+            change.ts = Some(txn.commit_ms);
+            changes.push(change);
+        }
+        out.push((table.dataset.clone(), changes));
+    }
+    Ok(out)
 }

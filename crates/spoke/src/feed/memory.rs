@@ -2,7 +2,7 @@
 //! owner and a consumer inside one process. Nothing survives a restart.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use spoke_core::digest::{bucket_of, Digest, DigestEntry, DigestNodes, DigestQuery};
@@ -15,10 +15,12 @@ use super::{
 };
 use crate::clock::Clock;
 
+/// A dataset's log and compacted state share each change (an `Arc`), so a
+/// publish stores it once; readers get their own copies.
 #[derive(Default)]
 struct Log {
-    entries: Vec<Change>,
-    state: BTreeMap<String, Change>,
+    entries: Vec<Arc<Change>>,
+    state: BTreeMap<String, Arc<Change>>,
     /// The digest of `state`, updated with every change to it.
     digest: Digest,
 }
@@ -82,7 +84,8 @@ impl Publisher for MemoryFeed {
                 ignored += 1;
                 continue;
             }
-            log.entries.push(change.clone());
+            let change = Arc::new(change);
+            log.entries.push(Arc::clone(&change));
             positions.push(Some(log.entries.len() as Position));
             if let Some(old) = log.state.get(&change.key) {
                 log.digest
@@ -131,7 +134,7 @@ impl Feed for MemoryFeed {
                     .enumerate()
                     .map(|(i, c)| FeedEntry {
                         position: (start + i + 1) as Position,
-                        change: c.clone(),
+                        change: Change::clone(c),
                     })
                     .collect();
                 (entries, log.entries.len() as Position)
@@ -168,7 +171,10 @@ impl Feed for MemoryFeed {
                 .range::<str, _>((std::ops::Bound::Excluded(k), std::ops::Bound::Unbounded)),
             None => log.state.range::<str, _>(..),
         };
-        let records: Vec<Change> = range.take(limit + 1).map(|(_, c)| c.clone()).collect();
+        let records: Vec<Change> = range
+            .take(limit + 1)
+            .map(|(_, c)| Change::clone(c))
+            .collect();
         let (records, next_after_key) = if records.len() > limit {
             let page = records[..limit].to_vec();
             let next = page.last().map(|c| c.key.clone());
@@ -222,7 +228,7 @@ impl Feed for MemoryFeed {
         let logs = self.logs.lock().expect("memory feed lock");
         Ok(logs.get(dataset).map_or_else(Vec::new, |log| {
             keys.iter()
-                .filter_map(|k| log.state.get(k).cloned())
+                .filter_map(|k| log.state.get(k).map(|c| Change::clone(c)))
                 .collect()
         }))
     }

@@ -114,6 +114,38 @@ impl Env {
         }
     }
 
+    /// Starts a source and serves its `GET /metrics` on a free port; the
+    /// server outlives the source, so a stopped source can still be scraped.
+    pub async fn spawn_with_metrics(&self, cfg: CdcConfig) -> (Running, MetricsServer) {
+        let source = CdcSource::new(cfg, self.manifest.clone(), self.feed.clone())
+            .expect("source")
+            .with_reader(self.feed.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}/metrics", listener.local_addr().unwrap());
+        let (server_trigger, server_shutdown) = shutdown_channel();
+        let server = tokio::spawn(spoke::tls::serve(
+            listener,
+            None,
+            spoke::cdc::metrics::router(source.metrics()),
+            server_shutdown.signal(),
+        ));
+        let (trigger, shutdown) = shutdown_channel();
+        let running = Running {
+            trigger,
+            task: tokio::spawn(source.run(shutdown)),
+        };
+        (
+            running,
+            MetricsServer {
+                url,
+                trigger: server_trigger,
+                task: server,
+            },
+        )
+    }
+
     /// Waits until the feed's compacted state equals the table (or panics).
     pub async fn converge(&self, within: Duration) {
         let deadline = Instant::now() + within;
@@ -169,6 +201,46 @@ impl Running {
             Err(_) => panic!("the source did not stop within {within:?}"),
         }
     }
+}
+
+/// A CDC source's metrics endpoint, served apart from the source.
+pub struct MetricsServer {
+    pub url: String,
+    trigger: ShutdownTrigger,
+    task: JoinHandle<std::io::Result<()>>,
+}
+
+impl MetricsServer {
+    /// The scrape's text (panics unless it is a 200 in the Prometheus format).
+    pub async fn scrape(&self) -> String {
+        let resp = reqwest::get(&self.url).await.expect("scrape /metrics");
+        assert_eq!(resp.status(), 200, "GET {}", self.url);
+        assert_eq!(
+            resp.headers()["content-type"],
+            "text/plain; version=0.0.4",
+            "the Prometheus text format"
+        );
+        resp.text().await.expect("metrics body")
+    }
+
+    /// The value of one series (`name{labels}`) in a scrape, if present.
+    pub async fn value(&self, series: &str) -> Option<f64> {
+        metric_value(&self.scrape().await, series)
+    }
+
+    pub async fn stop(self) {
+        self.trigger.fire();
+        self.task
+            .await
+            .expect("no panic")
+            .expect("the metrics server stops cleanly");
+    }
+}
+
+/// The value of `series` (`name{labels}`) in a Prometheus text scrape.
+pub fn metric_value(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
 }
 
 pub async fn connect(url: &str) -> tokio_postgres::Client {

@@ -9,6 +9,7 @@
 //!         pg_recvlogical --slot <u>_raw --start --endpos END -o proto_version=1 … -f /dev/null   (the ceiling)
 //!         CdcSource (slot <u>_d) ─▶ publish every transaction ─▶ a discarding publisher  (the source alone)
 //!         CdcSource (slot <u>)   ─▶ publish every transaction ─▶ the feed (--feed)      (source + feed)
+//!       (consecutive transactions already received share a publish, up to 1,000 rows)
 //!       a CdcSource run ends when the feed has accepted all N rows
 //!
 //!  2. latency at fixed commit rates
@@ -20,7 +21,8 @@
 //! `proto_version 1`, `messages true`), and their wall clock includes
 //! connecting and starting replication. pg_recvlogical writes the stream to
 //! /dev/null; the CDC source parses every message, converts rows to changes
-//! and publishes each transaction: once into a publisher that validates the
+//! and publishes every transaction (those already received together, in
+//! publishes of up to 1,000 rows): once into a publisher that validates the
 //! batch as every feed does and keeps nothing (the closest match to
 //! /dev/null), once into the feed (`--feed memory`: the in-process
 //! `MemoryFeed`; `--feed sqlite`: the embedded hub's SQLite log with
@@ -268,6 +270,8 @@ struct Decode {
     /// CdcSource only: changes the feed accepted / ignored (replays).
     published: u64,
     ignored: u64,
+    /// CdcSource only: publishes it took (consecutive transactions share one).
+    publishes: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -732,6 +736,7 @@ async fn throughput(ctx: &Ctx<'_>, owner: &Client) -> anyhow::Result<Vec<Round>>
                         rows_per_s_after_first: None,
                         published: 0,
                         ignored: 0,
+                        publishes: 0,
                     }
                 }
                 Decoder::SpokeDiscard => {
@@ -819,6 +824,7 @@ async fn cdc_decode(
     source.wait_for(rows, Some((bar, bar.position()))).await?;
     let elapsed = t.elapsed();
     let (published, ignored) = (source.published(), source.ignored());
+    let publishes = CdcStats::get(&source.stats.publishes);
     source.stop(owner, slot).await?;
     let after_first = elapsed.saturating_sub(first).as_secs_f64();
     Ok(Decode {
@@ -829,6 +835,7 @@ async fn cdc_decode(
         rows_per_s_after_first: Some(rows as f64 / after_first.max(1e-9)),
         published,
         ignored,
+        publishes,
     })
 }
 
@@ -1058,6 +1065,7 @@ fn print_tables(r: &Report, args: &CdcArgs) {
             "rows/s",
             "first publish ms",
             "rows/s after it",
+            "rows per publish",
             "vs pg_recvlogical",
         ]);
         for x in &r.rounds {
@@ -1088,6 +1096,11 @@ fn print_tables(r: &Report, args: &CdcArgs) {
                         .map_or_else(|| "-".to_owned(), |v| format!("{v:.1}")),
                     d.rows_per_s_after_first
                         .map_or_else(|| "-".to_owned(), thousands),
+                    if d.publishes == 0 {
+                        "-".to_owned()
+                    } else {
+                        format!("{:.0}", (d.published + d.ignored) as f64 / d.publishes as f64)
+                    },
                     format!("{:.2}", d.rows_per_s / raw),
                 ]);
             }
