@@ -15,35 +15,39 @@ pub const KEY_PLACEHOLDER: &str = "{key}";
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OwnerUrl(String);
 
+/// Checks what every owner URL in a manifest needs (no spaces or control
+/// characters, `http://` or `https://`, a host, no fragment) and splits it
+/// into its authority and the rest (path and query).
+pub(crate) fn split_http_url(url: &str) -> Result<(&str, &str), String> {
+    if let Some(c) = url.chars().find(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!(
+            "'{url}' contains {c:?}; a URL has no spaces or control characters"
+        ));
+    }
+    let rest = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"))
+        .ok_or_else(|| format!("'{url}' must start with http:// or https://"))?;
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, after) = rest.split_at(authority_end);
+    if authority.is_empty() {
+        return Err(format!("'{url}' has no host"));
+    }
+    if after.contains('#') {
+        return Err(format!(
+            "'{url}' has a fragment (#…), which is never sent to the owner"
+        ));
+    }
+    Ok((authority, after))
+}
+
 impl OwnerUrl {
     /// Checks a template; the error says what is wrong (the caller adds where).
     pub fn parse(template: &str) -> Result<Self, String> {
-        if let Some(c) = template
-            .chars()
-            .find(|c| c.is_whitespace() || c.is_control())
-        {
-            return Err(format!(
-                "'{template}' contains {c:?}; a URL has no spaces or control characters"
-            ));
-        }
-        let rest = template
-            .strip_prefix("http://")
-            .or_else(|| template.strip_prefix("https://"))
-            .ok_or_else(|| format!("'{template}' must start with http:// or https://"))?;
-        let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-        let authority = &rest[..authority_end];
-        if authority.is_empty() {
-            return Err(format!("'{template}' has no host"));
-        }
+        let (authority, after) = split_http_url(template)?;
         if authority.contains('{') || authority.contains('}') {
             return Err(format!(
                 "'{template}': {KEY_PLACEHOLDER} belongs in the path or query, not the host"
-            ));
-        }
-        let after = &rest[authority_end..];
-        if after.contains('#') {
-            return Err(format!(
-                "'{template}' has a fragment (#…), which is never sent to the owner"
             ));
         }
         let keys = after.matches(KEY_PLACEHOLDER).count();

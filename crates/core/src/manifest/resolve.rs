@@ -654,27 +654,14 @@ pub(super) fn resolve(
                             format!("remove {key}, or set strategy = \"{}\"", wanted.as_str()),
                         );
                     }
-                    match v.get_ref().parse::<Duration>() {
-                        Ok(d) if d == Duration::default() => {
-                            report(
-                                line,
-                                Rule::Strategy,
-                                format!("subscription {who}: {key} must be longer than 0s"),
-                                format!("e.g. {key} = \"{example}\""),
-                            );
-                            None
-                        }
-                        Ok(d) => Some(d),
-                        Err(e) => {
-                            report(
-                                line,
-                                Rule::Strategy,
-                                format!("subscription {who}: {key}: {e}"),
-                                format!("e.g. {key} = \"{example}\""),
-                            );
-                            None
-                        }
-                    }
+                    positive_duration(
+                        &who,
+                        key,
+                        v.get_ref(),
+                        &format!("e.g. {key} = \"{example}\""),
+                    )
+                    .map_err(|(problem, fix)| report(line, Rule::Strategy, problem, fix))
+                    .ok()
                 }
             }
         };
@@ -710,27 +697,14 @@ pub(super) fn resolve(
                     "remove reconcile_every".into(),
                 );
             }
-            match v.get_ref().parse::<Duration>() {
-                Ok(d) if d == Duration::default() => {
-                    report(
-                        line,
-                        Rule::Strategy,
-                        format!("subscription {who}: reconcile_every must be longer than 0s"),
-                        "e.g. reconcile_every = \"1h\", or remove it to reconcile only on demand".into(),
-                    );
-                    None
-                }
-                Ok(d) => Some(d),
-                Err(e) => {
-                    report(
-                        line,
-                        Rule::Strategy,
-                        format!("subscription {who}: reconcile_every: {e}"),
-                        "e.g. reconcile_every = \"1h\"".into(),
-                    );
-                    None
-                }
-            }
+            positive_duration(
+                &who,
+                "reconcile_every",
+                v.get_ref(),
+                "e.g. reconcile_every = \"1h\", or remove it to reconcile only on demand",
+            )
+            .map_err(|(problem, fix)| report(line, Rule::Strategy, problem, fix))
+            .ok()
         });
         let snapshot = resolve_snapshot(
             sub.snapshot_url,
@@ -1200,5 +1174,23 @@ fn resolve_traits(
         access,
         impact,
         historical: raw.historical,
+    }
+}
+
+/// A subscription's duration setting, which must be longer than 0s: the
+/// value, or the problem and its fix (`hint`).
+fn positive_duration(
+    who: &str,
+    key: &str,
+    value: &str,
+    hint: &str,
+) -> Result<Duration, (String, String)> {
+    match value.parse::<Duration>() {
+        Ok(d) if d == Duration::default() => Err((
+            format!("subscription {who}: {key} must be longer than 0s"),
+            hint.to_owned(),
+        )),
+        Ok(d) => Ok(d),
+        Err(e) => Err((format!("subscription {who}: {key}: {e}"), hint.to_owned())),
     }
 }

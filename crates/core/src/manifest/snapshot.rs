@@ -35,25 +35,8 @@ pub struct SnapshotUrl(String);
 impl SnapshotUrl {
     /// Checks a URL; the error says what is wrong (the caller adds where).
     pub fn parse(url: &str) -> Result<Self, String> {
-        if let Some(c) = url.chars().find(|c| c.is_whitespace() || c.is_control()) {
-            return Err(format!(
-                "'{url}' contains {c:?}; a URL has no spaces or control characters"
-            ));
-        }
-        let rest = url
-            .strip_prefix("http://")
-            .or_else(|| url.strip_prefix("https://"))
-            .ok_or_else(|| format!("'{url}' must start with http:// or https://"))?;
-        let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-        if rest[..authority_end].is_empty() {
-            return Err(format!("'{url}' has no host"));
-        }
-        if rest.contains('#') {
-            return Err(format!(
-                "'{url}' has a fragment (#…), which is never sent to the owner"
-            ));
-        }
-        if rest.contains(['{', '}']) {
+        let (authority, after) = super::owner_url::split_http_url(url)?;
+        if authority.contains(['{', '}']) || after.contains(['{', '}']) {
             return Err(format!(
                 "'{url}' has a placeholder; snapshot_url names the whole listing (Spoke adds ?fields=key,version&limit=…&after=…), unlike owner_url"
             ));
