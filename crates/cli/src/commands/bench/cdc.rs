@@ -110,6 +110,10 @@ pub struct CdcArgs {
     /// The feed the CDC source publishes into.
     #[arg(long, value_enum, default_value_t = CdcFeed::Memory)]
     feed: CdcFeed,
+    /// Most changes the CDC source groups into one publish (its `batch`
+    /// option; default: the source's default).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    batch: Option<u64>,
     /// A PostgreSQL with wal_level=logical to use (default: start a private
     /// instance with initdb in the scratch directory).
     #[arg(long)]
@@ -550,6 +554,9 @@ impl Source {
         let mapping = TableMapping::new(DATASET, &format!("public.{}", n.table), "id", None)?;
         let mut cfg = CdcConfig::new(&ctx.conninfo, &n.publication, slot, vec![mapping]);
         cfg.state_table = n.state_table.clone();
+        if let Some(b) = ctx.args.batch {
+            cfg.options.batch = b as usize;
+        }
         let source = CdcSource::new(cfg, ctx.manifest.clone(), publisher)?;
         let stats = source.stats();
         let (trigger, shutdown) = shutdown_channel();
