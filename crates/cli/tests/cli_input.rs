@@ -318,6 +318,13 @@ fn bad_flag_values_are_named() {
     );
     assert_ne!(code, 0);
     assert!(stderr.contains("unknown_owner.toml:7: dataset customers: owner 'ghost-service' is not a declared service"), "{stderr}");
+    // Bench flags out of range are refused before anything starts.
+    for bad in ["0", "10001", "-5", "many"] {
+        let flag = format!("--batch={bad}");
+        let (code, _, stderr) = run_in(dir.path(), &["bench", "cdc", &flag]);
+        assert_eq!(code, 2, "--batch {bad}: {stderr}");
+        assert!(stderr.contains("--batch"), "--batch {bad}: {stderr}");
+    }
 }
 
 #[test]
