@@ -106,16 +106,9 @@ pub async fn replay(
     if fits.is_empty() {
         return Ok(report);
     }
-    let projected: Vec<Change> = fits
-        .iter()
-        .cloned()
-        .map(|mut c| {
-            if c.op == Op::Upsert {
-                c.fields = spec.projection.apply(&c.fields);
-            }
-            c
-        })
-        .collect();
+    let released: Vec<(String, Version)> =
+        fits.iter().map(|c| (c.key.clone(), c.version)).collect();
+    let projected: Vec<Change> = fits.into_iter().map(|c| spec.project(c)).collect();
     let out = store
         .apply(
             ds,
@@ -129,7 +122,6 @@ pub async fn replay(
         .await?;
     report.applied = out.applied;
     report.superseded = out.ignored;
-    let released: Vec<(String, Version)> = fits.into_iter().map(|c| (c.key, c.version)).collect();
     store.release(ds, &released).await?;
     Ok(report)
 }

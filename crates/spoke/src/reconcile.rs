@@ -245,13 +245,6 @@ impl<'a> Reconciler<'a> {
         self
     }
 
-    fn project(&self, mut c: Change) -> Change {
-        if c.op == Op::Upsert {
-            c.fields = self.spec.projection.apply(&c.fields);
-        }
-        c
-    }
-
     /// Runs once and records the run in the store's bookkeeping.
     pub async fn run(
         &self,
@@ -461,7 +454,7 @@ impl<'a> Reconciler<'a> {
                         }),
                     },
                 );
-                batch.push(self.project(c.clone()));
+                batch.push(self.spec.project(c.clone()));
             }
             for chunk in batch.chunks(opts.batch.max(1)) {
                 let out = self.store.apply(ds, chunk, repair_advance).await?;
@@ -479,7 +472,7 @@ impl<'a> Reconciler<'a> {
         let recreated: Vec<Change> = extra
             .iter()
             .filter_map(|e| records.get(&e.key))
-            .map(|c| self.project(c.clone()))
+            .map(|c| self.spec.project(c.clone()))
             .collect();
         if !recreated.is_empty() {
             self.store.apply(ds, &recreated, repair_advance).await?;

@@ -115,6 +115,9 @@ pub struct SchemaRegistry {
     versions: Mutex<HashMap<String, Vec<SchemaVersion>>>,
     /// Catalogs that validate publishes and must learn each new version.
     catalogs: Vec<Catalog>,
+    /// Held through a registration, from the version check to the store, so
+    /// two registrations of the same version cannot both pass.
+    registering: Mutex<()>,
 }
 
 impl SchemaRegistry {
@@ -166,6 +169,7 @@ impl SchemaRegistry {
             db: db.map(Mutex::new),
             versions: Mutex::new(versions),
             catalogs: Vec::new(),
+            registering: Mutex::new(()),
         };
         for (name, ds) in &manifest.datasets {
             let known = registry.versions_of(name);
@@ -253,18 +257,9 @@ impl SchemaRegistry {
     }
 
     /// What `next` would break: every subscription's projected fields of
-    /// `dataset` compared between the current version and `next`.
-    pub fn breaks(
-        &self,
-        dataset: &str,
-        next: &Schema,
-    ) -> Result<Vec<ConsumerBreak>, RegistryError> {
-        self.dataset(dataset)?;
-        let current = self
-            .current(dataset)
-            .ok_or_else(|| RegistryError::UnknownDataset(dataset.to_owned()))?;
-        Ok(self
-            .manifest
+    /// `dataset` compared between `current` and `next`.
+    fn breaks(&self, dataset: &str, current: &Schema, next: &Schema) -> Vec<ConsumerBreak> {
+        self.manifest
             .subscriptions
             .iter()
             .filter(|s| s.dataset == dataset && s.strategy.stores_copy())
@@ -279,7 +274,7 @@ impl SchemaRegistry {
                         line: s.line,
                     })
             })
-            .collect())
+            .collect()
     }
 
     /// Checks and stores a new version; on success it is current and every
@@ -311,13 +306,9 @@ impl SchemaRegistry {
             }
         }
         let next = Schema::new(reg.version, reg.fields.clone());
-        // The lock is held from the version check to the store, so two
-        // registrations of the same version cannot both pass.
-        let mut versions = self.versions.lock().expect("registry lock");
-        let current = versions
-            .get(dataset)
-            .and_then(|v| v.last())
-            .map(SchemaVersion::schema)
+        let _registering = self.registering.lock().expect("registry lock");
+        let current = self
+            .current(dataset)
             .ok_or_else(|| RegistryError::UnknownDataset(dataset.to_owned()))?;
         if reg.version <= current.version {
             return Err(RegistryError::Invalid(format!(
@@ -325,8 +316,7 @@ impl SchemaRegistry {
                 reg.version, current.version
             )));
         }
-        drop(versions);
-        let breaks = self.breaks(dataset, &next)?;
+        let breaks = self.breaks(dataset, &current, &next);
         if !breaks.is_empty() && !reg.accept_breaking {
             return Err(RegistryError::Incompatible {
                 dataset: dataset.to_owned(),
@@ -345,18 +335,6 @@ impl SchemaRegistry {
             registered_at_ms: now_ms,
             breaks,
         };
-        versions = self.versions.lock().expect("registry lock");
-        if versions
-            .get(dataset)
-            .and_then(|v| v.last())
-            .is_some_and(|l| l.version >= v.version)
-        {
-            return Err(RegistryError::Invalid(format!(
-                "schema version {} of {dataset} was registered concurrently",
-                v.version
-            )));
-        }
-        drop(versions);
         self.store(dataset, v.clone())?;
         for c in &self.catalogs {
             c.install(dataset, v.schema())

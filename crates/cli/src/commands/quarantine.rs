@@ -28,26 +28,7 @@ fn copies(
     consumer: &str,
     dataset: Option<&str>,
 ) -> anyhow::Result<Vec<(CopySpec, u32)>> {
-    let all: Vec<_> = manifest
-        .subscriptions_of(consumer)
-        .filter(|s| s.strategy.stores_copy())
-        .collect();
-    let chosen: Vec<_> = all
-        .iter()
-        .filter(|s| dataset.is_none_or(|d| s.dataset == d))
-        .collect();
-    if chosen.is_empty() {
-        let names: Vec<&str> = all.iter().map(|s| s.dataset.as_str()).collect();
-        return Err(anyhow!(
-            "{consumer} keeps no copy of {}; its copies: {}",
-            dataset.unwrap_or("any dataset"),
-            if names.is_empty() {
-                "none".to_owned()
-            } else {
-                names.join(", ")
-            }
-        ));
-    }
+    let chosen = super::chosen_copies(manifest, consumer, dataset, |s| s.strategy.stores_copy())?;
     chosen
         .into_iter()
         .map(|s| {

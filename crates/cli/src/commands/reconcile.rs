@@ -138,37 +138,19 @@ async fn agent_feed(cfg: &AgentConfig, manifest: &Manifest) -> anyhow::Result<Ar
 pub fn run(config: &Path, dataset: Option<&str>, json: bool) -> anyhow::Result<ExitCode> {
     let cfg = DeploymentConfig::load(config)?.agent()?.clone();
     let manifest = Manifest::load(&cfg.manifest).map_err(|e| anyhow!("{e}"))?;
-    let subs: Vec<_> = manifest
-        .subscriptions_of(&cfg.consumer)
-        .filter(|s| s.strategy.follows_feed())
-        .collect();
-    let chosen: Vec<_> = match dataset {
-        None => subs.clone(),
-        Some(d) => subs.iter().filter(|s| s.dataset == d).cloned().collect(),
-    };
-    if chosen.is_empty() {
-        if let Some(s) = dataset.and_then(|d| manifest.subscription(&cfg.consumer, d)) {
-            if s.strategy == spoke_core::manifest::Strategy::Scheduled {
-                return Err(anyhow!(
-                    "{} keeps {} with strategy scheduled: every refresh already compares the copy's digest with the owner's snapshot and repairs what differs (every {}); see `spoke status`",
-                    cfg.consumer,
-                    s.dataset,
-                    s.interval.map_or("interval".to_owned(), |i| i.to_string())
-                ));
-            }
+    if let Some(s) = dataset.and_then(|d| manifest.subscription(&cfg.consumer, d)) {
+        if s.strategy == spoke_core::manifest::Strategy::Scheduled {
+            return Err(anyhow!(
+                "{} keeps {} with strategy scheduled: every refresh already compares the copy's digest with the owner's snapshot and repairs what differs (every {}); see `spoke status`",
+                cfg.consumer,
+                s.dataset,
+                s.interval.map_or("interval".to_owned(), |i| i.to_string())
+            ));
         }
-        let names: Vec<&str> = subs.iter().map(|s| s.dataset.as_str()).collect();
-        return Err(anyhow!(
-            "{} keeps no copy of {}; its copies: {}",
-            cfg.consumer,
-            dataset.unwrap_or("any dataset"),
-            if names.is_empty() {
-                "none".to_owned()
-            } else {
-                names.join(", ")
-            }
-        ));
     }
+    let chosen = super::chosen_copies(&manifest, &cfg.consumer, dataset, |s| {
+        s.strategy.follows_feed()
+    })?;
     runtime()?.block_on(async {
         let store = super::serve::open_store(&cfg.store).await?;
         let feed = agent_feed(&cfg, &manifest).await?;

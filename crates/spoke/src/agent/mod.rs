@@ -40,7 +40,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use spoke_core::manifest::{OwnerSnapshot, Strategy, Subscription};
-use spoke_core::{Change, Manifest, Op, Projection};
+use spoke_core::{Change, Manifest, Projection};
 use tokio::task::JoinSet;
 
 use crate::clock::Clock;
@@ -670,13 +670,6 @@ impl Follower {
         }
     }
 
-    fn project(&self, mut c: Change) -> Change {
-        if c.op == Op::Upsert {
-            c.fields = self.spec.projection.apply(&c.fields);
-        }
-        c
-    }
-
     /// Splits entries into projected changes that fit the copy and held
     /// ones that do not (see [`crate::quarantine`]), learning newer owner
     /// schemas on the way.
@@ -689,7 +682,7 @@ impl Follower {
                 self.learn_schema(c.schema_version).await;
             }
             match quarantine::misfit(&self.spec, self.known_version, &c) {
-                None => fit.push(self.project(c)),
+                None => fit.push(self.spec.project(c)),
                 Some(reason) => held.push(quarantine::held(&self.spec, c, position, reason, now)),
             }
         }

@@ -91,6 +91,15 @@ impl CopySpec {
             projection: Projection::new(&ds.schema, &subscription.fields)?,
         })
     }
+
+    /// `change` as this copy stores it: an upsert keeps only the projected
+    /// fields (absent optional ones as null); a delete is unchanged.
+    pub fn project(&self, mut change: Change) -> Change {
+        if change.op == spoke_core::Op::Upsert {
+            change.fields = self.projection.apply(&change.fields);
+        }
+        change
+    }
 }
 
 /// Where a copy stands in its feed.

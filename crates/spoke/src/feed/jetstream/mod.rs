@@ -205,6 +205,9 @@ pub struct JetStreamFeed {
     /// Per dataset, the compacted state's digest at some log sequence
     /// (see [`digest`]); a request waits while another brings it up to date.
     compacted: HashMap<String, Mutex<Compacted>>,
+    /// Each dataset as the bus carries it: its schema without the private
+    /// fields, which the publisher keeps off the bus (see `publish`).
+    on_bus: HashMap<String, Dataset>,
 }
 
 /// Per key, the last (version, subject sequence) a publisher saw on the log.
@@ -238,6 +241,16 @@ impl JetStreamFeed {
             .names()
             .map(|n| (n.to_owned(), Mutex::new(Compacted::default())))
             .collect();
+        let on_bus = manifest
+            .datasets
+            .iter()
+            .map(|(name, ds)| {
+                let mut ds = ds.clone();
+                let private = ds.private.clone();
+                ds.schema.fields.retain(|f, _| !private.contains(f));
+                (name.clone(), ds)
+            })
+            .collect();
         let feed = JetStreamFeed {
             catalog,
             options,
@@ -246,6 +259,7 @@ impl JetStreamFeed {
             tails: Mutex::new(HashMap::new()),
             known: std::sync::Mutex::new(HashMap::new()),
             compacted,
+            on_bus,
         };
         // A cluster that is still electing its leader refuses stream
         // operations for a few seconds; keep trying rather than fail a start.
@@ -332,13 +346,20 @@ impl JetStreamFeed {
         }
     }
 
+    /// `dataset` as its log messages are checked: see [`JetStreamFeed::on_bus`].
+    fn on_bus(&self, dataset: &str) -> Result<&Dataset, FeedError> {
+        self.on_bus
+            .get(dataset)
+            .ok_or_else(|| FeedError::UnknownDataset(dataset.to_owned()))
+    }
+
     /// The compacted state of `dataset` as digests see it, brought up to
     /// the log's last sequence as of this call.
     async fn compacted(
         &self,
         dataset: &str,
     ) -> Result<tokio::sync::MutexGuard<'_, Compacted>, FeedError> {
-        let ds = self.catalog.get(dataset)?;
+        let ds = self.on_bus(dataset)?;
         let slot = self
             .compacted
             .get(dataset)
@@ -439,7 +460,7 @@ impl JetStreamFeed {
         let (tx, rx) = mpsc::channel(4 * MAX_PAGE);
         let js = self.js.clone();
         let stream = self.options.log_stream(dataset);
-        let ds = self.catalog.get(dataset)?.clone();
+        let ds = self.on_bus(dataset)?.clone();
         let task = tokio::spawn(async move {
             let run = async {
                 let s = js.get_stream(&stream).await.map_err(unavailable)?;
@@ -473,7 +494,9 @@ impl JetStreamFeed {
 
 /// Decodes and checks one log message. Anyone with publish rights on the
 /// subject can put bytes there, so the reader trusts nothing: the message
-/// must be a change of this dataset that fits its schema.
+/// must be a change of this dataset that fits its schema. `ds` is the
+/// dataset as the bus carries it ([`JetStreamFeed::on_bus`]), so a message
+/// carrying a private field is refused.
 fn decode_entry(ds: &Dataset, position: Position, payload: &[u8]) -> Result<Change, FeedError> {
     let corrupt = |why: String| {
         FeedError::Corrupt(format!(
@@ -494,24 +517,12 @@ fn decode_entry(ds: &Dataset, position: Position, payload: &[u8]) -> Result<Chan
     // checked for shape here and against the consumer's projection by the
     // agent, which quarantines what its copy cannot hold.
     let checked = if change.schema_version == ds.schema.version {
-        change.validate(&bus_schema(ds))
+        change.validate(&ds.schema)
     } else {
         change.validate_shape()
     };
     checked.map_err(|e| corrupt(format!("is invalid: {e}")))?;
     Ok(change)
-}
-
-/// The schema of a dataset's records as the bus carries them: without its
-/// private fields, which the publisher keeps off the bus (a message that
-/// carries one was written around Spoke and is refused as corrupt).
-fn bus_schema(ds: &Dataset) -> std::borrow::Cow<'_, Schema> {
-    if ds.private.is_empty() {
-        return std::borrow::Cow::Borrowed(&ds.schema);
-    }
-    let mut s = ds.schema.clone();
-    s.fields.retain(|name, _| !ds.private.contains(name));
-    std::borrow::Cow::Owned(s)
 }
 
 /// Moves one buffered entry into `entries` if it is the next position;
@@ -672,7 +683,7 @@ impl Feed for JetStreamFeed {
         after: Option<&str>,
         limit: usize,
     ) -> Result<SnapshotPage, FeedError> {
-        let ds = self.catalog.get(dataset)?;
+        let ds = self.on_bus(dataset)?;
         check_after_key(after)?;
         let start = match after {
             None => 1,
@@ -788,7 +799,7 @@ impl Feed for JetStreamFeed {
     }
 
     async fn records(&self, dataset: &str, keys: &[String]) -> Result<Vec<Change>, FeedError> {
-        let ds = self.catalog.get(dataset)?;
+        let ds = self.on_bus(dataset)?;
         check_digest_request(&[], keys.len())?;
         let log = self
             .js
