@@ -1,38 +1,76 @@
-//! The embedded feed: a durable log and compacted state per dataset in one
-//! SQLite file (WAL mode), served by `spoke hub`.
+//! The embedded feed: a durable log per dataset, and beside it the compacted
+//! state folded from that log, served by `spoke hub`.
 //!
 //! ```text
+//!  hub.db (synchronous=FULL)            hub.state.db (synchronous=NORMAL)
 //!  publish(batch) ─▶ BEGIN IMMEDIATE
-//!                     for each change: version in `state`? newer ─▶ INSERT log, UPSERT state, XOR digest delta
-//!                     rewrite the touched `digest` chunks
-//!                   COMMIT (synchronous=FULL) ─▶ head watch ─▶ wakes long-polls
-//!  Checkpointer thread, own connection: every 500 ms wal_checkpoint(PASSIVE)
-//!                   (so no publish waits for WAL pages to be copied into the file)
+//!     per change: latest version of its key (unfolded map, else `state`)
+//!                 newer ─▶ INSERT INTO log
+//!  COMMIT (fsync) ─▶ unfolded map ─▶ head watch ─▶ wakes long-polls
+//!                                 └▶ wakes the folder thread:
+//!                                      read log (folded, head], newest per key,
+//!                                      UPSERT state, XOR digest, folded = head
+//!                                      in one transaction ─▶ folded watch
 //! ```
 //!
-//! The compacted state's digest (see [`spoke_core::digest`]) lives in the
-//! `digest` table as 64 chunks of 64 bucket hashes per dataset, updated in
-//! the publish transaction from each key's old and new `(version, deleted)`;
-//! `state.bucket` (written once per key) and the covering index
-//! `state_entries (dataset, bucket, key, version, op)` list a bucket's keys
-//! from a few contiguous index pages; the index costs one more B-tree update
-//! per published change. A hub file from before digests is migrated at open.
+//! **Why two files.** A publish must be durable when it returns; the
+//! compacted state need not be, because it is a function of the log. Keeping
+//! the state in the publish transaction cost about 1.5 random page writes
+//! per change (a state row and a bucket-index entry per key, on pages spread
+//! over the whole table), fsynced with every publish: on a small machine
+//! that, not CPU, bounded the hub. Now a publish appends log rows only
+//! (contiguous pages), and a folder thread folds the log into the state in
+//! batches, in its own file, so its writes never wait on the log's fsync and
+//! the log's commit never carries them. A larger batch touches fewer pages
+//! per change, so the folder gets cheaper as load grows.
+//!
+//! **What stays exact.**
+//! - *Versions.* A publish looks each key up first in the unfolded map
+//!   (every key with a change past the folded position, its newest version)
+//!   and only then in `state`; the folder removes a key from the map only
+//!   after its fold committed, and only if no newer change arrived since.
+//!   So the apply rule sees the same latest version it would see with the
+//!   state in the publish transaction.
+//! - *Reads of the state* (snapshots, digests, bucket entries, records) first
+//!   wait until the state is folded through the head they observed, asking
+//!   the folder to fold at once. They see every change published before
+//!   they were asked, as before.
+//! - *Crashes.* `state_folds.through` is written in the fold's transaction.
+//!   At open, whatever the log holds past it is folded before the feed
+//!   serves; a lost state file is rebuilt from the log, and one that claims
+//!   more than the log holds (a log restored from an older backup) is
+//!   cleared and rebuilt.
+//! - *Back-pressure.* At most [`MAX_UNFOLDED`] changes wait unfolded;
+//!   beyond that a publish waits for the folder, so memory stays bounded
+//!   when the disk cannot keep up.
+//!
+//! The state's digest (see [`spoke_core::digest`]) lives in the state file's
+//! `digest` table as 64 chunks of 64 bucket hashes per dataset, updated in the
+//! fold's transaction from each key's old and new `(version, deleted)`;
+//! `state.bucket` and the covering index `state_entries (dataset, bucket,
+//! key, version, op)` list a bucket's keys from a few contiguous index pages.
+//!
+//! The folder thread also checkpoints the log's WAL every 500 ms
+//! (`wal_checkpoint(PASSIVE)`, its own connection), so no publish waits for
+//! WAL pages to be copied into the database file.
 //!
 //! SQLite was chosen because it is embedded (no server to run), its WAL gives
 //! concurrent readers beside the single writer, and batched commits reach
 //! hundreds of thousands of rows per second on a small machine. The log is
-//! kept whole; the `state` table is the compacted view used for snapshots.
-//! Writes go through one connection behind a mutex (SQLite allows one writer
-//! anyway); reads use a small pool of read connections.
+//! kept whole. Writes to the log go through one connection behind a mutex
+//! (SQLite allows one writer anyway); reads use small pools of read
+//! connections, one per file.
 
-use std::collections::HashMap;
-use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension};
 use spoke_core::digest::{
-    bucket_of, entry_hash, Digest, DigestDelta, DigestEntry, DigestNodes, DigestQuery,
+    bucket_of, entry_hash, DigestDelta, DigestEntry, DigestNodes, DigestQuery,
 };
 use spoke_core::{decide, Change, Decision, Manifest, Op, Schema};
 use tokio::sync::watch;
@@ -42,59 +80,26 @@ use super::{
     FeedError, Position, PublishReceipt, Publisher, SnapshotPage, MAX_PAGE,
 };
 use crate::clock::Clock;
-use crate::copy::sqlite::{read_digest, write_digest, write_digest_delta};
+use crate::copy::sqlite::{read_digest, write_digest_delta};
 
-/// Page cache of the hub's writer connection, in KiB.
-const WRITER_CACHE_KIB: i64 = 64 * 1024;
-/// WAL pages after which a commit checkpoints itself, should the
-/// [`Checkpointer`] fall behind (SQLite's default: 1,000).
+/// Page cache of each connection that reads or writes the state, in KiB.
+const STATE_CACHE_KIB: i64 = 64 * 1024;
+/// WAL pages after which a log commit checkpoints itself, should the folder
+/// thread fall behind (SQLite's default: 1,000).
 const WAL_BACKSTOP_PAGES: i64 = 16_000;
-/// How often the [`Checkpointer`] copies the WAL into the database file.
-const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
+/// How often the folder thread copies the log's WAL into its database file.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
+/// How long the folder lets changes gather between folds when no reader is
+/// waiting for one: fewer, larger folds touch fewer pages per change.
+const FOLD_PAUSE: Duration = Duration::from_millis(100);
+/// Most log positions folded in one state transaction.
+const FOLD_CHUNK: i64 = 50_000;
+/// Most keys with unfolded changes; a publish beyond it waits for the folder.
+pub const MAX_UNFOLDED: usize = 200_000;
+/// How long a read of the state waits for the folder before giving up.
+const FOLD_WAIT: Duration = Duration::from_secs(60);
 
-/// Copies committed WAL pages into the database file on its own thread and
-/// connection (`wal_checkpoint(PASSIVE)`: it never blocks the writer or
-/// readers), so that publishes do not; stopped and joined on drop.
-struct Checkpointer {
-    stop: Arc<std::sync::atomic::AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Checkpointer {
-    fn start(path: &Path) -> rusqlite::Result<Self> {
-        let conn = open(path)?;
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let flag = stop.clone();
-        let thread = std::thread::Builder::new()
-            .name("spoke-hub-checkpoint".into())
-            .spawn(move || {
-                while !flag.load(std::sync::atomic::Ordering::Relaxed) {
-                    std::thread::park_timeout(CHECKPOINT_EVERY);
-                    if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
-                    {
-                        tracing::debug!("hub store checkpoint: {e}");
-                    }
-                }
-            })
-            .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
-        Ok(Checkpointer {
-            stop,
-            thread: Some(thread),
-        })
-    }
-}
-
-impl Drop for Checkpointer {
-    fn drop(&mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            t.thread().unpark();
-            let _ = t.join();
-        }
-    }
-}
-
-const SCHEMA_SQL: &str = "
+const LOG_SQL: &str = "
 CREATE TABLE IF NOT EXISTS log (
     dataset TEXT NOT NULL,
     pos INTEGER NOT NULL,
@@ -107,6 +112,9 @@ CREATE TABLE IF NOT EXISTS log (
     schema_version INTEGER NOT NULL,
     PRIMARY KEY (dataset, pos)
 ) WITHOUT ROWID;
+";
+
+const STATE_SQL: &str = "
 CREATE TABLE IF NOT EXISTS state (
     dataset TEXT NOT NULL,
     key TEXT NOT NULL,
@@ -117,81 +125,50 @@ CREATE TABLE IF NOT EXISTS state (
     ts INTEGER NOT NULL,
     schema_version INTEGER NOT NULL,
     pos INTEGER NOT NULL,
-    bucket INTEGER NOT NULL DEFAULT 0,
+    bucket INTEGER NOT NULL,
     PRIMARY KEY (dataset, key)
 ) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS state_entries ON state (dataset, bucket, key, version, op);
 CREATE TABLE IF NOT EXISTS digest (
     dataset TEXT NOT NULL,
     chunk INTEGER NOT NULL,
     hashes BLOB NOT NULL,
     PRIMARY KEY (dataset, chunk)
 );
+CREATE TABLE IF NOT EXISTS state_folds (
+    dataset TEXT PRIMARY KEY,
+    through INTEGER NOT NULL
+);
 ";
-
-/// Adds the bucket column and the digests to a hub file from before
-/// digests (idempotent), then makes sure the bucket index exists.
-fn migrate_digest(conn: &mut Connection) -> rusqlite::Result<()> {
-    let has_bucket: i64 = conn.query_row(
-        "SELECT COUNT(*) FROM pragma_table_info('state') WHERE name = 'bucket'",
-        [],
-        |r| r.get(0),
-    )?;
-    if has_bucket == 0 {
-        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        tx.execute_batch("ALTER TABLE state ADD COLUMN bucket INTEGER NOT NULL DEFAULT 0")?;
-        let rows: Vec<(String, String, i64, String)> = {
-            let mut stmt = tx.prepare("SELECT dataset, key, version, op FROM state")?;
-            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
-            rows.collect::<rusqlite::Result<_>>()?
-        };
-        let mut digests: HashMap<String, Digest> = HashMap::new();
-        {
-            let mut set =
-                tx.prepare("UPDATE state SET bucket = ?1 WHERE dataset = ?2 AND key = ?3")?;
-            for (ds, key, version, op) in &rows {
-                set.execute(params![bucket_of(key), ds, key])?;
-                digests
-                    .entry(ds.clone())
-                    .or_default()
-                    .toggle(key, *version as u64, op == "delete");
-            }
-        }
-        for (ds, d) in &digests {
-            write_digest(&tx, "digest", ds, d)?;
-        }
-        tx.commit()?;
-        tracing::info!(
-            rows = rows.len(),
-            "built the digests of a hub file made before digests existed"
-        );
-    }
-    // Covering, so listing a bucket reads a few contiguous index pages
-    // instead of one table look-up per key.
-    conn.execute_batch(
-        "DROP INDEX IF EXISTS state_bucket;
-         CREATE INDEX IF NOT EXISTS state_entries ON state (dataset, bucket, key, version, op);",
-    )
-}
 
 fn unavailable(e: impl std::fmt::Display) -> FeedError {
     FeedError::Unavailable(format!("hub store: {e}"))
 }
 
-pub struct SqliteFeed {
-    catalog: Catalog,
-    clock: Clock,
-    path: std::path::PathBuf,
-    writer: Arc<Mutex<Connection>>,
-    readers: Arc<Mutex<Vec<Connection>>>,
-    heads: Arc<HashMap<String, watch::Sender<Position>>>,
-    _checkpointer: Checkpointer,
+/// Where the state folded from the log at `log` lives: `hub.db` → `hub.state.db`.
+pub fn state_path(log: &Path) -> PathBuf {
+    let stem = log
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "hub".into());
+    log.with_file_name(format!("{stem}.state.db"))
 }
 
-fn open(path: &Path) -> rusqlite::Result<Connection> {
+fn open(path: &Path, synchronous: &str) -> rusqlite::Result<Connection> {
     let conn = Connection::open(path)?;
-    conn.busy_timeout(std::time::Duration::from_secs(10))?;
+    conn.busy_timeout(Duration::from_secs(10))?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
-    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.pragma_update(None, "synchronous", synchronous)?;
+    Ok(conn)
+}
+
+/// A connection to the state file with a cache for random key look-ups.
+fn open_state(path: &Path) -> rusqlite::Result<Connection> {
+    // NORMAL: a commit is not fsynced. A power loss may take the newest
+    // folds back, together with the `state_folds` row that counted them,
+    // and they are folded again from the (fsynced) log at the next open.
+    let conn = open(path, "NORMAL")?;
+    conn.pragma_update(None, "cache_size", -STATE_CACHE_KIB)?;
     Ok(conn)
 }
 
@@ -214,8 +191,305 @@ fn row_to_change(dataset: &str, row: &rusqlite::Row<'_>) -> rusqlite::Result<Cha
     })
 }
 
+/// The newest change of a key past the folded position.
+#[derive(Debug, Clone, Copy)]
+struct Latest {
+    version: u64,
+    pos: Position,
+}
+
+/// Every key with a change the folder has not folded yet, per dataset.
+#[derive(Default)]
+struct Unfolded {
+    keys: HashMap<String, HashMap<String, Latest>>,
+    count: usize,
+}
+
+/// What the publishers, the readers and the folder thread share.
+struct Shared {
+    unfolded: Mutex<Unfolded>,
+    /// Signalled when the folder forgot keys (publishers wait on it).
+    drained: Condvar,
+    heads: HashMap<String, watch::Sender<Position>>,
+    folded: HashMap<String, watch::Sender<Position>>,
+    /// Someone waits on a fold: fold now instead of after [`FOLD_PAUSE`].
+    urgent: AtomicBool,
+    stop: AtomicBool,
+    /// Tests hold the folder to see the unfolded path.
+    paused: AtomicBool,
+    /// The folder's last error, cleared by its next successful fold.
+    failure: Mutex<Option<String>>,
+}
+
+impl Shared {
+    fn behind(&self) -> bool {
+        self.heads
+            .iter()
+            .any(|(ds, h)| *h.borrow() > *self.folded[ds].borrow())
+    }
+
+    fn failure(&self) -> Option<FeedError> {
+        self.failure
+            .lock()
+            .expect("fold failure")
+            .as_ref()
+            .map(|e| FeedError::Unavailable(format!("hub store: folding the state failed: {e}")))
+    }
+}
+
+/// One log row as the folder reads it.
+struct LogRow {
+    pos: i64,
+    version: i64,
+    op: String,
+    fields: String,
+    owner: String,
+    ts: i64,
+    schema_version: i64,
+}
+
+/// Folds `dataset`'s log past its folded position into the state, in
+/// transactions of at most [`FOLD_CHUNK`] positions, until it reaches the
+/// head read at the start.
+fn fold_dataset(
+    shared: &Shared,
+    log: &Connection,
+    state: &mut Connection,
+    dataset: &str,
+) -> rusqlite::Result<()> {
+    let head = *shared.heads[dataset].borrow() as i64;
+    loop {
+        let from = *shared.folded[dataset].borrow() as i64;
+        if from >= head || shared.stop.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let to = head.min(from + FOLD_CHUNK);
+        // Newest change per key in (from, to], in key order so that the
+        // upserts walk the state's B-tree instead of jumping around it.
+        let mut newest: BTreeMap<String, LogRow> = BTreeMap::new();
+        {
+            let mut stmt = log.prepare_cached(
+                "SELECT pos, key, version, op, fields, owner, ts, schema_version FROM log
+                 WHERE dataset = ?1 AND pos > ?2 AND pos <= ?3 ORDER BY pos",
+            )?;
+            let mut rows = stmt.query(params![dataset, from, to])?;
+            while let Some(r) = rows.next()? {
+                newest.insert(
+                    r.get(1)?,
+                    LogRow {
+                        pos: r.get(0)?,
+                        version: r.get(2)?,
+                        op: r.get(3)?,
+                        fields: r.get(4)?,
+                        owner: r.get(5)?,
+                        ts: r.get(6)?,
+                        schema_version: r.get(7)?,
+                    },
+                );
+            }
+        }
+        let tx = state.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let mut delta = DigestDelta::new();
+        {
+            let mut old = tx.prepare_cached(
+                "SELECT version, op = 'delete' FROM state WHERE dataset = ?1 AND key = ?2",
+            )?;
+            let mut upsert = tx.prepare_cached(
+                "INSERT INTO state (dataset, key, version, op, fields, owner, ts, schema_version, pos, bucket)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+                 ON CONFLICT (dataset, key) DO UPDATE SET version = excluded.version, op = excluded.op,
+                    fields = excluded.fields, owner = excluded.owner, ts = excluded.ts,
+                    schema_version = excluded.schema_version, pos = excluded.pos",
+            )?;
+            for (key, r) in &newest {
+                let before: Option<(i64, bool)> = old
+                    .query_row(params![dataset, key], |x| Ok((x.get(0)?, x.get(1)?)))
+                    .optional()?;
+                let bucket = bucket_of(key);
+                upsert.execute(params![
+                    dataset,
+                    key,
+                    r.version,
+                    r.op,
+                    r.fields,
+                    r.owner,
+                    r.ts,
+                    r.schema_version,
+                    r.pos,
+                    bucket
+                ])?;
+                let mut h = entry_hash(key, r.version as u64, r.op == "delete");
+                if let Some((v, d)) = before {
+                    h ^= entry_hash(key, v as u64, d);
+                }
+                delta.xor(bucket, h);
+            }
+        }
+        write_digest_delta(&tx, "digest", dataset, &delta)?;
+        tx.execute(
+            "INSERT INTO state_folds (dataset, through) VALUES (?1, ?2)
+             ON CONFLICT (dataset) DO UPDATE SET through = excluded.through",
+            params![dataset, to],
+        )?;
+        tx.commit()?;
+        shared.folded[dataset].send_replace(to as Position);
+        // Only now may a publish find these keys in the state instead of
+        // the unfolded map; a key changed again meanwhile stays.
+        {
+            let mut guard = shared.unfolded.lock().expect("unfolded keys");
+            let Unfolded { keys, count } = &mut *guard;
+            if let Some(map) = keys.get_mut(dataset) {
+                for key in newest.keys() {
+                    if map.get(key).is_some_and(|l| l.pos <= to as Position) {
+                        map.remove(key);
+                        *count -= 1;
+                    }
+                }
+            }
+        }
+        shared.drained.notify_all();
+    }
+}
+
+/// The thread that folds the log into the state and checkpoints the log;
+/// stopped and joined on drop.
+struct Folder {
+    shared: Arc<Shared>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Folder {
+    fn start(shared: Arc<Shared>, log: Connection, state: Connection) -> std::io::Result<Self> {
+        let s = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("spoke-hub-fold".into())
+            .spawn(move || fold_loop(&s, log, state))?;
+        Ok(Folder {
+            shared,
+            thread: Some(thread),
+        })
+    }
+
+    fn handle(&self) -> std::thread::Thread {
+        self.thread
+            .as_ref()
+            .expect("folder thread")
+            .thread()
+            .clone()
+    }
+}
+
+fn fold_loop(shared: &Shared, log: Connection, mut state: Connection) {
+    let mut checkpointed = Instant::now();
+    while !shared.stop.load(Ordering::Relaxed) {
+        shared.urgent.store(false, Ordering::SeqCst);
+        if !shared.paused.load(Ordering::Relaxed) && shared.behind() {
+            let mut result = Ok(());
+            for ds in shared.heads.keys() {
+                result = fold_dataset(shared, &log, &mut state, ds);
+                if result.is_err() {
+                    break;
+                }
+            }
+            let mut failure = shared.failure.lock().expect("fold failure");
+            match result {
+                Ok(()) => *failure = None,
+                Err(e) => {
+                    tracing::warn!("hub store: folding the log into the state: {e}; retrying");
+                    *failure = Some(e.to_string());
+                    drop(failure);
+                    shared.drained.notify_all();
+                    std::thread::park_timeout(Duration::from_secs(1));
+                    continue;
+                }
+            }
+        }
+        if checkpointed.elapsed() >= CHECKPOINT_EVERY {
+            if let Err(e) = log.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                tracing::debug!("hub store checkpoint: {e}");
+            }
+            checkpointed = Instant::now();
+        }
+        if !shared.urgent.load(Ordering::SeqCst) {
+            std::thread::park_timeout(FOLD_PAUSE);
+        }
+    }
+}
+
+impl Drop for Folder {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            t.thread().unpark();
+            let _ = t.join();
+        }
+    }
+}
+
+/// A small pool of read connections to one file.
+struct Pool {
+    path: PathBuf,
+    conns: Mutex<Vec<Connection>>,
+}
+
+impl Pool {
+    fn new(path: PathBuf) -> Arc<Self> {
+        Arc::new(Pool {
+            path,
+            conns: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Runs `f` on a pooled connection in the blocking pool.
+    async fn with<R: Send + 'static>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<R> + Send + 'static,
+    ) -> Result<R, FeedError> {
+        let pool = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = pool.conns.lock().expect("reader pool").pop();
+            let conn = match conn {
+                Some(c) => c,
+                None => open(&pool.path, "NORMAL")?,
+            };
+            let out = f(&conn);
+            pool.conns.lock().expect("reader pool").push(conn);
+            out
+        })
+        .await
+        .map_err(unavailable)?
+        .map_err(unavailable)
+    }
+}
+
+/// The publish side: the log's writer and a connection for version look-ups.
+struct Writer {
+    log: Connection,
+    state: Connection,
+}
+
+pub struct SqliteFeed {
+    catalog: Catalog,
+    clock: Clock,
+    writer: Arc<Mutex<Writer>>,
+    log_readers: Arc<Pool>,
+    state_readers: Arc<Pool>,
+    shared: Arc<Shared>,
+    folder: Folder,
+}
+
+/// Whether `conn`'s main database has a table `name`.
+fn has_table(conn: &Connection, name: &str) -> rusqlite::Result<bool> {
+    conn.query_row(
+        "SELECT COUNT(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = ?1",
+        [name],
+        |r| r.get(0),
+    )
+}
+
 impl SqliteFeed {
-    /// Opens (creating if needed) the hub store at `path`.
+    /// Opens (creating if needed) the hub store at `path`, with its state
+    /// beside it ([`state_path`]).
     pub fn open(path: &Path, manifest: &Manifest) -> Result<Self, FeedError> {
         Self::open_with_clock(path, manifest, Clock::System)
     }
@@ -226,71 +500,149 @@ impl SqliteFeed {
         clock: Clock,
     ) -> Result<Self, FeedError> {
         let catalog = Catalog::new(manifest);
-        let mut conn = open(path).map_err(unavailable)?;
-        // The writer touches the log's tail, each key's state row and its
-        // index entry: with SQLite's 2 MB default most of those pages are
-        // read back from disk once the state outgrows it.
-        conn.pragma_update(None, "cache_size", -WRITER_CACHE_KIB)
+        let state_file = state_path(path);
+        let log = open(path, "FULL").map_err(unavailable)?;
+        // The folder thread checkpoints; this is the backstop should it lag.
+        log.pragma_update(None, "wal_autocheckpoint", WAL_BACKSTOP_PAGES)
             .map_err(unavailable)?;
-        // A batch of changes to random keys dirties a page per key in the
-        // state table and its index. Checkpointing in the commit (SQLite's
-        // default, past 1,000 WAL pages) writes the same pages to the
-        // database file after nearly every batch and makes that publish
-        // wait for it. A thread beside the writer checkpoints instead
-        // ([`Checkpointer`]); the commit-time threshold stays as a backstop.
-        conn.pragma_update(None, "wal_autocheckpoint", WAL_BACKSTOP_PAGES)
-            .map_err(unavailable)?;
-        conn.execute_batch(SCHEMA_SQL).map_err(unavailable)?;
-        migrate_digest(&mut conn).map_err(unavailable)?;
+        log.execute_batch(LOG_SQL).map_err(unavailable)?;
+        let mut state = open_state(&state_file).map_err(unavailable)?;
+        state.execute_batch(STATE_SQL).map_err(unavailable)?;
+
         let mut heads = HashMap::new();
+        let mut folded = HashMap::new();
         for name in catalog.names() {
-            let head: Option<i64> = conn
+            let head = log
                 .query_row("SELECT MAX(pos) FROM log WHERE dataset = ?1", [name], |r| {
-                    r.get(0)
+                    r.get::<_, Option<i64>>(0)
                 })
-                .map_err(unavailable)?;
-            heads.insert(
-                name.to_owned(),
-                watch::channel(head.unwrap_or(0) as Position).0,
+                .map_err(unavailable)?
+                .unwrap_or(0);
+            let mut through = state
+                .query_row(
+                    "SELECT through FROM state_folds WHERE dataset = ?1",
+                    [name],
+                    |r| r.get::<_, i64>(0),
+                )
+                .optional()
+                .map_err(unavailable)?
+                .unwrap_or(0);
+            if through > head {
+                // The state describes a longer log than this one (a log
+                // restored from an older copy): it cannot be trusted.
+                tracing::warn!(
+                    dataset = name,
+                    state_through = through,
+                    log_head = head,
+                    "hub store: the state file is ahead of the log; rebuilding it from the log"
+                );
+                let tx = state.transaction().map_err(unavailable)?;
+                for table in ["state", "digest", "state_folds"] {
+                    tx.execute(&format!("DELETE FROM {table} WHERE dataset = ?1"), [name])
+                        .map_err(unavailable)?;
+                }
+                tx.commit().map_err(unavailable)?;
+                through = 0;
+            }
+            heads.insert(name.to_owned(), watch::channel(head as Position).0);
+            folded.insert(name.to_owned(), watch::channel(through as Position).0);
+        }
+        let shared = Arc::new(Shared {
+            unfolded: Mutex::new(Unfolded::default()),
+            drained: Condvar::new(),
+            heads,
+            folded,
+            urgent: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+            paused: AtomicBool::new(false),
+            failure: Mutex::new(None),
+        });
+        // Publishes look versions up in the state, so it must hold the
+        // whole log before the first one: fold what the last run left (or
+        // everything, for a new or lost state file) now.
+        let started = Instant::now();
+        let behind: Position = shared
+            .heads
+            .iter()
+            .map(|(ds, h)| h.borrow().saturating_sub(*shared.folded[ds].borrow()))
+            .sum();
+        for ds in shared.heads.keys() {
+            fold_dataset(&shared, &log, &mut state, ds).map_err(unavailable)?;
+        }
+        if behind > 0 {
+            tracing::info!(
+                changes = behind,
+                ms = started.elapsed().as_millis() as u64,
+                "hub store: folded the log into the state at open"
             );
         }
+        // A hub file from before the state file kept the state beside the
+        // log; it has just been rebuilt in the state file.
+        if has_table(&log, "state").map_err(unavailable)? {
+            log.execute_batch("DROP TABLE IF EXISTS state; DROP TABLE IF EXISTS digest;")
+                .map_err(unavailable)?;
+            tracing::info!(
+                "hub store: moved the compacted state into {}",
+                state_file.display()
+            );
+        }
+        let writer = Writer {
+            log,
+            state: open_state(&state_file).map_err(unavailable)?,
+        };
+        let folder = Folder::start(
+            shared.clone(),
+            open(path, "FULL").map_err(unavailable)?,
+            state,
+        )
+        .map_err(unavailable)?;
         Ok(SqliteFeed {
             catalog,
             clock,
-            path: path.to_owned(),
-            writer: Arc::new(Mutex::new(conn)),
-            readers: Arc::new(Mutex::new(Vec::new())),
-            heads: Arc::new(heads),
-            _checkpointer: Checkpointer::start(path).map_err(unavailable)?,
+            writer: Arc::new(Mutex::new(writer)),
+            log_readers: Pool::new(path.to_owned()),
+            state_readers: Pool::new(state_file),
+            shared,
+            folder,
         })
     }
 
     fn head_tx(&self, dataset: &str) -> Result<&watch::Sender<Position>, FeedError> {
-        self.heads
+        self.shared
+            .heads
             .get(dataset)
             .ok_or_else(|| FeedError::UnknownDataset(dataset.to_owned()))
     }
 
-    /// Runs `f` on a pooled read connection in the blocking pool.
-    async fn with_reader<R: Send + 'static>(
-        &self,
-        f: impl FnOnce(&Connection) -> rusqlite::Result<R> + Send + 'static,
-    ) -> Result<R, FeedError> {
-        let readers = self.readers.clone();
-        let path = self.path.clone();
-        tokio::task::spawn_blocking(move || {
-            let conn = readers.lock().expect("reader pool").pop();
-            let conn = match conn {
-                Some(c) => c,
-                None => open(&path)?,
-            };
-            let out = f(&conn);
-            readers.lock().expect("reader pool").push(conn);
-            out
-        })
-        .await
-        .map_err(unavailable)?
-        .map_err(unavailable)
+    /// Waits until the state holds every change of `dataset` published
+    /// before this call, and returns the head it waited for. Snapshots,
+    /// digests and records read the state after it.
+    pub async fn wait_folded(&self, dataset: &str) -> Result<Position, FeedError> {
+        let target = *self.head_tx(dataset)?.borrow();
+        let mut rx = self.shared.folded[dataset].subscribe();
+        let deadline = Instant::now() + FOLD_WAIT;
+        while *rx.borrow_and_update() < target {
+            if let Some(e) = self.shared.failure() {
+                return Err(e);
+            }
+            if Instant::now() >= deadline {
+                return Err(FeedError::Unavailable(format!(
+                    "hub store: the state of {dataset} was not folded through position {target} within {FOLD_WAIT:?}"
+                )));
+            }
+            self.shared.urgent.store(true, Ordering::SeqCst);
+            self.folder.handle().unpark();
+            let _ = tokio::time::timeout(Duration::from_millis(250), rx.changed()).await;
+        }
+        Ok(target)
+    }
+
+    /// Holds (true) or releases (false) the folder, for tests of the
+    /// unfolded path.
+    #[cfg(test)]
+    fn hold_folding(&self, hold: bool) {
+        self.shared.paused.store(hold, Ordering::SeqCst);
+        self.folder.handle().unpark();
     }
 }
 
@@ -310,54 +662,105 @@ impl Publisher for SqliteFeed {
             .prepare(dataset, changes, self.clock.now_ms())?;
         let head_tx = self.head_tx(dataset)?.clone();
         let writer = self.writer.clone();
+        let shared = self.shared.clone();
+        let folder = self.folder.handle();
         let dataset = dataset.to_owned();
-        tokio::task::spawn_blocking(move || -> rusqlite::Result<PublishReceipt> {
-            let mut conn = writer.lock().expect("hub writer");
-            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        tokio::task::spawn_blocking(move || -> Result<PublishReceipt, FeedError> {
+            let mut guard = writer.lock().expect("hub writer");
+            let Writer { log, state } = &mut *guard;
+            // Back-pressure: wait while the folder is too far behind.
+            {
+                let mut unfolded = shared.unfolded.lock().expect("unfolded keys");
+                while unfolded.count >= MAX_UNFOLDED {
+                    if let Some(e) = shared.failure() {
+                        return Err(e);
+                    }
+                    shared.urgent.store(true, Ordering::SeqCst);
+                    folder.unpark();
+                    unfolded = shared
+                        .drained
+                        .wait_timeout(unfolded, Duration::from_millis(100))
+                        .expect("unfolded keys")
+                        .0;
+                }
+            }
+            let tx = log
+                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+                .map_err(unavailable)?;
             let mut head = *head_tx.borrow();
             let mut positions = Vec::with_capacity(changes.len());
             let mut ignored = 0;
-            let mut delta = DigestDelta::new();
+            let mut batch: HashMap<&str, Latest> = HashMap::new();
             {
-                let mut get_version = tx.prepare_cached("SELECT version, op = 'delete' FROM state WHERE dataset = ?1 AND key = ?2")?;
+                let mut folded_version = state
+                    .prepare_cached("SELECT version, op = 'delete' FROM state WHERE dataset = ?1 AND key = ?2")
+                    .map_err(unavailable)?;
                 let mut insert_log = tx.prepare_cached(
                     "INSERT INTO log (dataset, pos, key, version, op, fields, owner, ts, schema_version) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-                )?;
-                let mut upsert_state = tx.prepare_cached(
-                    "INSERT INTO state (dataset, key, version, op, fields, owner, ts, schema_version, pos, bucket) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
-                     ON CONFLICT (dataset, key) DO UPDATE SET version = excluded.version, op = excluded.op, fields = excluded.fields,
-                        owner = excluded.owner, ts = excluded.ts, schema_version = excluded.schema_version, pos = excluded.pos",
-                )?;
+                ).map_err(unavailable)?;
                 for c in &changes {
-                    let local: Option<(i64, bool)> = get_version.query_row(params![dataset, c.key], |r| Ok((r.get(0)?, r.get(1)?))).optional()?;
-                    if decide(local.map(|(v, _)| v as u64), c.version) == Decision::Ignore {
+                    // Newest first: this batch, then changes not folded yet,
+                    // then the state (see "What stays exact" above).
+                    let local = match batch.get(c.key.as_str()) {
+                        Some(l) => Some(l.version),
+                        None => {
+                            let unfolded = shared
+                                .unfolded
+                                .lock()
+                                .expect("unfolded keys")
+                                .keys
+                                .get(&dataset)
+                                .and_then(|m| m.get(&c.key))
+                                .map(|l| l.version);
+                            match unfolded {
+                                Some(v) => Some(v),
+                                None => folded_version
+                                    .query_row(params![dataset, c.key], |r| r.get::<_, i64>(0))
+                                    .optional()
+                                    .map_err(unavailable)?
+                                    .map(|v| v as u64),
+                            }
+                        }
+                    };
+                    if decide(local, c.version) == Decision::Ignore {
                         positions.push(None);
                         ignored += 1;
                         continue;
                     }
                     head += 1;
                     let fields = serde_json::to_string(&c.fields).unwrap_or_else(|_| "{}".into());
-                    insert_log.execute(params![dataset, head as i64, c.key, c.version as i64, c.op.as_str(), fields, c.owner, c.ts as i64, c.schema_version])?;
-                    let bucket = bucket_of(&c.key);
-                    upsert_state.execute(params![dataset, c.key, c.version as i64, c.op.as_str(), fields, c.owner, c.ts as i64, c.schema_version, head as i64, bucket])?;
-                    let mut h = entry_hash(&c.key, c.version, c.op == Op::Delete);
-                    if let Some((v, d)) = local {
-                        h ^= entry_hash(&c.key, v as u64, d);
-                    }
-                    delta.xor(bucket, h);
+                    insert_log
+                        .execute(params![dataset, head as i64, c.key, c.version as i64, c.op.as_str(), fields, c.owner, c.ts as i64, c.schema_version])
+                        .map_err(unavailable)?;
+                    batch.insert(
+                        &c.key,
+                        Latest {
+                            version: c.version,
+                            pos: head,
+                        },
+                    );
                     positions.push(Some(head));
                 }
             }
-            write_digest_delta(&tx, "digest", &dataset, &delta)?;
-            tx.commit()?;
-            // Published only after commit, still under the writer lock, so a
-            // head value always names committed, readable positions.
+            tx.commit().map_err(unavailable)?;
+            {
+                let mut guard = shared.unfolded.lock().expect("unfolded keys");
+                let Unfolded { keys, count } = &mut *guard;
+                let map = keys.entry(dataset.clone()).or_default();
+                for (k, l) in batch {
+                    if map.insert(k.to_owned(), l).is_none() {
+                        *count += 1;
+                    }
+                }
+            }
+            // Published only after commit and after the unfolded map holds
+            // the batch, still under the writer lock, so a head value always
+            // names committed, readable positions the folder can find.
             head_tx.send_replace(head);
             Ok(PublishReceipt { positions, ignored, head })
         })
         .await
         .map_err(unavailable)?
-        .map_err(unavailable)
     }
 }
 
@@ -368,7 +771,7 @@ impl Feed for SqliteFeed {
         dataset: &str,
         after: Position,
         limit: usize,
-        wait: std::time::Duration,
+        wait: Duration,
     ) -> Result<FeedBatch, FeedError> {
         let mut rx = self.head_tx(dataset)?.subscribe();
         if *rx.borrow_and_update() <= after {
@@ -378,7 +781,8 @@ impl Feed for SqliteFeed {
         let limit = limit.clamp(1, MAX_PAGE) as i64;
         let ds = dataset.to_owned();
         let entries = self
-            .with_reader(move |conn| {
+            .log_readers
+            .with(move |conn| {
                 let mut stmt = conn.prepare_cached("SELECT * FROM log WHERE dataset = ?1 AND pos > ?2 AND pos <= ?3 ORDER BY pos LIMIT ?4")?;
                 let rows = stmt.query_map(params![ds, after as i64, head as i64, limit], |row| {
                     Ok(FeedEntry {
@@ -402,13 +806,15 @@ impl Feed for SqliteFeed {
         after_key: Option<&str>,
         limit: usize,
     ) -> Result<SnapshotPage, FeedError> {
-        let head = *self.head_tx(dataset)?.borrow();
+        self.head_tx(dataset)?;
         check_after_key(after_key)?;
+        let head = self.wait_folded(dataset).await?;
         let limit = limit.clamp(1, MAX_PAGE);
         let ds = dataset.to_owned();
         let after = after_key.map(str::to_owned);
         let mut records = self
-            .with_reader(move |conn| {
+            .state_readers
+            .with(move |conn| {
                 let mut stmt = conn.prepare_cached(
                     "SELECT * FROM state WHERE dataset = ?1 AND (?2 IS NULL OR key > ?2) ORDER BY key LIMIT ?3",
                 )?;
@@ -439,9 +845,11 @@ impl Feed for SqliteFeed {
         query
             .indices()
             .map_err(|e| FeedError::BadRequest(e.to_string()))?;
+        self.wait_folded(dataset).await?;
         let ds = dataset.to_owned();
         let digest = self
-            .with_reader(move |conn| read_digest(conn, "digest", &ds))
+            .state_readers
+            .with(move |conn| read_digest(conn, "digest", &ds))
             .await?;
         digest
             .nodes(query)
@@ -455,53 +863,57 @@ impl Feed for SqliteFeed {
     ) -> Result<Vec<DigestEntry>, FeedError> {
         self.catalog.get(dataset)?;
         check_digest_request(buckets, 0)?;
+        self.wait_folded(dataset).await?;
         let ds = dataset.to_owned();
         let buckets = buckets.to_vec();
-        self.with_reader(move |conn| {
-            let mut stmt = conn.prepare_cached(
-                // Without statistics SQLite prefers the primary key's dataset
-                // prefix (a scan of the dataset); the covering bucket index
-                // keeps this proportional to the bucket's size.
-                "SELECT key, version, op = 'delete' FROM state INDEXED BY state_entries WHERE dataset = ?1 AND bucket = ?2",
-            )?;
-            let mut out = Vec::new();
-            for b in buckets {
-                let rows = stmt.query_map(params![ds, b], |r| {
-                    Ok(DigestEntry::new(
-                        r.get::<_, String>(0)?,
-                        r.get::<_, i64>(1)? as u64,
-                        r.get(2)?,
-                    ))
-                })?;
-                for e in rows {
-                    out.push(e?);
+        self.state_readers
+            .with(move |conn| {
+                let mut stmt = conn.prepare_cached(
+                    // Without statistics SQLite prefers the primary key's dataset
+                    // prefix (a scan of the dataset); the covering bucket index
+                    // keeps this proportional to the bucket's size.
+                    "SELECT key, version, op = 'delete' FROM state INDEXED BY state_entries WHERE dataset = ?1 AND bucket = ?2",
+                )?;
+                let mut out = Vec::new();
+                for b in buckets {
+                    let rows = stmt.query_map(params![ds, b], |r| {
+                        Ok(DigestEntry::new(
+                            r.get::<_, String>(0)?,
+                            r.get::<_, i64>(1)? as u64,
+                            r.get(2)?,
+                        ))
+                    })?;
+                    for e in rows {
+                        out.push(e?);
+                    }
                 }
-            }
-            Ok(out)
-        })
-        .await
+                Ok(out)
+            })
+            .await
     }
 
     async fn records(&self, dataset: &str, keys: &[String]) -> Result<Vec<Change>, FeedError> {
         self.catalog.get(dataset)?;
         check_digest_request(&[], keys.len())?;
+        self.wait_folded(dataset).await?;
         let ds = dataset.to_owned();
         let keys = keys.to_vec();
-        self.with_reader(move |conn| {
-            let mut stmt =
-                conn.prepare_cached("SELECT * FROM state WHERE dataset = ?1 AND key = ?2")?;
-            let mut out = Vec::with_capacity(keys.len());
-            for k in &keys {
-                if let Some(c) = stmt
-                    .query_row(params![ds, k], |row| row_to_change(&ds, row))
-                    .optional()?
-                {
-                    out.push(c);
+        self.state_readers
+            .with(move |conn| {
+                let mut stmt =
+                    conn.prepare_cached("SELECT * FROM state WHERE dataset = ?1 AND key = ?2")?;
+                let mut out = Vec::with_capacity(keys.len());
+                for k in &keys {
+                    if let Some(c) = stmt
+                        .query_row(params![ds, k], |row| row_to_change(&ds, row))
+                        .optional()?
+                    {
+                        out.push(c);
+                    }
                 }
-            }
-            Ok(out)
-        })
-        .await
+                Ok(out)
+            })
+            .await
     }
 }
 
@@ -521,45 +933,200 @@ mod tests {
         .await;
     }
 
+    fn fields(n: i64) -> serde_json::Map<String, serde_json::Value> {
+        serde_json::json!({ "n": n }).as_object().cloned().unwrap()
+    }
+
+    /// 200 keys, every fifth deleted.
+    fn batch() -> Vec<ChangeInput> {
+        (0..200)
+            .map(|i| {
+                if i % 5 == 0 {
+                    ChangeInput::delete(format!("k{i}"), 3)
+                } else {
+                    ChangeInput::upsert(format!("k{i}"), 1, fields(i))
+                }
+            })
+            .collect()
+    }
+
+    /// Every page of `dataset`'s snapshot.
+    async fn whole_snapshot<T: Feed>(feed: &T, dataset: &str) -> Vec<Change> {
+        let mut out = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let page = feed.snapshot(dataset, after.as_deref(), 7).await.unwrap();
+            out.extend(page.records);
+            match page.next_after_key {
+                Some(k) => after = Some(k),
+                None => return out,
+            }
+        }
+    }
+
+    /// The state, digest levels and bucket entries of `a` and `b` agree.
+    pub(super) async fn same_state<A: Feed, B: Feed>(a: &A, b: &B, dataset: &str) {
+        let strip = |v: Vec<Change>| -> Vec<(String, u64, Op, String)> {
+            v.into_iter()
+                .map(|c| {
+                    (
+                        c.key,
+                        c.version,
+                        c.op,
+                        serde_json::to_string(&c.fields).unwrap(),
+                    )
+                })
+                .collect()
+        };
+        assert_eq!(
+            strip(whole_snapshot(a, dataset).await),
+            strip(whole_snapshot(b, dataset).await)
+        );
+        for q in [DigestQuery::root(), DigestQuery::level(2)] {
+            assert_eq!(
+                a.digest(dataset, &q).await.unwrap(),
+                b.digest(dataset, &q).await.unwrap()
+            );
+        }
+        let some: Vec<u16> = (0..256).collect();
+        let mut ea = a.bucket_entries(dataset, &some).await.unwrap();
+        let mut eb = b.bucket_entries(dataset, &some).await.unwrap();
+        ea.sort_by(|x, y| x.key.cmp(&y.key));
+        eb.sort_by(|x, y| x.key.cmp(&y.key));
+        assert_eq!(ea, eb);
+    }
+
     #[tokio::test]
-    async fn a_hub_file_from_before_digests_gets_its_digest_built_on_open() {
+    async fn a_hub_file_from_before_the_state_file_gets_its_state_rebuilt_from_the_log() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("hub.db");
         let m = super::super::conformance::manifest();
         let memory = crate::feed::memory::MemoryFeed::new(&m);
         {
             let feed = SqliteFeed::open(&path, &m).unwrap();
-            let f = serde_json::json!({"n": 1}).as_object().cloned().unwrap();
-            let batch: Vec<ChangeInput> = (0..200)
-                .map(|i| {
-                    if i % 5 == 0 {
-                        ChangeInput::delete(format!("k{i}"), 3)
-                    } else {
-                        ChangeInput::upsert(format!("k{i}"), 1, f.clone())
-                    }
-                })
-                .collect();
-            feed.publish("items", batch.clone()).await.unwrap();
-            memory.publish("items", batch).await.unwrap();
+            feed.publish("items", batch()).await.unwrap();
+            memory.publish("items", batch()).await.unwrap();
+        }
+        // What an older hub left: the state inside hub.db, no state file.
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", state_path(&path).display()));
         }
         let old = Connection::open(&path).unwrap();
         old.execute_batch(
-            "DROP INDEX state_entries; ALTER TABLE state DROP COLUMN bucket; DELETE FROM digest;",
+            "CREATE TABLE state (dataset TEXT, key TEXT, version INTEGER, PRIMARY KEY (dataset, key));
+             INSERT INTO state VALUES ('items', 'stale', 1);
+             CREATE TABLE digest (dataset TEXT, chunk INTEGER, hashes BLOB);",
         )
         .unwrap();
         drop(old);
+
         let feed = SqliteFeed::open(&path, &m).unwrap();
-        for q in [DigestQuery::root(), DigestQuery::level(2)] {
-            assert_eq!(
-                feed.digest("items", &q).await.unwrap(),
-                memory.digest("items", &q).await.unwrap()
-            );
-        }
-        let some: Vec<u16> = (0..256).collect();
-        assert_eq!(
-            feed.bucket_entries("items", &some).await.unwrap().len(),
-            memory.bucket_entries("items", &some).await.unwrap().len()
+        same_state(&feed, &memory, "items").await;
+        assert!(
+            !has_table(&Connection::open(&path).unwrap(), "state").unwrap(),
+            "the old state table is dropped once the state file holds the state"
         );
+        // Versions are found in the rebuilt state.
+        let r = feed
+            .publish("items", vec![ChangeInput::upsert("k1", 1, fields(9))])
+            .await
+            .unwrap();
+        assert_eq!(r.ignored, 1);
+    }
+
+    #[tokio::test]
+    async fn a_state_file_ahead_of_its_log_is_cleared_and_rebuilt() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = super::super::conformance::manifest();
+        let short = dir.path().join("short.db");
+        let long = dir.path().join("long.db");
+        let memory = crate::feed::memory::MemoryFeed::new(&m);
+        let few = vec![ChangeInput::upsert("k1", 7, fields(1))];
+        {
+            let a = SqliteFeed::open(&short, &m).unwrap();
+            a.publish("items", few.clone()).await.unwrap();
+            memory.publish("items", few).await.unwrap();
+            let b = SqliteFeed::open(&long, &m).unwrap();
+            b.publish("items", batch()).await.unwrap();
+        }
+        // The long log's state next to the short log.
+        std::fs::copy(state_path(&long), state_path(&short)).unwrap();
+        for suffix in ["-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", state_path(&short).display()));
+        }
+        let feed = SqliteFeed::open(&short, &m).unwrap();
+        same_state(&feed, &memory, "items").await;
+    }
+
+    #[tokio::test]
+    async fn versions_of_unfolded_changes_are_honoured_and_reads_of_the_state_wait_for_the_fold() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hub.db");
+        let m = super::super::conformance::manifest();
+        let memory = crate::feed::memory::MemoryFeed::new(&m);
+        let feed = Arc::new(SqliteFeed::open(&path, &m).unwrap());
+        feed.publish("items", batch()).await.unwrap();
+        memory.publish("items", batch()).await.unwrap();
+        feed.wait_folded("items").await.unwrap();
+
+        feed.hold_folding(true);
+        let newer = vec![
+            ChangeInput::upsert("k1", 2, fields(20)),
+            ChangeInput::upsert("new", 1, fields(21)),
+        ];
+        assert_eq!(
+            feed.publish("items", newer.clone()).await.unwrap().ignored,
+            0
+        );
+        memory.publish("items", newer).await.unwrap();
+        // Stale against the unfolded map (k1@2, new@1), not the state (k1@1).
+        let stale = vec![
+            ChangeInput::upsert("k1", 2, fields(30)),
+            ChangeInput::upsert("new", 1, fields(31)),
+            ChangeInput::upsert("k2", 1, fields(32)),
+        ];
+        let r = feed.publish("items", stale.clone()).await.unwrap();
+        assert_eq!(r.positions, vec![None, None, None]);
+        memory.publish("items", stale).await.unwrap();
+        assert_eq!(
+            *feed.shared.folded["items"].borrow(),
+            200,
+            "the folder is held"
+        );
+
+        // A snapshot waits for the fold, then holds every change before it.
+        let reader = {
+            let feed = feed.clone();
+            tokio::spawn(async move { whole_snapshot(&*feed, "items").await })
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            !reader.is_finished(),
+            "the snapshot waits while the folder is held"
+        );
+        feed.hold_folding(false);
+        let snap = reader.await.unwrap();
+        let k1 = snap.iter().find(|c| c.key == "k1").unwrap();
+        assert_eq!((k1.version, k1.fields["n"].clone()), (2, 20.into()));
+        same_state(&*feed, &memory, "items").await;
+        assert_eq!(feed.shared.unfolded.lock().unwrap().count, 0);
+    }
+
+    #[tokio::test]
+    async fn changes_left_unfolded_by_a_stop_are_folded_at_the_next_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hub.db");
+        let m = super::super::conformance::manifest();
+        let memory = crate::feed::memory::MemoryFeed::new(&m);
+        {
+            let feed = SqliteFeed::open(&path, &m).unwrap();
+            feed.hold_folding(true);
+            feed.publish("items", batch()).await.unwrap();
+            memory.publish("items", batch()).await.unwrap();
+        }
+        let feed = SqliteFeed::open(&path, &m).unwrap();
+        assert_eq!(*feed.shared.folded["items"].borrow(), 200);
+        same_state(&feed, &memory, "items").await;
     }
 
     #[tokio::test]
@@ -602,5 +1169,72 @@ mod tests {
             vec![None, Some(3)],
             "versions are recovered too"
         );
+    }
+}
+
+#[cfg(test)]
+mod props {
+    //! Whatever the folder's timing (held, released, stopped by a reopen),
+    //! the SqliteFeed answers every publish and ends in the state the
+    //! MemoryFeed (which has no folding) reaches.
+    use super::*;
+    use proptest::prelude::*;
+
+    #[derive(Debug, Clone)]
+    enum Step {
+        Publish(Vec<(u8, u64, bool)>),
+        Hold(bool),
+        Reopen,
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            6 => proptest::collection::vec((0u8..12, 1u64..6, proptest::bool::weighted(0.2)), 1..12)
+                .prop_map(Step::Publish),
+            2 => any::<bool>().prop_map(Step::Hold),
+            1 => Just(Step::Reopen),
+        ]
+    }
+
+    fn input((k, v, delete): (u8, u64, bool)) -> ChangeInput {
+        let key = format!("key{k}");
+        if delete {
+            ChangeInput::delete(key, v)
+        } else {
+            let f = serde_json::json!({ "n": v as i64 * 100 + k as i64 });
+            ChangeInput::upsert(key, v, f.as_object().cloned().unwrap())
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+        #[test]
+        fn folding_never_changes_what_a_publish_or_a_read_sees(steps in proptest::collection::vec(step(), 1..20)) {
+            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+            rt.block_on(async {
+                let dir = tempfile::tempdir().unwrap();
+                let path = dir.path().join("hub.db");
+                let m = super::super::conformance::manifest();
+                let memory = crate::feed::memory::MemoryFeed::new(&m);
+                let mut feed = SqliteFeed::open(&path, &m).unwrap();
+                for s in steps {
+                    match s {
+                        Step::Publish(changes) => {
+                            let inputs: Vec<ChangeInput> = changes.into_iter().map(input).collect();
+                            let a = feed.publish("items", inputs.clone()).await.unwrap();
+                            let b = memory.publish("items", inputs).await.unwrap();
+                            assert_eq!(a, b);
+                        }
+                        Step::Hold(h) => feed.hold_folding(h),
+                        Step::Reopen => {
+                            drop(feed);
+                            feed = SqliteFeed::open(&path, &m).unwrap();
+                        }
+                    }
+                }
+                feed.hold_folding(false);
+                super::tests::same_state(&feed, &memory, "items").await;
+            });
+        }
     }
 }
