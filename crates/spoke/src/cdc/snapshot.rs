@@ -151,7 +151,16 @@ pub(crate) async fn run(
             changes.push(ChangeInput::upsert(row.key, v, row.fields));
         }
         let n = changes.len() as u64;
-        match publish_all(publisher, &mapping.dataset, changes, cfg, stats, shutdown).await? {
+        match publish_all(
+            publisher,
+            &mapping.dataset,
+            changes,
+            &cfg.options,
+            stats,
+            shutdown,
+        )
+        .await?
+        {
             Published::Done => {}
             Published::Stopped => return Ok(false),
         }
@@ -227,7 +236,7 @@ async fn sweep(
             .collect();
         deleted += gone.len();
         if !gone.is_empty() {
-            match publish_all(publisher, dataset, gone, cfg, stats, shutdown).await? {
+            match publish_all(publisher, dataset, gone, &cfg.options, stats, shutdown).await? {
                 Published::Done => {}
                 Published::Stopped => return Ok(false),
             }

@@ -10,7 +10,8 @@
 //!           Insert / Update / Delete ─▶ coalesce into Txn
 //!           Commit(end) ─▶ Group { per dataset: changes in commit order }
 //!             more events already received and group < batch? ─▶ next event
-//!             else ─▶ publish the group (per dataset, every batch) ─▶ update_applied_lsn(last end)
+//!             else, no publish in flight ─▶ launch the group's publish (own task, per dataset)
+//!           publish done ─▶ update_applied_lsn(its last end) ─▶ launch what gathered meanwhile
 //!           KeepAlive / heartbeat message, no Txn open, Group empty ─▶ update_applied_lsn(pos)
 //! ```
 //!
@@ -28,6 +29,12 @@
 //!   published as soon as it commits. Changes keep commit order per key
 //!   (a key changed by several transactions of a group appears once per
 //!   transaction, oldest first).
+//! - Pipelining: one group is published on its own task while the stream
+//!   is read on and the next group gathers; the next is launched only once
+//!   the one in flight returned and was confirmed, so publishes (and
+//!   confirmations) stay in commit order and a full group waits for the
+//!   one in flight. Decoding overlaps the feed's commit instead of waiting
+//!   for it.
 //! - An error inside a transaction discards the whole transaction: nothing
 //!   of it is published, nothing acknowledged; the complete transactions
 //!   before it are published and acknowledged first.
@@ -51,7 +58,7 @@ use super::pgoutput::{self, Message, OldKind};
 use super::shape::Shape;
 use super::slot::{self, SlotInfo, TableInfo};
 use super::snapshot::{self, ProgressFn, SnapshotJob};
-use super::{fmt_lsn, CdcConfig, CdcError, CdcStats, DatasetCounts, SnapshotProgress};
+use super::{fmt_lsn, CdcConfig, CdcError, CdcOptions, CdcStats, DatasetCounts, SnapshotProgress};
 use crate::feed::{ChangeInput, Feed, FeedError, Publisher};
 use crate::shutdown::Shutdown;
 
@@ -83,12 +90,12 @@ pub(crate) async fn publish_all(
     publisher: &dyn Publisher,
     dataset: &str,
     changes: Vec<ChangeInput>,
-    cfg: &CdcConfig,
+    options: &CdcOptions,
     stats: &CdcStats,
     shutdown: &mut Shutdown,
 ) -> Result<Published, CdcError> {
-    for chunk in changes.chunks(cfg.options.batch) {
-        let mut backoff = cfg.options.backoff_min;
+    for chunk in changes.chunks(options.batch) {
+        let mut backoff = options.backoff_min;
         loop {
             match publisher.publish(dataset, chunk.to_vec()).await {
                 Ok(receipt) => {
@@ -108,7 +115,7 @@ pub(crate) async fn publish_all(
                         _ = tokio::time::sleep(backoff) => {}
                         _ = shutdown.wait() => return Ok(Published::Stopped),
                     }
-                    backoff = (backoff * 2).min(cfg.options.backoff_max);
+                    backoff = (backoff * 2).min(options.backoff_max);
                 }
                 Err(e) => {
                     let key = match &e {
@@ -608,6 +615,8 @@ impl CdcSource {
         let mut relations: HashMap<u32, Option<(usize, Shape)>> = HashMap::new();
         let mut txn: Option<Txn> = None;
         let mut group = Group::default();
+        // The group being published while the stream is read on (at most one).
+        let mut inflight: Option<InFlight> = None;
         let mut progress = Progress {
             acked: start,
             published_upto,
@@ -619,8 +628,26 @@ impl CdcSource {
         loop {
             let event = tokio::select! {
                 _ = shutdown.wait() => {
+                    // A publish already sent is seen through (a retry stops
+                    // at once on shutdown) and confirmed if it succeeded.
+                    if let Some(f) = inflight.take() {
+                        let done = f.task.await;
+                        self.confirm(f.group, done, &client, &mut progress)?;
+                    }
                     client.stop();
                     return Ok(());
+                }
+                done = in_flight(&mut inflight) => {
+                    let f = inflight.take().expect("a publish in flight");
+                    if !self.confirm(f.group, done, &client, &mut progress)? {
+                        client.stop();
+                        return Ok(());
+                    }
+                    // What gathered meanwhile goes next, without waiting for more.
+                    if !group.is_empty() {
+                        inflight = Some(self.launch(&mut group, shutdown));
+                    }
+                    continue;
                 }
                 _ = status.tick() => {
                     measure_slot(admin, cfg, &self.stats).await?;
@@ -684,13 +711,15 @@ impl CdcSource {
                                 let rows: usize = changes.iter().map(|(_, c)| c.len()).sum();
                                 let overflows =
                                     !group.is_empty() && group.rows + rows > cfg.options.batch;
-                                if overflows
-                                    && !self
-                                        .flush(&mut group, &client, &mut progress, shutdown)
-                                        .await?
-                                {
-                                    client.stop();
-                                    return Ok(());
+                                if overflows {
+                                    if let Some(f) = inflight.take() {
+                                        let done = f.task.await;
+                                        if !self.confirm(f.group, done, &client, &mut progress)? {
+                                            client.stop();
+                                            return Ok(());
+                                        }
+                                    }
+                                    inflight = Some(self.launch(&mut group, shutdown));
                                 }
                                 group.add(changes, rows, end_lsn.0);
                                 Ok(())
@@ -706,7 +735,11 @@ impl CdcSource {
                 } => {
                     // Everything before it has been handled: nothing open,
                     // nothing waiting to be published.
-                    if txn.is_none() && group.is_empty() && lsn.0 > progress.acked {
+                    if txn.is_none()
+                        && group.is_empty()
+                        && inflight.is_none()
+                        && lsn.0 > progress.acked
+                    {
                         client.update_applied_lsn(lsn);
                         progress.acked = lsn.0;
                         self.stats.acked_lsn.store(lsn.0, Ordering::Relaxed);
@@ -715,7 +748,7 @@ impl CdcSource {
                 }
                 ReplicationEvent::Message { .. } => Ok(()),
                 ReplicationEvent::StoppedAt { .. } => {
-                    self.flush(&mut group, &client, &mut progress, shutdown)
+                    self.flush(&mut inflight, &mut group, &client, &mut progress, shutdown)
                         .await?;
                     return Ok(());
                 }
@@ -723,66 +756,122 @@ impl CdcSource {
             if let Err(e) = handled {
                 // The transactions before the bad one are complete: publish
                 // and acknowledge them, as if each had been published alone.
-                self.flush(&mut group, &client, &mut progress, shutdown)
+                self.flush(&mut inflight, &mut group, &client, &mut progress, shutdown)
                     .await?;
                 return Err(e);
             }
             // Group commit: publish when the group is full, or when nothing
             // more is waiting in the stream (never wait for more to come).
+            // While a publish is in flight the group keeps gathering; a full
+            // group waits for it (one publish at a time keeps commit order).
             if !group.is_empty()
                 && (group.rows >= cfg.options.batch || wire.events_forwarded() <= taken)
-                && !self
-                    .flush(&mut group, &client, &mut progress, shutdown)
-                    .await?
             {
-                client.stop();
-                return Ok(());
+                if group.rows >= cfg.options.batch {
+                    if let Some(f) = inflight.take() {
+                        let done = f.task.await;
+                        if !self.confirm(f.group, done, &client, &mut progress)? {
+                            client.stop();
+                            return Ok(());
+                        }
+                    }
+                }
+                if inflight.is_none() {
+                    inflight = Some(self.launch(&mut group, shutdown));
+                }
             }
         }
     }
 
-    /// Publishes the group's changes, then confirms its last commit to the
-    /// server. `Ok(false)`: stopped by shutdown (nothing confirmed).
-    async fn flush(
-        &self,
-        group: &mut Group,
-        client: &ReplicationClient,
-        progress: &mut Progress<'_>,
-        shutdown: &mut Shutdown,
-    ) -> Result<bool, CdcError> {
-        if group.is_empty() {
-            return Ok(true);
-        }
+    /// Starts publishing the group (per dataset, in order) on its own task,
+    /// so the stream is read on meanwhile; [`Self::confirm`] takes its result.
+    fn launch(&self, group: &mut Group, shutdown: &Shutdown) -> InFlight {
         let Group {
             datasets,
             transactions,
             end_lsn,
             ..
         } = std::mem::take(group);
-        for (dataset, changes) in datasets {
-            match publish_all(
-                self.publisher.as_ref(),
-                &dataset,
-                changes,
-                &self.cfg,
-                &self.stats,
-                shutdown,
-            )
-            .await?
-            {
-                Published::Done => {}
-                Published::Stopped => return Ok(false),
+        let publisher = self.publisher.clone();
+        let options = self.cfg.options.clone();
+        let stats = self.stats.clone();
+        let mut shutdown = shutdown.clone();
+        let task = tokio::spawn(async move {
+            for (dataset, changes) in datasets {
+                match publish_all(
+                    publisher.as_ref(),
+                    &dataset,
+                    changes,
+                    &options,
+                    &stats,
+                    &mut shutdown,
+                )
+                .await?
+                {
+                    Published::Done => {}
+                    Published::Stopped => return Ok(Published::Stopped),
+                }
             }
+            Ok(Published::Done)
+        });
+        InFlight {
+            task,
+            group: Sent {
+                transactions,
+                end_lsn,
+            },
         }
-        client.update_applied_lsn(Lsn(end_lsn));
-        *progress.published_upto = (*progress.published_upto).max(end_lsn);
-        progress.acked = progress.acked.max(end_lsn);
-        CdcStats::add(&self.stats.transactions, transactions);
-        self.stats.last_commit_lsn.store(end_lsn, Ordering::Relaxed);
+    }
+
+    /// Takes a launched publish's result: on success confirms the group's
+    /// last commit to the server. `Ok(false)`: stopped by shutdown (nothing
+    /// confirmed).
+    fn confirm(
+        &self,
+        sent: Sent,
+        done: Result<Result<Published, CdcError>, tokio::task::JoinError>,
+        client: &ReplicationClient,
+        progress: &mut Progress<'_>,
+    ) -> Result<bool, CdcError> {
+        match done.map_err(|e| CdcError::Stream(format!("the publishing task failed: {e}")))?? {
+            Published::Done => {}
+            Published::Stopped => return Ok(false),
+        }
+        client.update_applied_lsn(Lsn(sent.end_lsn));
+        *progress.published_upto = (*progress.published_upto).max(sent.end_lsn);
+        progress.acked = progress.acked.max(sent.end_lsn);
+        CdcStats::add(&self.stats.transactions, sent.transactions);
+        self.stats
+            .last_commit_lsn
+            .store(sent.end_lsn, Ordering::Relaxed);
         self.stats
             .acked_lsn
             .store(progress.acked, Ordering::Relaxed);
         Ok(true)
+    }
+
+    /// Publishes and confirms everything: the publish in flight, then the
+    /// group. `Ok(false)`: stopped by shutdown.
+    async fn flush(
+        &self,
+        inflight: &mut Option<InFlight>,
+        group: &mut Group,
+        client: &ReplicationClient,
+        progress: &mut Progress<'_>,
+        shutdown: &mut Shutdown,
+    ) -> Result<bool, CdcError> {
+        if let Some(f) = inflight.take() {
+            let done = f.task.await;
+            if !self.confirm(f.group, done, client, progress)? {
+                return Ok(false);
+            }
+        }
+        if group.is_empty() {
+            return Ok(true);
+        }
+        let f = self.launch(group, shutdown);
+        let done = f.task.await;
+        self.confirm(f.group, done, client, progress)
     }
 
     /// Applies one decoded message to the open transaction.
@@ -924,6 +1013,30 @@ impl CdcSource {
 struct Progress<'a> {
     acked: u64,
     published_upto: &'a mut u64,
+}
+
+/// What a launched publish will confirm once it succeeds.
+struct Sent {
+    transactions: u64,
+    /// End LSN of the group's last transaction.
+    end_lsn: u64,
+}
+
+/// A group being published on its own task.
+struct InFlight {
+    task: tokio::task::JoinHandle<Result<Published, CdcError>>,
+    group: Sent,
+}
+
+/// Waits for the publish in flight, if any (forever otherwise), for a
+/// branch of the stream's `select!`.
+async fn in_flight(
+    f: &mut Option<InFlight>,
+) -> Result<Result<Published, CdcError>, tokio::task::JoinError> {
+    match f {
+        Some(f) => (&mut f.task).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Committed transactions not yet published: per dataset, their changes

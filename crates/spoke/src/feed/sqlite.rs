@@ -6,11 +6,11 @@
 //!  publish(batch) ─▶ BEGIN IMMEDIATE
 //!     per change: latest version of its key (unfolded map, else `state`)
 //!                 newer ─▶ INSERT INTO log
-//!  COMMIT (fsync) ─▶ unfolded map ─▶ head watch ─▶ wakes long-polls
-//!                                 └▶ wakes the folder thread:
-//!                                      read log (folded, head], newest per key,
-//!                                      UPSERT state, XOR digest, folded = head
-//!                                      in one transaction ─▶ folded watch
+//!  COMMIT (fsync) ─▶ unfolded map + rows queued for the folder ─▶ head watch ─▶ wakes long-polls
+//!  folder thread, every 100 ms or when a reader waits:
+//!     rows (folded, head] (queued, else read from the log), newest per key,
+//!     UPSERT state, XOR digest (old value: the key's base), folded = head
+//!     in one transaction ─▶ folded watch
 //! ```
 //!
 //! **Why two files.** A publish must be durable when it returns; the
@@ -19,8 +19,8 @@
 //! per change (a state row and a bucket-index entry per key, on pages spread
 //! over the whole table), fsynced with every publish: on a small machine
 //! that, not CPU, bounded the hub. Now a publish appends log rows only
-//! (contiguous pages), and a folder thread folds the log into the state in
-//! batches, in its own file, so its writes never wait on the log's fsync and
+//! (contiguous pages) and hands them to a folder thread, which folds them
+//! into the state in batches, in its own file, so its writes never wait on the log's fsync and
 //! the log's commit never carries them. A larger batch touches fewer pages
 //! per change, so the folder gets cheaper as load grows.
 //!
@@ -40,9 +40,16 @@
 //!   serves; a lost state file is rebuilt from the log, and one that claims
 //!   more than the log holds (a log restored from an older backup) is
 //!   cleared and rebuilt.
-//! - *Back-pressure.* At most [`MAX_UNFOLDED`] changes wait unfolded;
-//!   beyond that a publish waits for the folder, so memory stays bounded
-//!   when the disk cannot keep up.
+//! - *Digests.* Each unfolded key carries its base: its value in the state
+//!   before its unfolded changes, found by the publish that looked its
+//!   version up. The folder XORs the base out and the newest change in, then
+//!   makes that change the base of a key changed again past the chunk; a
+//!   publish whose key was folded while it ran takes the folded change as
+//!   the base. Without a base (after a restart) the folder looks it up.
+//! - *Back-pressure.* At most [`MAX_UNFOLDED`] keys wait unfolded; beyond
+//!   that a publish waits for the folder, so memory stays bounded when the
+//!   disk cannot keep up (queued rows are capped too, and read back from
+//!   the log past the cap).
 //!
 //! The state's digest (see [`spoke_core::digest`]) lives in the state file's
 //! `digest` table as 64 chunks of 64 bucket hashes per dataset, updated in the
@@ -96,6 +103,9 @@ const FOLD_PAUSE: Duration = Duration::from_millis(100);
 const FOLD_CHUNK: i64 = 50_000;
 /// Most keys with unfolded changes; a publish beyond it waits for the folder.
 pub const MAX_UNFOLDED: usize = 200_000;
+/// Most published rows held in memory for the folder; past it, batches are
+/// left for the folder to read from the log.
+const MAX_QUEUED: usize = 200_000;
 /// How long a read of the state waits for the folder before giving up.
 const FOLD_WAIT: Duration = Duration::from_secs(60);
 
@@ -195,14 +205,25 @@ fn row_to_change(dataset: &str, row: &rusqlite::Row<'_>) -> rusqlite::Result<Cha
 #[derive(Debug, Clone, Copy)]
 struct Latest {
     version: u64,
+    deleted: bool,
     pos: Position,
+    /// The key's `(version, deleted)` in the state as folded so far (`None`:
+    /// not there), found by the publish that first saw it unfolded: the
+    /// folder XORs it out of the digest without looking it up again.
+    base: Option<(u64, bool)>,
 }
 
-/// Every key with a change the folder has not folded yet, per dataset.
+/// Every key with a change the folder has not folded yet, per dataset, and
+/// the published rows themselves, handed to the folder so that it need not
+/// read them back from the log.
 #[derive(Default)]
 struct Unfolded {
     keys: HashMap<String, HashMap<String, Latest>>,
     count: usize,
+    /// Per dataset, published rows in position order. A gap (a batch not
+    /// queued because the queue was full) is read from the log instead.
+    queue: HashMap<String, std::collections::VecDeque<(String, LogRow)>>,
+    queued: usize,
 }
 
 /// What the publishers, the readers and the folder thread share.
@@ -237,15 +258,67 @@ impl Shared {
     }
 }
 
-/// One log row as the folder reads it.
+/// One log row as the folder folds it.
+#[derive(Debug)]
 struct LogRow {
     pos: i64,
     version: i64,
-    op: String,
+    deleted: bool,
     fields: String,
     owner: String,
     ts: i64,
     schema_version: i64,
+}
+
+/// The rows of `dataset` in `(from, to]`: from the queue while it holds them
+/// in order, the rest from the log. Returns them in position order.
+fn rows_to_fold(
+    shared: &Shared,
+    log: &Connection,
+    dataset: &str,
+    from: i64,
+    to: i64,
+) -> rusqlite::Result<Vec<(String, LogRow)>> {
+    let mut out = Vec::new();
+    let mut next = from + 1;
+    {
+        let mut guard = shared.unfolded.lock().expect("unfolded keys");
+        let Unfolded { queue, queued, .. } = &mut *guard;
+        if let Some(q) = queue.get_mut(dataset) {
+            // Rows already folded from the log (after a gap) are dropped.
+            while q.front().is_some_and(|(_, r)| r.pos < next) {
+                q.pop_front();
+                *queued -= 1;
+            }
+            while q.front().is_some_and(|(_, r)| r.pos == next && r.pos <= to) {
+                out.push(q.pop_front().expect("front"));
+                *queued -= 1;
+                next += 1;
+            }
+        }
+    }
+    if next <= to {
+        let mut stmt = log.prepare_cached(
+            "SELECT pos, key, version, op = 'delete', fields, owner, ts, schema_version FROM log
+             WHERE dataset = ?1 AND pos >= ?2 AND pos <= ?3 ORDER BY pos",
+        )?;
+        let mut rows = stmt.query(params![dataset, next, to])?;
+        while let Some(r) = rows.next()? {
+            out.push((
+                r.get(1)?,
+                LogRow {
+                    pos: r.get(0)?,
+                    version: r.get(2)?,
+                    deleted: r.get(3)?,
+                    fields: r.get(4)?,
+                    owner: r.get(5)?,
+                    ts: r.get(6)?,
+                    schema_version: r.get(7)?,
+                },
+            ));
+        }
+    }
+    Ok(out)
 }
 
 /// Folds `dataset`'s log past its folded position into the state, in
@@ -267,27 +340,19 @@ fn fold_dataset(
         // Newest change per key in (from, to], in key order so that the
         // upserts walk the state's B-tree instead of jumping around it.
         let mut newest: BTreeMap<String, LogRow> = BTreeMap::new();
-        {
-            let mut stmt = log.prepare_cached(
-                "SELECT pos, key, version, op, fields, owner, ts, schema_version FROM log
-                 WHERE dataset = ?1 AND pos > ?2 AND pos <= ?3 ORDER BY pos",
-            )?;
-            let mut rows = stmt.query(params![dataset, from, to])?;
-            while let Some(r) = rows.next()? {
-                newest.insert(
-                    r.get(1)?,
-                    LogRow {
-                        pos: r.get(0)?,
-                        version: r.get(2)?,
-                        op: r.get(3)?,
-                        fields: r.get(4)?,
-                        owner: r.get(5)?,
-                        ts: r.get(6)?,
-                        schema_version: r.get(7)?,
-                    },
-                );
-            }
+        for (key, row) in rows_to_fold(shared, log, dataset, from, to)? {
+            newest.insert(key, row);
         }
+        // The state's value of each key before this chunk, as the
+        // publishes saw it (absent after a restart: looked up below).
+        let bases: Vec<Option<Option<(u64, bool)>>> = {
+            let guard = shared.unfolded.lock().expect("unfolded keys");
+            let map = guard.keys.get(dataset);
+            newest
+                .keys()
+                .map(|k| map.and_then(|m| m.get(k)).map(|l| l.base))
+                .collect()
+        };
         let tx = state.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let mut delta = DigestDelta::new();
         {
@@ -301,16 +366,22 @@ fn fold_dataset(
                     fields = excluded.fields, owner = excluded.owner, ts = excluded.ts,
                     schema_version = excluded.schema_version, pos = excluded.pos",
             )?;
-            for (key, r) in &newest {
-                let before: Option<(i64, bool)> = old
-                    .query_row(params![dataset, key], |x| Ok((x.get(0)?, x.get(1)?)))
-                    .optional()?;
+            for ((key, r), base) in newest.iter().zip(bases) {
+                let before = match base {
+                    Some(b) => b,
+                    None => old
+                        .query_row(params![dataset, key], |x| {
+                            Ok((x.get::<_, i64>(0)? as u64, x.get(1)?))
+                        })
+                        .optional()?,
+                };
                 let bucket = bucket_of(key);
+                let op = if r.deleted { "delete" } else { "upsert" };
                 upsert.execute(params![
                     dataset,
                     key,
                     r.version,
-                    r.op,
+                    op,
                     r.fields,
                     r.owner,
                     r.ts,
@@ -318,9 +389,9 @@ fn fold_dataset(
                     r.pos,
                     bucket
                 ])?;
-                let mut h = entry_hash(key, r.version as u64, r.op == "delete");
+                let mut h = entry_hash(key, r.version as u64, r.deleted);
                 if let Some((v, d)) = before {
-                    h ^= entry_hash(key, v as u64, d);
+                    h ^= entry_hash(key, v, d);
                 }
                 delta.xor(bucket, h);
             }
@@ -337,12 +408,18 @@ fn fold_dataset(
         // the unfolded map; a key changed again meanwhile stays.
         {
             let mut guard = shared.unfolded.lock().expect("unfolded keys");
-            let Unfolded { keys, count } = &mut *guard;
+            let Unfolded { keys, count, .. } = &mut *guard;
             if let Some(map) = keys.get_mut(dataset) {
-                for key in newest.keys() {
-                    if map.get(key).is_some_and(|l| l.pos <= to as Position) {
-                        map.remove(key);
-                        *count -= 1;
+                for (key, r) in &newest {
+                    match map.get_mut(key) {
+                        Some(l) if l.pos <= to as Position => {
+                            map.remove(key);
+                            *count -= 1;
+                        }
+                        // Changed again past this chunk: its base is now
+                        // what this chunk folded.
+                        Some(l) => l.base = Some((r.version as u64, r.deleted)),
+                        None => {}
                     }
                 }
             }
@@ -690,7 +767,8 @@ impl Publisher for SqliteFeed {
             let mut head = *head_tx.borrow();
             let mut positions = Vec::with_capacity(changes.len());
             let mut ignored = 0;
-            let mut batch: HashMap<&str, Latest> = HashMap::new();
+            let mut batch: HashMap<String, Latest> = HashMap::new();
+            let mut rows: Vec<(String, LogRow)> = Vec::with_capacity(changes.len());
             {
                 let mut folded_version = state
                     .prepare_cached("SELECT version, op = 'delete' FROM state WHERE dataset = ?1 AND key = ?2")
@@ -698,28 +776,32 @@ impl Publisher for SqliteFeed {
                 let mut insert_log = tx.prepare_cached(
                     "INSERT INTO log (dataset, pos, key, version, op, fields, owner, ts, schema_version) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
                 ).map_err(unavailable)?;
-                for c in &changes {
+                for c in changes {
                     // Newest first: this batch, then changes not folded yet,
                     // then the state (see "What stays exact" above).
-                    let local = match batch.get(c.key.as_str()) {
-                        Some(l) => Some(l.version),
+                    let known = match batch.get(&c.key) {
+                        Some(l) => Some(*l),
+                        None => shared
+                            .unfolded
+                            .lock()
+                            .expect("unfolded keys")
+                            .keys
+                            .get(&dataset)
+                            .and_then(|m| m.get(&c.key))
+                            // Should the folder fold that change meanwhile,
+                            // it becomes the base (see below).
+                            .map(|l| Latest { base: Some((l.version, l.deleted)), ..*l }),
+                    };
+                    let (local, base) = match known {
+                        Some(l) => (Some(l.version), l.base),
                         None => {
-                            let unfolded = shared
-                                .unfolded
-                                .lock()
-                                .expect("unfolded keys")
-                                .keys
-                                .get(&dataset)
-                                .and_then(|m| m.get(&c.key))
-                                .map(|l| l.version);
-                            match unfolded {
-                                Some(v) => Some(v),
-                                None => folded_version
-                                    .query_row(params![dataset, c.key], |r| r.get::<_, i64>(0))
-                                    .optional()
-                                    .map_err(unavailable)?
-                                    .map(|v| v as u64),
-                            }
+                            let folded = folded_version
+                                .query_row(params![dataset, c.key], |r| {
+                                    Ok((r.get::<_, i64>(0)? as u64, r.get::<_, bool>(1)?))
+                                })
+                                .optional()
+                                .map_err(unavailable)?;
+                            (folded.map(|(v, _)| v), folded)
                         }
                     };
                     if decide(local, c.version) == Decision::Ignore {
@@ -732,25 +814,50 @@ impl Publisher for SqliteFeed {
                     insert_log
                         .execute(params![dataset, head as i64, c.key, c.version as i64, c.op.as_str(), fields, c.owner, c.ts as i64, c.schema_version])
                         .map_err(unavailable)?;
+                    let deleted = c.op == Op::Delete;
                     batch.insert(
-                        &c.key,
+                        c.key.clone(),
                         Latest {
                             version: c.version,
+                            deleted,
                             pos: head,
+                            base,
                         },
                     );
+                    rows.push((
+                        c.key,
+                        LogRow {
+                            pos: head as i64,
+                            version: c.version as i64,
+                            deleted,
+                            fields,
+                            owner: c.owner,
+                            ts: c.ts as i64,
+                            schema_version: c.schema_version as i64,
+                        },
+                    ));
                     positions.push(Some(head));
                 }
             }
             tx.commit().map_err(unavailable)?;
             {
                 let mut guard = shared.unfolded.lock().expect("unfolded keys");
-                let Unfolded { keys, count } = &mut *guard;
+                let Unfolded { keys, count, queue, queued } = &mut *guard;
                 let map = keys.entry(dataset.clone()).or_default();
-                for (k, l) in batch {
-                    if map.insert(k.to_owned(), l).is_none() {
+                for (k, mut l) in batch {
+                    // A key still unfolded keeps the base the folder keeps
+                    // current; one folded since it was looked up has the
+                    // folded change as its base.
+                    if let Some(e) = map.get(&k) {
+                        l.base = e.base;
+                    }
+                    if map.insert(k, l).is_none() {
                         *count += 1;
                     }
+                }
+                if *queued + rows.len() <= MAX_QUEUED {
+                    *queued += rows.len();
+                    queue.entry(dataset.clone()).or_default().extend(rows);
                 }
             }
             // Published only after commit and after the unfolded map holds
@@ -1184,6 +1291,8 @@ mod props {
     enum Step {
         Publish(Vec<(u8, u64, bool)>),
         Hold(bool),
+        /// Wait until the folder folded everything (unless held).
+        Settle,
         Reopen,
     }
 
@@ -1192,6 +1301,7 @@ mod props {
             6 => proptest::collection::vec((0u8..12, 1u64..6, proptest::bool::weighted(0.2)), 1..12)
                 .prop_map(Step::Publish),
             2 => any::<bool>().prop_map(Step::Hold),
+            2 => Just(Step::Settle),
             1 => Just(Step::Reopen),
         ]
     }
@@ -1207,7 +1317,7 @@ mod props {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+        #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
         #[test]
         fn folding_never_changes_what_a_publish_or_a_read_sees(steps in proptest::collection::vec(step(), 1..20)) {
             let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
@@ -1217,6 +1327,7 @@ mod props {
                 let m = super::super::conformance::manifest();
                 let memory = crate::feed::memory::MemoryFeed::new(&m);
                 let mut feed = SqliteFeed::open(&path, &m).unwrap();
+                let mut held = false;
                 for s in steps {
                     match s {
                         Step::Publish(changes) => {
@@ -1225,8 +1336,16 @@ mod props {
                             let b = memory.publish("items", inputs).await.unwrap();
                             assert_eq!(a, b);
                         }
-                        Step::Hold(h) => feed.hold_folding(h),
+                        Step::Hold(h) => {
+                            held = h;
+                            feed.hold_folding(h);
+                        }
+                        Step::Settle if !held => {
+                            feed.wait_folded("items").await.unwrap();
+                        }
+                        Step::Settle => {}
                         Step::Reopen => {
+                            held = false;
                             drop(feed);
                             feed = SqliteFeed::open(&path, &m).unwrap();
                         }

@@ -276,6 +276,10 @@ struct Decode {
     ignored: u64,
     /// CdcSource only: publishes it took (consecutive transactions share one).
     publishes: u64,
+    /// CdcSource into a SqliteFeed only: from the last accepted publish
+    /// until the feed's compacted state was folded through it (not part of
+    /// `seconds`; snapshots and reconciliation wait for it).
+    state_folded_ms: Option<f64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -515,19 +519,22 @@ async fn cleanup(ctx: &Ctx<'_>) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The in-process feed, as the publisher (CDC side) and the reader (agent side).
-fn open_feed(ctx: &Ctx<'_>, name: &str) -> anyhow::Result<(Arc<dyn Publisher>, Arc<dyn Feed>)> {
+/// The in-process feed, as the publisher (CDC side) and the reader (agent
+/// side), and as itself when it is a SqliteFeed (to wait for its fold).
+type Opened = (Arc<dyn Publisher>, Arc<dyn Feed>, Option<Arc<SqliteFeed>>);
+
+fn open_feed(ctx: &Ctx<'_>, name: &str) -> anyhow::Result<Opened> {
     Ok(match ctx.args.feed {
         CdcFeed::Memory => {
             let f = Arc::new(MemoryFeed::new(&ctx.manifest));
-            (f.clone(), f)
+            (f.clone(), f, None)
         }
         CdcFeed::Sqlite => {
             let f = Arc::new(SqliteFeed::open(
                 &ctx.scratch.path().join(format!("{name}.db")),
                 &ctx.manifest,
             )?);
-            (f.clone(), f)
+            (f.clone(), f.clone(), Some(f))
         }
     })
 }
@@ -653,7 +660,7 @@ async fn flush_lsn(client: &Client) -> anyhow::Result<String> {
 async fn throughput(ctx: &Ctx<'_>, owner: &Client) -> anyhow::Result<Vec<Round>> {
     let args = ctx.args;
     let n = &ctx.names;
-    let (mut publisher, _) = open_feed(ctx, "throughput-setup")?;
+    let (mut publisher, _, _) = open_feed(ctx, "throughput-setup")?;
     let discard: Arc<dyn Publisher> = Arc::new(DiscardFeed::new(&ctx.manifest));
 
     // Set up publication, slots and state, snapshot the table (one row) and
@@ -692,7 +699,8 @@ async fn throughput(ctx: &Ctx<'_>, owner: &Client) -> anyhow::Result<Vec<Round>>
     for round in 0..args.rounds {
         // Not timed. A fresh feed per round, so that every round appends to
         // a feed of the same size (the MemoryFeed keeps every entry in memory).
-        publisher = open_feed(ctx, &format!("throughput-{round}"))?.0;
+        let (fresh, _, sqlite) = open_feed(ctx, &format!("throughput-{round}"))?;
+        publisher = fresh;
         // The CDC slots are at rest after the last round, but their
         // restart_lsn may still lie before it (it moves only at
         // running-transactions records, logged every 15 s or at
@@ -744,12 +752,15 @@ async fn throughput(ctx: &Ctx<'_>, owner: &Client) -> anyhow::Result<Vec<Round>>
                         published: 0,
                         ignored: 0,
                         publishes: 0,
+                        state_folded_ms: None,
                     }
                 }
                 Decoder::SpokeDiscard => {
-                    cdc_decode(ctx, owner, d, &n.discard_slot, &discard, &bar).await?
+                    cdc_decode(ctx, owner, d, &n.discard_slot, &discard, None, &bar).await?
                 }
-                Decoder::SpokeFeed => cdc_decode(ctx, owner, d, &n.slot, &publisher, &bar).await?,
+                Decoder::SpokeFeed => {
+                    cdc_decode(ctx, owner, d, &n.slot, &publisher, sqlite.as_deref(), &bar).await?
+                }
             });
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -813,6 +824,7 @@ async fn cdc_decode(
     decoder: Decoder,
     slot: &str,
     publisher: &Arc<dyn Publisher>,
+    folds: Option<&SqliteFeed>,
     bar: &ProgressBar,
 ) -> anyhow::Result<Decode> {
     let rows = ctx.args.rows;
@@ -830,6 +842,14 @@ async fn cdc_decode(
     };
     source.wait_for(rows, Some((bar, bar.position()))).await?;
     let elapsed = t.elapsed();
+    let state_folded_ms = match folds {
+        Some(f) => {
+            let t = Instant::now();
+            f.wait_folded(DATASET).await?;
+            Some(t.elapsed().as_secs_f64() * 1e3)
+        }
+        None => None,
+    };
     let (published, ignored) = (source.published(), source.ignored());
     let publishes = CdcStats::get(&source.stats.publishes);
     source.stop(owner, slot).await?;
@@ -843,6 +863,7 @@ async fn cdc_decode(
         published,
         ignored,
         publishes,
+        state_folded_ms,
     })
 }
 
@@ -907,7 +928,7 @@ async fn latency(
         .map(|r| (*r as f64 * args.seconds).round().max(1.0) as u64)
         .collect();
     let grand_total: u64 = totals.iter().sum();
-    let (publisher, reader) = open_feed(ctx, "latency")?;
+    let (publisher, reader, _) = open_feed(ctx, "latency")?;
     let mut source = Source::start(ctx, &n.slot, publisher)?;
 
     let vis = Arc::new(Visibility::new(grand_total, Box::new(seq_of)));
@@ -1073,6 +1094,7 @@ fn print_tables(r: &Report, args: &CdcArgs) {
             "first publish ms",
             "rows/s after it",
             "rows per publish",
+            "state folded +ms",
             "vs pg_recvlogical",
         ]);
         for x in &r.rounds {
@@ -1108,6 +1130,8 @@ fn print_tables(r: &Report, args: &CdcArgs) {
                     } else {
                         format!("{:.0}", (d.published + d.ignored) as f64 / d.publishes as f64)
                     },
+                    d.state_folded_ms
+                        .map_or_else(|| "-".to_owned(), |v| format!("{v:.0}")),
                     format!("{:.2}", d.rows_per_s / raw),
                 ]);
             }
