@@ -157,11 +157,7 @@ fn data_path(dir: &Path, name: &str) -> PathBuf {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_the_agent_at_random_instants_loses_and_doubles_nothing() {
-    let seed = std::env::var("SPOKE_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| fastrand::u64(..));
-    println!("seed {seed}");
+    let seed = support::seed();
     let mut rng = fastrand::Rng::with_seed(seed);
     let dir = tempfile::tempdir().expect("tempdir");
     let manifest = data_path(dir.path(), "manifest.toml");

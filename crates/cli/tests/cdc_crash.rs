@@ -160,11 +160,7 @@ async fn hub_state(hub: &HubClient) -> State {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_spoke_cdc_at_random_instants_loses_and_doubles_nothing() {
-    let seed = std::env::var("SPOKE_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| fastrand::u64(..));
-    println!("seed {seed}");
+    let seed = support::seed();
     let mut rng = fastrand::Rng::with_seed(seed.wrapping_add(1));
     let dir = tempfile::tempdir().expect("tempdir");
     let Some(pg) = PrivatePostgres::start(&dir.path().join("pg")) else {

@@ -31,21 +31,7 @@ use spoke::feed::Feed;
 use spoke::outbox::sqlite as outbox;
 use spoke_core::{Op, Version};
 
-const MANIFEST: &str = r#"
-[services.owner-svc]
-[services.reader-svc]
-
-[datasets.items]
-owner = "owner-svc"
-key = "id"
-fields = { n = "int", label = "string?" }
-
-[[subscriptions]]
-consumer = "reader-svc"
-dataset = "items"
-fields = ["n", "label"]
-staleness_budget = "1m"
-"#;
+use support::ITEMS_MANIFEST as MANIFEST;
 
 const KEYS: usize = 150;
 const MIN_KILLS: usize = 12;
@@ -190,11 +176,7 @@ fn owner_state(conn: &Connection) -> BTreeMap<String, (Version, bool, Map<String
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_the_relay_at_random_instants_delays_but_never_loses_or_doubles() {
-    let seed = std::env::var("SPOKE_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| fastrand::u64(..));
-    println!("seed {seed}");
+    let seed = support::seed();
     let mut rng = fastrand::Rng::with_seed(seed.wrapping_add(1));
     let dir = tempfile::tempdir().expect("tempdir");
     let manifest = dir.path().join("manifest.toml");

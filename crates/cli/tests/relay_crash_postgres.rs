@@ -36,21 +36,7 @@ use spoke_core::{Op, Version};
 
 const TEST: &str = "relay_crash_postgres";
 
-const MANIFEST: &str = r#"
-[services.owner-svc]
-[services.reader-svc]
-
-[datasets.items]
-owner = "owner-svc"
-key = "id"
-fields = { n = "int", label = "string?" }
-
-[[subscriptions]]
-consumer = "reader-svc"
-dataset = "items"
-fields = ["n", "label"]
-staleness_budget = "1m"
-"#;
+use support::ITEMS_MANIFEST as MANIFEST;
 
 const KEYS: usize = 150;
 const WRITERS: u64 = 2;
@@ -263,11 +249,7 @@ async fn kill_9_the_postgres_outbox_relay_at_random_instants_delays_but_never_lo
     let Some(url) = postgres_or_skip(TEST).await else {
         return;
     };
-    let seed = std::env::var("SPOKE_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| fastrand::u64(..));
-    println!("seed {seed}");
+    let seed = support::seed();
     let mut rng = fastrand::Rng::with_seed(seed.wrapping_add(1_000));
     let dir = tempfile::tempdir().expect("tempdir");
     let manifest = dir.path().join("manifest.toml");

@@ -10,6 +10,35 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
+/// The one-dataset manifest the crash tests share: `items` (n, label?)
+/// owned by `owner-svc`, copied by `reader-svc`.
+pub const ITEMS_MANIFEST: &str = r#"
+[services.owner-svc]
+[services.reader-svc]
+
+[datasets.items]
+owner = "owner-svc"
+key = "id"
+fields = { n = "int", label = "string?" }
+
+[[subscriptions]]
+consumer = "reader-svc"
+dataset = "items"
+fields = ["n", "label"]
+staleness_budget = "1m"
+"#;
+
+/// The run's random seed: `SPOKE_TEST_SEED` when set (to repeat a failed
+/// run), else a fresh one; printed either way.
+pub fn seed() -> u64 {
+    let seed = std::env::var("SPOKE_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| fastrand::u64(..));
+    println!("seed {seed}");
+    seed
+}
+
 /// How long to wait for a line a child is expected to print.
 pub const LINE_DEADLINE: Duration = Duration::from_secs(120);
 

@@ -70,7 +70,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -238,6 +238,8 @@ struct Shared {
     stop: AtomicBool,
     /// Tests hold the folder to see the unfolded path.
     paused: AtomicBool,
+    /// [`MAX_UNFOLDED`]; tests lower it.
+    max_unfolded: AtomicUsize,
     /// The folder's last error, cleared by its next successful fold.
     failure: Mutex<Option<String>>,
 }
@@ -632,6 +634,7 @@ impl SqliteFeed {
             urgent: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             paused: AtomicBool::new(false),
+            max_unfolded: AtomicUsize::new(MAX_UNFOLDED),
             failure: Mutex::new(None),
         });
         // Publishes look versions up in the state, so it must hold the
@@ -721,6 +724,12 @@ impl SqliteFeed {
         self.shared.paused.store(hold, Ordering::SeqCst);
         self.folder.handle().unpark();
     }
+
+    /// Lowers the back-pressure threshold, for tests.
+    #[cfg(test)]
+    fn set_max_unfolded(&self, keys: usize) {
+        self.shared.max_unfolded.store(keys, Ordering::SeqCst);
+    }
 }
 
 #[async_trait]
@@ -748,7 +757,7 @@ impl Publisher for SqliteFeed {
             // Back-pressure: wait while the folder is too far behind.
             {
                 let mut unfolded = shared.unfolded.lock().expect("unfolded keys");
-                while unfolded.count >= MAX_UNFOLDED {
+                while unfolded.count >= shared.max_unfolded.load(Ordering::Relaxed) {
                     if let Some(e) = shared.failure() {
                         return Err(e);
                     }
@@ -1217,6 +1226,35 @@ mod tests {
         assert_eq!((k1.version, k1.fields["n"].clone()), (2, 20.into()));
         same_state(&*feed, &memory, "items").await;
         assert_eq!(feed.shared.unfolded.lock().unwrap().count, 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_publish_waits_while_too_many_keys_are_unfolded() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = super::super::conformance::manifest();
+        let feed = Arc::new(SqliteFeed::open(&dir.path().join("hub.db"), &m).unwrap());
+        feed.hold_folding(true);
+        feed.set_max_unfolded(50);
+        let first: Vec<ChangeInput> = (0..50)
+            .map(|i| ChangeInput::upsert(format!("a{i}"), 1, fields(i)))
+            .collect();
+        feed.publish("items", first).await.unwrap();
+        let blocked = {
+            let feed = feed.clone();
+            tokio::spawn(async move {
+                feed.publish("items", vec![ChangeInput::upsert("b", 1, fields(0))])
+                    .await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            !blocked.is_finished(),
+            "50 unfolded keys, the limit: the next publish waits for the folder"
+        );
+        feed.hold_folding(false);
+        let r = blocked.await.unwrap().unwrap();
+        assert_eq!(r.positions, vec![Some(51)]);
+        assert_eq!(feed.wait_folded("items").await.unwrap(), 51);
     }
 
     #[tokio::test]
