@@ -151,6 +151,31 @@ CREATE TABLE IF NOT EXISTS state_folds (
 );
 ";
 
+/// The state file's layout (`PRAGMA user_version`). A file with another
+/// is emptied and folded again from the log at open: the state is derived
+/// data, so changing its tables needs no migration.
+const STATE_LAYOUT: i64 = 1;
+
+/// Makes `conn`'s state file hold [`STATE_LAYOUT`], emptying it if it held
+/// another layout.
+fn prepare_state(conn: &Connection) -> rusqlite::Result<()> {
+    let layout: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if layout != STATE_LAYOUT {
+        if has_table(conn, "state")? {
+            tracing::info!(
+                layout,
+                "hub store: the state file has another layout; folding it again from the log"
+            );
+        }
+        conn.execute_batch(
+            "BEGIN; DROP TABLE IF EXISTS state; DROP TABLE IF EXISTS digest; DROP TABLE IF EXISTS state_folds;",
+        )?;
+        conn.execute_batch(STATE_SQL)?;
+        conn.execute_batch(&format!("PRAGMA user_version = {STATE_LAYOUT}; COMMIT;"))?;
+    }
+    Ok(())
+}
+
 fn unavailable(e: impl std::fmt::Display) -> FeedError {
     FeedError::Unavailable(format!("hub store: {e}"))
 }
@@ -586,7 +611,7 @@ impl SqliteFeed {
             .map_err(unavailable)?;
         log.execute_batch(LOG_SQL).map_err(unavailable)?;
         let mut state = open_state(&state_file).map_err(unavailable)?;
-        state.execute_batch(STATE_SQL).map_err(unavailable)?;
+        prepare_state(&state).map_err(unavailable)?;
 
         let mut heads = HashMap::new();
         let mut folded = HashMap::new();
@@ -1148,6 +1173,25 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(r.ignored, 1);
+    }
+
+    #[tokio::test]
+    async fn a_state_file_of_another_layout_is_folded_again_from_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hub.db");
+        let m = super::super::conformance::manifest();
+        let memory = crate::feed::memory::MemoryFeed::new(&m);
+        {
+            let feed = SqliteFeed::open(&path, &m).unwrap();
+            feed.publish("items", batch()).await.unwrap();
+            memory.publish("items", batch()).await.unwrap();
+        }
+        let old = Connection::open(state_path(&path)).unwrap();
+        old.execute_batch("DELETE FROM state WHERE key = 'k1'; PRAGMA user_version = 0;")
+            .unwrap();
+        drop(old);
+        let feed = SqliteFeed::open(&path, &m).unwrap();
+        same_state(&feed, &memory, "items").await;
     }
 
     #[tokio::test]
