@@ -57,6 +57,12 @@
 //! `state.bucket` and the covering index `state_entries (dataset, bucket,
 //! key, version, op)` list a bucket's keys from a few contiguous index pages.
 //!
+//! **Fields are stored once**, in the log. A state row holds a key's
+//! version, tombstone flag, bucket and the position of its latest change;
+//! snapshots and records join it to that log entry (the state's readers
+//! attach the log file). Narrow rows keep the fold and the publishes'
+//! version look-ups on fewer pages.
+//!
 //! The folder thread also checkpoints the log's WAL every 500 ms
 //! (`wal_checkpoint(PASSIVE)`, its own connection), so no publish waits for
 //! WAL pages to be copied into the database file.
@@ -130,10 +136,6 @@ CREATE TABLE IF NOT EXISTS state (
     key TEXT NOT NULL,
     version INTEGER NOT NULL,
     op TEXT NOT NULL,
-    fields TEXT NOT NULL,
-    owner TEXT NOT NULL,
-    ts INTEGER NOT NULL,
-    schema_version INTEGER NOT NULL,
     pos INTEGER NOT NULL,
     bucket INTEGER NOT NULL,
     PRIMARY KEY (dataset, key)
@@ -154,7 +156,7 @@ CREATE TABLE IF NOT EXISTS state_folds (
 /// The state file's layout (`PRAGMA user_version`). A file with another
 /// is emptied and folded again from the log at open: the state is derived
 /// data, so changing its tables needs no migration.
-const STATE_LAYOUT: i64 = 1;
+const STATE_LAYOUT: i64 = 2;
 
 /// Makes `conn`'s state file hold [`STATE_LAYOUT`], emptying it if it held
 /// another layout.
@@ -291,10 +293,6 @@ struct LogRow {
     pos: i64,
     version: i64,
     deleted: bool,
-    fields: String,
-    owner: String,
-    ts: i64,
-    schema_version: i64,
 }
 
 /// The rows of `dataset` in `(from, to]`: from the queue while it holds them
@@ -326,7 +324,7 @@ fn rows_to_fold(
     }
     if next <= to {
         let mut stmt = log.prepare_cached(
-            "SELECT pos, key, version, op = 'delete', fields, owner, ts, schema_version FROM log
+            "SELECT pos, key, version, op = 'delete' FROM log
              WHERE dataset = ?1 AND pos >= ?2 AND pos <= ?3 ORDER BY pos",
         )?;
         let mut rows = stmt.query(params![dataset, next, to])?;
@@ -337,10 +335,6 @@ fn rows_to_fold(
                     pos: r.get(0)?,
                     version: r.get(2)?,
                     deleted: r.get(3)?,
-                    fields: r.get(4)?,
-                    owner: r.get(5)?,
-                    ts: r.get(6)?,
-                    schema_version: r.get(7)?,
                 },
             ));
         }
@@ -387,11 +381,9 @@ fn fold_dataset(
                 "SELECT version, op = 'delete' FROM state WHERE dataset = ?1 AND key = ?2",
             )?;
             let mut upsert = tx.prepare_cached(
-                "INSERT INTO state (dataset, key, version, op, fields, owner, ts, schema_version, pos, bucket)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+                "INSERT INTO state (dataset, key, version, op, pos, bucket) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
                  ON CONFLICT (dataset, key) DO UPDATE SET version = excluded.version, op = excluded.op,
-                    fields = excluded.fields, owner = excluded.owner, ts = excluded.ts,
-                    schema_version = excluded.schema_version, pos = excluded.pos",
+                    pos = excluded.pos",
             )?;
             for ((key, r), base) in newest.iter().zip(bases) {
                 let before = match base {
@@ -404,18 +396,7 @@ fn fold_dataset(
                 };
                 let bucket = bucket_of(key);
                 let op = if r.deleted { "delete" } else { "upsert" };
-                upsert.execute(params![
-                    dataset,
-                    key,
-                    r.version,
-                    op,
-                    r.fields,
-                    r.owner,
-                    r.ts,
-                    r.schema_version,
-                    r.pos,
-                    bucket
-                ])?;
+                upsert.execute(params![dataset, key, r.version, op, r.pos, bucket])?;
                 let mut h = entry_hash(key, r.version as u64, r.deleted);
                 if let Some((v, d)) = before {
                     h ^= entry_hash(key, v, d);
@@ -530,18 +511,29 @@ impl Drop for Folder {
     }
 }
 
-/// A small pool of read connections to one file.
+/// A small pool of read connections to one file, optionally with the log
+/// attached as `l` (the state's readers join each key to its log entry).
 struct Pool {
     path: PathBuf,
+    attach_log: Option<PathBuf>,
     conns: Mutex<Vec<Connection>>,
 }
 
 impl Pool {
-    fn new(path: PathBuf) -> Arc<Self> {
+    fn new(path: PathBuf, attach_log: Option<PathBuf>) -> Arc<Self> {
         Arc::new(Pool {
             path,
+            attach_log,
             conns: Mutex::new(Vec::new()),
         })
+    }
+
+    fn connect(&self) -> rusqlite::Result<Connection> {
+        let conn = open(&self.path, "NORMAL")?;
+        if let Some(log) = &self.attach_log {
+            conn.execute("ATTACH DATABASE ?1 AS l", [log.to_string_lossy().as_ref()])?;
+        }
+        Ok(conn)
     }
 
     /// Runs `f` on a pooled connection in the blocking pool.
@@ -554,7 +546,7 @@ impl Pool {
             let conn = pool.conns.lock().expect("reader pool").pop();
             let conn = match conn {
                 Some(c) => c,
-                None => open(&pool.path, "NORMAL")?,
+                None => pool.connect()?,
             };
             let out = f(&conn);
             pool.conns.lock().expect("reader pool").push(conn);
@@ -705,8 +697,8 @@ impl SqliteFeed {
             catalog,
             clock,
             writer: Arc::new(Mutex::new(writer)),
-            log_readers: Pool::new(path.to_owned()),
-            state_readers: Pool::new(state_file),
+            log_readers: Pool::new(path.to_owned(), None),
+            state_readers: Pool::new(state_file, Some(path.to_owned())),
             shared,
             folder,
         })
@@ -864,10 +856,6 @@ impl Publisher for SqliteFeed {
                             pos: head as i64,
                             version: c.version as i64,
                             deleted,
-                            fields,
-                            owner: c.owner,
-                            ts: c.ts as i64,
-                            schema_version: c.schema_version as i64,
                         },
                     ));
                     positions.push(Some(head));
@@ -952,14 +940,21 @@ impl Feed for SqliteFeed {
         let head = self.wait_folded(dataset).await?;
         let limit = limit.clamp(1, MAX_PAGE);
         let ds = dataset.to_owned();
-        let after = after_key.map(str::to_owned);
+        // Keys are never empty, so "" starts at the first. (An `?2 IS NULL
+        // OR key > ?2` here kept SQLite from seeking: every page scanned
+        // the dataset from its first key.)
+        let after = after_key.unwrap_or_default().to_owned();
         let mut records = self
             .state_readers
             .with(move |conn| {
                 let mut stmt = conn.prepare_cached(
-                    "SELECT * FROM state WHERE dataset = ?1 AND (?2 IS NULL OR key > ?2) ORDER BY key LIMIT ?3",
+                    "SELECT s.key, s.version, s.op, g.fields, g.owner, g.ts, g.schema_version
+                     FROM state s JOIN l.log g ON g.dataset = s.dataset AND g.pos = s.pos
+                     WHERE s.dataset = ?1 AND s.key > ?2 ORDER BY s.key LIMIT ?3",
                 )?;
-                let rows = stmt.query_map(params![ds, after, (limit + 1) as i64], |row| row_to_change(&ds, row))?;
+                let rows = stmt.query_map(params![ds, after, (limit + 1) as i64], |row| {
+                    row_to_change(&ds, row)
+                })?;
                 rows.collect::<rusqlite::Result<Vec<_>>>()
             })
             .await?;
@@ -1041,8 +1036,11 @@ impl Feed for SqliteFeed {
         let keys = keys.to_vec();
         self.state_readers
             .with(move |conn| {
-                let mut stmt =
-                    conn.prepare_cached("SELECT * FROM state WHERE dataset = ?1 AND key = ?2")?;
+                let mut stmt = conn.prepare_cached(
+                    "SELECT s.key, s.version, s.op, g.fields, g.owner, g.ts, g.schema_version
+                         FROM state s JOIN l.log g ON g.dataset = s.dataset AND g.pos = s.pos
+                         WHERE s.dataset = ?1 AND s.key = ?2",
+                )?;
                 let mut out = Vec::with_capacity(keys.len());
                 for k in &keys {
                     if let Some(c) = stmt
