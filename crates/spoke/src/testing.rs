@@ -78,6 +78,20 @@ pub async fn nats_or_skip(test: &str) -> Option<String> {
             .map_err(|e| e.to_string())?;
         // Account info does not parse against 2.9 servers; a stream round trip works on all.
         let js = async_nats::jetstream::new(client);
+        // nats-server 2.9 removes the account's store directory with its
+        // last stream; a stream created at that moment (tests run in
+        // parallel and clean up after themselves) fails with "could not
+        // create storage directory", and the server keeps failing so until
+        // it restarts. A small stream that is never deleted keeps the
+        // directory.
+        js.get_or_create_stream(async_nats::jetstream::stream::Config {
+            name: "SPOKE_TEST_ANCHOR".to_owned(),
+            subjects: vec!["spoke.test.anchor".to_owned()],
+            max_messages: 1,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| e.to_string())?;
         let name = unique_name("SPOKE_PROBE");
         js.create_stream(async_nats::jetstream::stream::Config {
             name: name.clone(),

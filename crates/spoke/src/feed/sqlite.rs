@@ -128,6 +128,7 @@ CREATE TABLE IF NOT EXISTS log (
     schema_version INTEGER NOT NULL,
     PRIMARY KEY (dataset, pos)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS log_identity (id TEXT NOT NULL);
 ";
 
 const STATE_SQL: &str = "
@@ -151,12 +152,13 @@ CREATE TABLE IF NOT EXISTS state_folds (
     dataset TEXT PRIMARY KEY,
     through INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS state_of_log (id TEXT NOT NULL);
 ";
 
 /// The state file's layout (`PRAGMA user_version`). A file with another
 /// is emptied and folded again from the log at open: the state is derived
 /// data, so changing its tables needs no migration.
-const STATE_LAYOUT: i64 = 2;
+const STATE_LAYOUT: i64 = 3;
 
 /// Makes `conn`'s state file hold [`STATE_LAYOUT`], emptying it if it held
 /// another layout.
@@ -574,6 +576,47 @@ pub struct SqliteFeed {
     folder: Folder,
 }
 
+/// The log file's identity, made at its first open: a state file folded
+/// from another log (a copy restored beside the wrong log) is never trusted.
+fn log_identity(log: &Connection) -> rusqlite::Result<String> {
+    if let Some(id) = log
+        .query_row("SELECT id FROM log_identity", [], |r| r.get(0))
+        .optional()?
+    {
+        return Ok(id);
+    }
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    let id = format!("{nanos:x}-{:x}", std::process::id());
+    log.execute("INSERT INTO log_identity (id) VALUES (?1)", [&id])?;
+    Ok(id)
+}
+
+/// Empties the state file unless it was folded from the log `id`, and
+/// records `id` as its log.
+fn claim_state(state: &mut Connection, id: &str) -> rusqlite::Result<()> {
+    let of: Option<String> = state
+        .query_row("SELECT id FROM state_of_log", [], |r| r.get(0))
+        .optional()?;
+    if of.as_deref() == Some(id) {
+        return Ok(());
+    }
+    let tx = state.transaction()?;
+    let folded: i64 = tx.query_row("SELECT COUNT(*) FROM state_folds", [], |r| r.get(0))?;
+    if of.is_some() || folded > 0 {
+        tracing::warn!(
+            "hub store: the state file was folded from another log; rebuilding it from this one"
+        );
+    }
+    tx.execute_batch(
+        "DELETE FROM state; DELETE FROM digest; DELETE FROM state_folds; DELETE FROM state_of_log;",
+    )?;
+    tx.execute("INSERT INTO state_of_log (id) VALUES (?1)", [id])?;
+    tx.commit()
+}
+
 /// Whether `conn`'s main database has a table `name`.
 fn has_table(conn: &Connection, name: &str) -> rusqlite::Result<bool> {
     conn.query_row(
@@ -602,8 +645,10 @@ impl SqliteFeed {
         log.pragma_update(None, "wal_autocheckpoint", WAL_BACKSTOP_PAGES)
             .map_err(unavailable)?;
         log.execute_batch(LOG_SQL).map_err(unavailable)?;
+        let id = log_identity(&log).map_err(unavailable)?;
         let mut state = open_state(&state_file).map_err(unavailable)?;
         prepare_state(&state).map_err(unavailable)?;
+        claim_state(&mut state, &id).map_err(unavailable)?;
 
         let mut heads = HashMap::new();
         let mut folded = HashMap::new();
@@ -1089,6 +1134,21 @@ mod tests {
             .collect()
     }
 
+    /// Copies an SQLite file with its WAL (what a file copy of a live
+    /// database holds), replacing `to`'s.
+    fn copy_db(from: &Path, to: &Path) {
+        for suffix in ["", "-wal", "-shm"] {
+            let (f, t) = (
+                format!("{}{suffix}", from.display()),
+                format!("{}{suffix}", to.display()),
+            );
+            let _ = std::fs::remove_file(&t);
+            if suffix != "-shm" && Path::new(&f).exists() {
+                std::fs::copy(&f, &t).unwrap();
+            }
+        }
+    }
+
     /// Every page of `dataset`'s snapshot.
     async fn whole_snapshot<T: Feed>(feed: &T, dataset: &str) -> Vec<Change> {
         let mut out = Vec::new();
@@ -1182,6 +1242,7 @@ mod tests {
         {
             let feed = SqliteFeed::open(&path, &m).unwrap();
             feed.publish("items", batch()).await.unwrap();
+            feed.wait_folded("items").await.unwrap();
             memory.publish("items", batch()).await.unwrap();
         }
         let old = Connection::open(state_path(&path)).unwrap();
@@ -1193,26 +1254,50 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_state_file_folded_from_another_log_is_cleared_and_rebuilt() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = super::super::conformance::manifest();
+        let ours = dir.path().join("ours.db");
+        let other = dir.path().join("other.db");
+        let memory = crate::feed::memory::MemoryFeed::new(&m);
+        {
+            let a = SqliteFeed::open(&ours, &m).unwrap();
+            a.publish("items", batch()).await.unwrap();
+            memory.publish("items", batch()).await.unwrap();
+            // Shorter than ours, so its fold position alone looks plausible.
+            let b = SqliteFeed::open(&other, &m).unwrap();
+            b.publish("items", vec![ChangeInput::upsert("k1", 7, fields(1))])
+                .await
+                .unwrap();
+            b.wait_folded("items").await.unwrap();
+        }
+        copy_db(&state_path(&other), &state_path(&ours));
+        let feed = SqliteFeed::open(&ours, &m).unwrap();
+        same_state(&feed, &memory, "items").await;
+    }
+
+    #[tokio::test]
     async fn a_state_file_ahead_of_its_log_is_cleared_and_rebuilt() {
         let dir = tempfile::tempdir().unwrap();
         let m = super::super::conformance::manifest();
-        let short = dir.path().join("short.db");
-        let long = dir.path().join("long.db");
+        let path = dir.path().join("hub.db");
         let memory = crate::feed::memory::MemoryFeed::new(&m);
         let few = vec![ChangeInput::upsert("k1", 7, fields(1))];
         {
-            let a = SqliteFeed::open(&short, &m).unwrap();
-            a.publish("items", few.clone()).await.unwrap();
+            let feed = SqliteFeed::open(&path, &m).unwrap();
+            feed.publish("items", few.clone()).await.unwrap();
             memory.publish("items", few).await.unwrap();
-            let b = SqliteFeed::open(&long, &m).unwrap();
-            b.publish("items", batch()).await.unwrap();
         }
-        // The long log's state next to the short log.
-        std::fs::copy(state_path(&long), state_path(&short)).unwrap();
-        for suffix in ["-wal", "-shm"] {
-            let _ = std::fs::remove_file(format!("{}{suffix}", state_path(&short).display()));
+        let backup = dir.path().join("backup.db");
+        copy_db(&path, &backup);
+        {
+            let feed = SqliteFeed::open(&path, &m).unwrap();
+            feed.publish("items", batch()).await.unwrap();
+            feed.wait_folded("items").await.unwrap();
         }
-        let feed = SqliteFeed::open(&short, &m).unwrap();
+        // The log restored from the backup; its state file stays as it is.
+        copy_db(&backup, &path);
+        let feed = SqliteFeed::open(&path, &m).unwrap();
         same_state(&feed, &memory, "items").await;
     }
 
