@@ -1254,3 +1254,37 @@ async fn a_consumer_receives_only_the_fields_granted_to_it() {
     assert!(page.records.iter().all(|c| !c.fields.contains_key("cost")));
     assert_eq!(hub.state().await, before, "reads change nothing");
 }
+
+#[tokio::test]
+async fn metrics_show_heads_and_the_state_catching_up_without_a_token() {
+    let hub = start().await;
+    // A snapshot waits for the fold, so afterwards the state is caught up.
+    hub.owner
+        .snapshot("items", None, 10)
+        .await
+        .expect("snapshot");
+    hub.owner
+        .snapshot("notes", None, 10)
+        .await
+        .expect("snapshot");
+    let (status, body) = hub.call(Method::GET, "/metrics", None, None).await;
+    assert_eq!(status, 200);
+    let text = String::from_utf8(body).expect("utf-8");
+    for line in [
+        "spoke_hub_head_position{dataset=\"items\"} 5",
+        "spoke_hub_head_position{dataset=\"notes\"} 1",
+        "spoke_hub_state_folded_position{dataset=\"items\"} 5",
+        "spoke_hub_state_fold_lag{dataset=\"items\"} 0",
+        "spoke_hub_state_fold_failing 0",
+    ] {
+        assert!(
+            text.lines().any(|l| l == line),
+            "{line:?} is not in the scrape:\n{text}"
+        );
+    }
+    assert!(
+        text.contains("# TYPE spoke_hub_unfolded_keys gauge"),
+        "{text}"
+    );
+    assert!(!text.contains("secret"), "no record content in metrics");
+}

@@ -246,6 +246,12 @@ pub trait Feed: Send + Sync {
         let _ = dataset;
         Vec::new()
     }
+
+    /// Adds the backend's own figures to a hub's `GET /metrics` (the
+    /// embedded store's fold lag); nothing by default.
+    fn write_metrics(&self, out: &mut crate::metrics::Exposition) {
+        let _ = out;
+    }
 }
 
 /// Most buckets one [`Feed::bucket_entries`] call may ask for.

@@ -1073,6 +1073,69 @@ impl Feed for SqliteFeed {
             .await
     }
 
+    fn write_metrics(&self, out: &mut crate::metrics::Exposition) {
+        use crate::metrics::Kind;
+        let mut names: Vec<&String> = self.shared.folded.keys().collect();
+        names.sort();
+        out.family(
+            "spoke_hub_head_position",
+            Kind::Gauge,
+            "Last position appended to the dataset's log.",
+        );
+        for name in &names {
+            let head = *self.shared.heads[name.as_str()].borrow();
+            out.sample("spoke_hub_head_position", &[("dataset", name)], head as f64);
+        }
+        out.family(
+            "spoke_hub_state_folded_position",
+            Kind::Gauge,
+            "Position through which the compacted state is folded from the log (snapshots and digests wait for it).",
+        );
+        for name in &names {
+            let folded = *self.shared.folded[name.as_str()].borrow();
+            out.sample(
+                "spoke_hub_state_folded_position",
+                &[("dataset", name)],
+                folded as f64,
+            );
+        }
+        out.family(
+            "spoke_hub_state_fold_lag",
+            Kind::Gauge,
+            "Log positions not folded into the compacted state yet.",
+        );
+        for name in &names {
+            let head = *self.shared.heads[name.as_str()].borrow();
+            let folded = *self.shared.folded[name.as_str()].borrow();
+            out.sample(
+                "spoke_hub_state_fold_lag",
+                &[("dataset", name)],
+                head.saturating_sub(folded) as f64,
+            );
+        }
+        let unfolded = self.shared.unfolded.lock().expect("unfolded keys").count;
+        out.family(
+            "spoke_hub_unfolded_keys",
+            Kind::Gauge,
+            "Keys with changes not folded yet; publishes wait beyond the store's limit.",
+        )
+        .sample("spoke_hub_unfolded_keys", &[], unfolded as f64);
+        out.family(
+            "spoke_hub_state_fold_failing",
+            Kind::Gauge,
+            "1 while the last attempt to fold the log into the state failed (see the hub's log).",
+        )
+        .sample(
+            "spoke_hub_state_fold_failing",
+            &[],
+            if self.shared.failure().is_some() {
+                1.0
+            } else {
+                0.0
+            },
+        );
+    }
+
     async fn records(&self, dataset: &str, keys: &[String]) -> Result<Vec<Change>, FeedError> {
         self.catalog.get(dataset)?;
         check_digest_request(&[], keys.len())?;
@@ -1382,6 +1445,40 @@ mod tests {
         let r = blocked.await.unwrap().unwrap();
         assert_eq!(r.positions, vec![Some(51)]);
         assert_eq!(feed.wait_folded("items").await.unwrap(), 51);
+    }
+
+    #[tokio::test]
+    async fn metrics_show_the_fold_lag_while_the_folder_is_held() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = super::super::conformance::manifest();
+        let feed = SqliteFeed::open(&dir.path().join("hub.db"), &m).unwrap();
+        feed.hold_folding(true);
+        feed.publish("items", batch()).await.unwrap();
+        let scrape = |feed: &SqliteFeed| {
+            let mut out = crate::metrics::Exposition::new();
+            feed.write_metrics(&mut out);
+            out.finish()
+        };
+        let text = scrape(&feed);
+        for line in [
+            "spoke_hub_head_position{dataset=\"items\"} 200",
+            "spoke_hub_state_folded_position{dataset=\"items\"} 0",
+            "spoke_hub_state_fold_lag{dataset=\"items\"} 200",
+            "spoke_hub_unfolded_keys 200",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line:?} not in:\n{text}");
+        }
+        feed.hold_folding(false);
+        feed.wait_folded("items").await.unwrap();
+        let text = scrape(&feed);
+        for line in [
+            "spoke_hub_state_folded_position{dataset=\"items\"} 200",
+            "spoke_hub_state_fold_lag{dataset=\"items\"} 0",
+            "spoke_hub_unfolded_keys 0",
+            "spoke_hub_state_fold_failing 0",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line:?} not in:\n{text}");
+        }
     }
 
     #[tokio::test]

@@ -440,6 +440,20 @@ async fn records(
     Ok(Json(RecordsBody { records }).into_response())
 }
 
+/// `GET /metrics`: the backend's figures (for the embedded store: heads,
+/// fold positions, unfolded keys). Open like `/v1/health`: dataset names
+/// and positions, no records.
+async fn metrics(State(hub): State<Arc<Hub>>) -> Response {
+    use crate::metrics::{Exposition, CONTENT_TYPE};
+    let mut out = Exposition::new();
+    hub.feed.write_metrics(&mut out);
+    (
+        [(axum::http::header::CONTENT_TYPE, CONTENT_TYPE)],
+        out.finish(),
+    )
+        .into_response()
+}
+
 async fn fallback() -> Response {
     let body = ErrorBody {
         error: "no such endpoint; see /v1/datasets/{dataset}/changes|snapshot|schema|schema/versions|digest|digest/entries|records".into(),
@@ -513,6 +527,7 @@ pub fn router_with_registry(
             axum::routing::post(records),
         )
         .route("/v1/health", get(|| async { "ok" }))
+        .route("/metrics", get(metrics))
         .fallback(fallback)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
