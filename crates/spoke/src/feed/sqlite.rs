@@ -1481,6 +1481,52 @@ mod tests {
         }
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failing_fold_is_reported_to_readers_and_metrics_and_retried() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hub.db");
+        let m = super::super::conformance::manifest();
+        let memory = crate::feed::memory::MemoryFeed::new(&m);
+        let feed = SqliteFeed::open(&path, &m).unwrap();
+        feed.publish("items", batch()).await.unwrap();
+        memory.publish("items", batch()).await.unwrap();
+        feed.wait_folded("items").await.unwrap();
+
+        // Break the fold's bookkeeping behind the feed's back.
+        let other = Connection::open(state_path(&path)).unwrap();
+        other.busy_timeout(Duration::from_secs(10)).unwrap();
+        other.execute_batch("DROP TABLE state_folds").unwrap();
+        let more = vec![ChangeInput::upsert("k1", 5, fields(50))];
+        // Publishes still append to the log (it does not depend on the state's bookkeeping).
+        feed.publish("items", more.clone()).await.unwrap();
+        memory.publish("items", more).await.unwrap();
+        let err = feed.snapshot("items", None, 10).await.unwrap_err();
+        assert!(
+            matches!(&err, FeedError::Unavailable(m) if m.contains("folding the state failed") && m.contains("state_folds")),
+            "a state read names the fold's failure: {err}"
+        );
+        let mut out = crate::metrics::Exposition::new();
+        feed.write_metrics(&mut out);
+        assert!(out
+            .finish()
+            .lines()
+            .any(|l| l == "spoke_hub_state_fold_failing 1"));
+
+        // Repaired: the folder's next attempt succeeds and nothing was lost.
+        other
+            .execute_batch("CREATE TABLE state_folds (dataset TEXT PRIMARY KEY, through INTEGER NOT NULL); INSERT INTO state_folds VALUES ('items', 200);")
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while feed.shared.failure().is_some() || feed.wait_folded("items").await.is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "the folder recovers once the table is back"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        same_state(&feed, &memory, "items").await;
+    }
+
     #[tokio::test]
     async fn changes_left_unfolded_by_a_stop_are_folded_at_the_next_open() {
         let dir = tempfile::tempdir().unwrap();
