@@ -1258,17 +1258,25 @@ mod tests {
         assert_eq!(ea, eb);
     }
 
+    /// A SqliteFeed at `path` and a MemoryFeed, both given [`batch`], the
+    /// SqliteFeed's state folded through it.
+    async fn seeded(path: &Path) -> (SqliteFeed, crate::feed::memory::MemoryFeed) {
+        let m = super::super::conformance::manifest();
+        let memory = crate::feed::memory::MemoryFeed::new(&m);
+        let feed = SqliteFeed::open(path, &m).unwrap();
+        feed.publish("items", batch()).await.unwrap();
+        feed.wait_folded("items").await.unwrap();
+        memory.publish("items", batch()).await.unwrap();
+        (feed, memory)
+    }
+
     #[tokio::test]
     async fn a_hub_file_from_before_the_state_file_gets_its_state_rebuilt_from_the_log() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("hub.db");
         let m = super::super::conformance::manifest();
-        let memory = crate::feed::memory::MemoryFeed::new(&m);
-        {
-            let feed = SqliteFeed::open(&path, &m).unwrap();
-            feed.publish("items", batch()).await.unwrap();
-            memory.publish("items", batch()).await.unwrap();
-        }
+        let (feed, memory) = seeded(&path).await;
+        drop(feed);
         // What an older hub left: the state inside hub.db, no state file.
         for suffix in ["", "-wal", "-shm"] {
             let _ = std::fs::remove_file(format!("{}{suffix}", state_path(&path).display()));
@@ -1301,13 +1309,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("hub.db");
         let m = super::super::conformance::manifest();
-        let memory = crate::feed::memory::MemoryFeed::new(&m);
-        {
-            let feed = SqliteFeed::open(&path, &m).unwrap();
-            feed.publish("items", batch()).await.unwrap();
-            feed.wait_folded("items").await.unwrap();
-            memory.publish("items", batch()).await.unwrap();
-        }
+        let (feed, memory) = seeded(&path).await;
+        drop(feed);
         let old = Connection::open(state_path(&path)).unwrap();
         old.execute_batch("DELETE FROM state WHERE key = 'k1'; PRAGMA user_version = 0;")
             .unwrap();
@@ -1485,12 +1488,7 @@ mod tests {
     async fn a_failing_fold_is_reported_to_readers_and_metrics_and_retried() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("hub.db");
-        let m = super::super::conformance::manifest();
-        let memory = crate::feed::memory::MemoryFeed::new(&m);
-        let feed = SqliteFeed::open(&path, &m).unwrap();
-        feed.publish("items", batch()).await.unwrap();
-        memory.publish("items", batch()).await.unwrap();
-        feed.wait_folded("items").await.unwrap();
+        let (feed, memory) = seeded(&path).await;
 
         // Break the fold's bookkeeping behind the feed's back.
         let other = Connection::open(state_path(&path)).unwrap();
