@@ -630,10 +630,7 @@ impl CdcSource {
                 _ = shutdown.wait() => {
                     // A publish already sent is seen through (a retry stops
                     // at once on shutdown) and confirmed if it succeeded.
-                    if let Some(f) = inflight.take() {
-                        let done = f.task.await;
-                        self.confirm(f.group, done, &client, &mut progress)?;
-                    }
+                    self.settle(&mut inflight, &client, &mut progress).await?;
                     client.stop();
                     return Ok(());
                 }
@@ -712,12 +709,9 @@ impl CdcSource {
                                 let overflows =
                                     !group.is_empty() && group.rows + rows > cfg.options.batch;
                                 if overflows {
-                                    if let Some(f) = inflight.take() {
-                                        let done = f.task.await;
-                                        if !self.confirm(f.group, done, &client, &mut progress)? {
-                                            client.stop();
-                                            return Ok(());
-                                        }
+                                    if !self.settle(&mut inflight, &client, &mut progress).await? {
+                                        client.stop();
+                                        return Ok(());
                                     }
                                     inflight = Some(self.launch(&mut group, shutdown));
                                 }
@@ -767,14 +761,11 @@ impl CdcSource {
             if !group.is_empty()
                 && (group.rows >= cfg.options.batch || wire.events_forwarded() <= taken)
             {
-                if group.rows >= cfg.options.batch {
-                    if let Some(f) = inflight.take() {
-                        let done = f.task.await;
-                        if !self.confirm(f.group, done, &client, &mut progress)? {
-                            client.stop();
-                            return Ok(());
-                        }
-                    }
+                if group.rows >= cfg.options.batch
+                    && !self.settle(&mut inflight, &client, &mut progress).await?
+                {
+                    client.stop();
+                    return Ok(());
                 }
                 if inflight.is_none() {
                     inflight = Some(self.launch(&mut group, shutdown));
@@ -860,18 +851,31 @@ impl CdcSource {
         progress: &mut Progress<'_>,
         shutdown: &mut Shutdown,
     ) -> Result<bool, CdcError> {
-        if let Some(f) = inflight.take() {
-            let done = f.task.await;
-            if !self.confirm(f.group, done, client, progress)? {
-                return Ok(false);
-            }
+        if !self.settle(inflight, client, progress).await? {
+            return Ok(false);
         }
         if group.is_empty() {
             return Ok(true);
         }
-        let f = self.launch(group, shutdown);
-        let done = f.task.await;
-        self.confirm(f.group, done, client, progress)
+        let mut next = Some(self.launch(group, shutdown));
+        self.settle(&mut next, client, progress).await
+    }
+
+    /// Waits for the publish in flight, if any, and confirms it
+    /// ([`Self::confirm`]); `Ok(true)` when none was in flight.
+    async fn settle(
+        &self,
+        inflight: &mut Option<InFlight>,
+        client: &ReplicationClient,
+        progress: &mut Progress<'_>,
+    ) -> Result<bool, CdcError> {
+        match inflight.take() {
+            Some(f) => {
+                let done = f.task.await;
+                self.confirm(f.group, done, client, progress)
+            }
+            None => Ok(true),
+        }
     }
 
     /// Applies one decoded message to the open transaction.

@@ -1075,43 +1075,33 @@ impl Feed for SqliteFeed {
 
     fn write_metrics(&self, out: &mut crate::metrics::Exposition) {
         use crate::metrics::Kind;
-        let mut names: Vec<&String> = self.shared.folded.keys().collect();
-        names.sort();
-        out.family(
-            "spoke_hub_head_position",
-            Kind::Gauge,
-            "Last position appended to the dataset's log.",
-        );
-        for name in &names {
-            let head = *self.shared.heads[name.as_str()].borrow();
-            out.sample("spoke_hub_head_position", &[("dataset", name)], head as f64);
-        }
-        out.family(
-            "spoke_hub_state_folded_position",
-            Kind::Gauge,
-            "Position through which the compacted state is folded from the log (snapshots and digests wait for it).",
-        );
-        for name in &names {
-            let folded = *self.shared.folded[name.as_str()].borrow();
-            out.sample(
+        // One reading per dataset, so lag = head - folded in every scrape.
+        let mut rows: Vec<(&str, Position, Position)> = self
+            .shared
+            .heads
+            .iter()
+            .map(|(ds, h)| (ds.as_str(), *h.borrow(), *self.shared.folded[ds].borrow()))
+            .collect();
+        rows.sort();
+        type Value = fn(Position, Position) -> Position;
+        let families: [(&str, &str, Value); 3] = [
+            ("spoke_hub_head_position", "Last position appended to the dataset's log.", |head, _| head),
+            (
                 "spoke_hub_state_folded_position",
-                &[("dataset", name)],
-                folded as f64,
-            );
-        }
-        out.family(
-            "spoke_hub_state_fold_lag",
-            Kind::Gauge,
-            "Log positions not folded into the compacted state yet.",
-        );
-        for name in &names {
-            let head = *self.shared.heads[name.as_str()].borrow();
-            let folded = *self.shared.folded[name.as_str()].borrow();
-            out.sample(
+                "Position through which the compacted state is folded from the log (snapshots and digests wait for it).",
+                |_, folded| folded,
+            ),
+            (
                 "spoke_hub_state_fold_lag",
-                &[("dataset", name)],
-                head.saturating_sub(folded) as f64,
-            );
+                "Log positions not folded into the compacted state yet.",
+                |head, folded| head.saturating_sub(folded),
+            ),
+        ];
+        for (name, help, value) in families {
+            out.family(name, Kind::Gauge, help);
+            for &(ds, head, folded) in &rows {
+                out.sample(name, &[("dataset", ds)], value(head, folded) as f64);
+            }
         }
         let unfolded = self.shared.unfolded.lock().expect("unfolded keys").count;
         out.family(
