@@ -248,11 +248,24 @@ struct Latest {
 #[derive(Default)]
 struct Unfolded {
     keys: HashMap<String, HashMap<String, Latest>>,
-    count: usize,
     /// Per dataset, published rows in position order. A gap (a batch not
     /// queued because the queue was full) is read from the log instead.
     queue: HashMap<String, std::collections::VecDeque<(String, LogRow)>>,
-    queued: usize,
+}
+
+impl Unfolded {
+    /// Keys with unfolded changes, over all datasets.
+    fn count(&self) -> usize {
+        self.keys.values().map(HashMap::len).sum()
+    }
+
+    /// Rows waiting in the queue, over all datasets.
+    fn queued(&self) -> usize {
+        self.queue
+            .values()
+            .map(std::collections::VecDeque::len)
+            .sum()
+    }
 }
 
 /// What the publishers, the readers and the folder thread share.
@@ -310,16 +323,13 @@ fn rows_to_fold(
     let mut next = from + 1;
     {
         let mut guard = shared.unfolded.lock().expect("unfolded keys");
-        let Unfolded { queue, queued, .. } = &mut *guard;
-        if let Some(q) = queue.get_mut(dataset) {
+        if let Some(q) = guard.queue.get_mut(dataset) {
             // Rows already folded from the log (after a gap) are dropped.
             while q.front().is_some_and(|(_, r)| r.pos < next) {
                 q.pop_front();
-                *queued -= 1;
             }
             while q.front().is_some_and(|(_, r)| r.pos == next && r.pos <= to) {
                 out.push(q.pop_front().expect("front"));
-                *queued -= 1;
                 next += 1;
             }
         }
@@ -418,13 +428,11 @@ fn fold_dataset(
         // the unfolded map; a key changed again meanwhile stays.
         {
             let mut guard = shared.unfolded.lock().expect("unfolded keys");
-            let Unfolded { keys, count, .. } = &mut *guard;
-            if let Some(map) = keys.get_mut(dataset) {
+            if let Some(map) = guard.keys.get_mut(dataset) {
                 for (key, r) in &newest {
                     match map.get_mut(key) {
                         Some(l) if l.pos <= to as Position => {
                             map.remove(key);
-                            *count -= 1;
                         }
                         // Changed again past this chunk: its base is now
                         // what this chunk folded.
@@ -819,7 +827,7 @@ impl Publisher for SqliteFeed {
             // Back-pressure: wait while the folder is too far behind.
             {
                 let mut unfolded = shared.unfolded.lock().expect("unfolded keys");
-                while unfolded.count >= shared.max_unfolded.load(Ordering::Relaxed) {
+                while unfolded.count() >= shared.max_unfolded.load(Ordering::Relaxed) {
                     if let Some(e) = shared.failure() {
                         return Err(e);
                     }
@@ -909,7 +917,8 @@ impl Publisher for SqliteFeed {
             tx.commit().map_err(unavailable)?;
             {
                 let mut guard = shared.unfolded.lock().expect("unfolded keys");
-                let Unfolded { keys, count, queue, queued } = &mut *guard;
+                let queued = guard.queued();
+                let Unfolded { keys, queue } = &mut *guard;
                 let map = keys.entry(dataset.clone()).or_default();
                 for (k, mut l) in batch {
                     // A key still unfolded keeps the base the folder keeps
@@ -918,12 +927,9 @@ impl Publisher for SqliteFeed {
                     if let Some(e) = map.get(&k) {
                         l.base = e.base;
                     }
-                    if map.insert(k, l).is_none() {
-                        *count += 1;
-                    }
+                    map.insert(k, l);
                 }
-                if *queued + rows.len() <= MAX_QUEUED {
-                    *queued += rows.len();
+                if queued + rows.len() <= MAX_QUEUED {
                     queue.entry(dataset.clone()).or_default().extend(rows);
                 }
             }
@@ -1103,7 +1109,7 @@ impl Feed for SqliteFeed {
                 out.sample(name, &[("dataset", ds)], value(head, folded) as f64);
             }
         }
-        let unfolded = self.shared.unfolded.lock().expect("unfolded keys").count;
+        let unfolded = self.shared.unfolded.lock().expect("unfolded keys").count();
         out.family(
             "spoke_hub_unfolded_keys",
             Kind::Gauge,
@@ -1408,7 +1414,7 @@ mod tests {
         let k1 = snap.iter().find(|c| c.key == "k1").unwrap();
         assert_eq!((k1.version, k1.fields["n"].clone()), (2, 20.into()));
         same_state(&*feed, &memory, "items").await;
-        assert_eq!(feed.shared.unfolded.lock().unwrap().count, 0);
+        assert_eq!(feed.shared.unfolded.lock().unwrap().count(), 0);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
