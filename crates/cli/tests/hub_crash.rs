@@ -94,14 +94,6 @@ async fn owner(
     (acked, last)
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_the_hub_at_random_instants_loses_no_acknowledged_change_and_folds_every_one() {
     let seed = support::seed();
@@ -110,7 +102,7 @@ async fn kill_9_the_hub_at_random_instants_loses_no_acknowledged_change_and_fold
     let manifest_path = dir.path().join("manifest.toml");
     std::fs::write(&manifest_path, MANIFEST).expect("write manifest");
     let hub_dir = dir.path().join("hub");
-    let listen = format!("127.0.0.1:{}", free_port());
+    let listen = format!("127.0.0.1:{}", spoke::testing::free_port());
     let hub_args = [
         "hub",
         "--manifest",

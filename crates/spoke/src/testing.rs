@@ -139,12 +139,34 @@ pub async fn nats_delete_streams(url: &str, prefix: &str) {
     }
 }
 
-/// A port that was free a moment ago on 127.0.0.1.
+/// A port that was free a moment ago on 127.0.0.1, for a server a test
+/// starts (a hub, a nats-server, a private PostgreSQL).
+///
+/// Ports come from below the kernel's ephemeral range (32768 and up), so no
+/// outgoing connection can take one between this call and the server's
+/// bind, and never twice in one process, so two servers of one test run
+/// cannot be handed the same port. (Asking the kernel for port 0 gives
+/// neither: two tests once started servers on one port, and a client of
+/// one talked to the other.) The start is spread by process id so that
+/// test processes running side by side rarely probe the same ports.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        (std::process::id().wrapping_mul(7_919)) % SPAN,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    for _ in 0..SPAN {
+        let port = (LOW + NEXT.fetch_add(1, Ordering::SeqCst) % SPAN) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port on 127.0.0.1 between {LOW} and {}", LOW + SPAN)
 }
 
 /// Where the nats-server binary is (`SPOKE_NATS_SERVER`, else on PATH or /usr/sbin).
@@ -221,13 +243,28 @@ impl NatsServer {
         format!("nats://127.0.0.1:{}", self.port)
     }
 
-    /// Waits until the server accepts connections (panics after 15 s).
-    pub async fn ready(&self) {
+    /// Waits until this server says it is ready and accepts connections
+    /// (panics after 15 s, or at once if it exited).
+    pub async fn ready(&mut self) {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
         loop {
-            if tokio::net::TcpStream::connect(("127.0.0.1", self.port))
-                .await
-                .is_ok()
+            // A server that exited (its port taken after all, a bad config)
+            // must not be mistaken for whatever else answers on the port.
+            if let Some(child) = &mut self.child {
+                if let Ok(Some(status)) = child.try_wait() {
+                    panic!(
+                        "nats-server on port {} exited ({status}) before it was ready:\n{}",
+                        self.port,
+                        self.log()
+                    );
+                }
+            }
+            // Its own log saying so, not a connection to the port, which
+            // any other server on it would also accept.
+            if self.log().contains("Server is ready")
+                && tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+                    .await
+                    .is_ok()
             {
                 return;
             }

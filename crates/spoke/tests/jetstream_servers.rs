@@ -201,7 +201,7 @@ async fn a_non_owner_publish_is_refused_by_nats_itself() {
     ] {
         passwords.insert(u.to_owned(), p.to_owned());
     }
-    let server = NatsServer::start(
+    let mut server = NatsServer::start(
         free_port(),
         dir.path(),
         "auth",
@@ -321,7 +321,7 @@ async fn a_three_node_cluster_loses_a_node_mid_stream_and_nothing_is_lost() {
             NatsServer::start(*p, dir.path(), &format!("n{i}"), &cluster, Some(*c)).unwrap()
         })
         .collect();
-    for n in &nodes {
+    for n in &mut nodes {
         n.ready().await;
     }
     let urls: Vec<String> = nodes.iter().map(NatsServer::url).collect();
@@ -362,4 +362,22 @@ async fn a_three_node_cluster_loses_a_node_mid_stream_and_nothing_is_lost() {
     assert_converged(&store, &expected, &agent_feed).await;
     trigger.fire();
     running.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_cannot_take_its_port_is_not_mistaken_for_the_one_there() {
+    if !have_server("nats port taken") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // Something else answers on the port: the server must be seen to fail,
+    // not be reported ready because a connection to the port succeeds.
+    let squatter = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = squatter.local_addr().unwrap().port();
+    let mut server = NatsServer::start(port, dir.path(), "taken", "", None).unwrap();
+    let waited = tokio::spawn(async move { server.ready().await }).await;
+    let panic = waited.expect_err("ready() must fail").into_panic();
+    let message = panic.downcast_ref::<String>().cloned().unwrap_or_default();
+    assert!(message.contains("exited"), "{message}");
+    drop(squatter);
 }
