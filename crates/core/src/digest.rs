@@ -173,7 +173,7 @@ impl Digest {
 
     /// Adds a batch's deltas.
     pub fn apply_delta(&mut self, delta: &DigestDelta) {
-        for (&b, &h) in &delta.by_bucket {
+        for (b, h) in delta.buckets() {
             self.xor(b, h);
         }
     }
@@ -266,10 +266,26 @@ pub fn xor_chunk(bytes: &mut [u8], deltas: &[(usize, Hash)]) {
 
 /// A batch's effect on a digest, per bucket: what a store XORs into its
 /// stored digest in the same transaction as the records.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+///
+/// A few buckets (a small batch) are kept as a list; past [`FEW`] a table
+/// of every bucket replaces it, so a fold of many thousand keys XORs in
+/// O(1) per key.
+#[derive(Debug, Clone, Default)]
 pub struct DigestDelta {
-    by_bucket: BTreeMap<u16, Hash>,
+    few: Vec<(u16, Hash)>,
+    all: Option<Box<[Hash]>>,
 }
+
+/// Most buckets a [`DigestDelta`] keeps as a list.
+const FEW: usize = 32;
+
+impl PartialEq for DigestDelta {
+    fn eq(&self, other: &Self) -> bool {
+        self.buckets().eq(other.buckets())
+    }
+}
+
+impl Eq for DigestDelta {}
 
 impl DigestDelta {
     pub fn new() -> Self {
@@ -277,7 +293,22 @@ impl DigestDelta {
     }
 
     pub fn xor(&mut self, bucket: u16, hash: Hash) {
-        *self.by_bucket.entry(bucket).or_default() ^= hash;
+        if let Some(all) = &mut self.all {
+            all[bucket as usize] ^= hash;
+            return;
+        }
+        if let Some((_, h)) = self.few.iter_mut().find(|(b, _)| *b == bucket) {
+            *h ^= hash;
+            return;
+        }
+        self.few.push((bucket, hash));
+        if self.few.len() > FEW {
+            let mut all = vec![0; BUCKETS].into_boxed_slice();
+            for (b, h) in self.few.drain(..) {
+                all[b as usize] ^= h;
+            }
+            self.all = Some(all);
+        }
     }
 
     /// Records a key moving from `old` to `new` (each `(version, deleted)`,
@@ -301,15 +332,25 @@ impl DigestDelta {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.by_bucket.values().all(|&h| h == 0)
+        self.buckets().next().is_none()
     }
 
     /// Non-zero deltas by bucket, in bucket order.
-    pub fn buckets(&self) -> impl Iterator<Item = (u16, Hash)> + '_ {
-        self.by_bucket
-            .iter()
-            .filter(|(_, &h)| h != 0)
-            .map(|(&b, &h)| (b, h))
+    pub fn buckets(&self) -> std::vec::IntoIter<(u16, Hash)> {
+        let mut out: Vec<(u16, Hash)> = match &self.all {
+            Some(all) => all
+                .iter()
+                .enumerate()
+                .map(|(b, &h)| (b as u16, h))
+                .collect(),
+            None => {
+                let mut few = self.few.clone();
+                few.sort_unstable_by_key(|(b, _)| *b);
+                few
+            }
+        };
+        out.retain(|(_, h)| *h != 0);
+        out.into_iter()
     }
 
     /// Non-zero deltas grouped by stored chunk: chunk → [(leaf offset, delta)].
@@ -693,12 +734,38 @@ mod tests {
         );
     }
 
+    #[test]
+    fn a_delta_is_the_same_whether_kept_as_a_list_or_a_table() {
+        let mut list = DigestDelta::new();
+        let mut table = DigestDelta::new();
+        for b in 0..100u16 {
+            table.xor(b * 7, u128::from(b) + 1);
+        }
+        // Undo all but three: the table keeps zeros, the list never had them.
+        for b in 3..100u16 {
+            table.xor(b * 7, u128::from(b) + 1);
+        }
+        for b in [14u16, 0, 7] {
+            list.xor(b, u128::from(b / 7) + 1);
+        }
+        assert_eq!(list, table);
+        assert_eq!(
+            table.buckets().collect::<Vec<_>>(),
+            vec![(0, 1), (7, 2), (14, 3)]
+        );
+        for b in [0u16, 7, 14] {
+            table.xor(b, u128::from(b / 7) + 1);
+        }
+        assert!(table.is_empty());
+        assert_ne!(list, table);
+    }
+
     proptest! {
         /// The incremental digest (XOR out the old state, XOR in the new)
         /// equals the digest computed from scratch over the final states.
         #[test]
         fn incremental_equals_from_scratch(
-            ops in prop::collection::vec((0u8..40, 1u64..6, any::<bool>(), any::<bool>()), 0..300)
+            ops in prop::collection::vec((0u8..120, 1u64..6, any::<bool>(), any::<bool>()), 0..300)
         ) {
             let mut states: BTreeMap<String, (Version, bool)> = BTreeMap::new();
             let mut inc = Digest::new();

@@ -29,6 +29,9 @@
 //!   (every key with a change past the folded position, its newest version)
 //!   and only then in `state`; the folder removes a key from the map only
 //!   after its fold committed, and only if no newer change arrived since.
+//!   A publish decides its whole batch under the map's lock, reading the
+//!   state from one snapshot begun under that lock, so a key is either
+//!   still in the map or already in the snapshot.
 //!   So the apply rule sees the same latest version it would see with the
 //!   state in the publish transaction.
 //! - *Reads of the state* (snapshots, digests, bucket entries, records) first
@@ -208,6 +211,7 @@ fn open_state(path: &Path) -> rusqlite::Result<Connection> {
     // and they are folded again from the (fsynced) log at the next open.
     let conn = open(path, "NORMAL")?;
     conn.pragma_update(None, "cache_size", -STATE_CACHE_KIB)?;
+    conn.pragma_update(None, "mmap_size", 1i64 << 30)?;
     Ok(conn)
 }
 
@@ -242,12 +246,16 @@ struct Latest {
     base: Option<(u64, bool)>,
 }
 
+/// Unfolded keys of one dataset. Looked up once or twice per published
+/// change, so hashed with foldhash (seeded per map) rather than SipHash.
+type KeyMap = foldhash::HashMap<String, Latest>;
+
 /// Every key with a change the folder has not folded yet, per dataset, and
 /// the published rows themselves, handed to the folder so that it need not
 /// read them back from the log.
 #[derive(Default)]
 struct Unfolded {
-    keys: HashMap<String, HashMap<String, Latest>>,
+    keys: HashMap<String, KeyMap>,
     /// Per dataset, published rows in position order. A gap (a batch not
     /// queued because the queue was full) is read from the log instead.
     queue: HashMap<String, std::collections::VecDeque<(String, LogRow)>>,
@@ -256,7 +264,7 @@ struct Unfolded {
 impl Unfolded {
     /// Keys with unfolded changes, over all datasets.
     fn count(&self) -> usize {
-        self.keys.values().map(HashMap::len).sum()
+        self.keys.values().map(KeyMap::len).sum()
     }
 
     /// Rows waiting in the queue, over all datasets.
@@ -423,7 +431,6 @@ fn fold_dataset(
             params![dataset, to],
         )?;
         tx.commit()?;
-        shared.folded[dataset].send_replace(to as Position);
         // Only now may a publish find these keys in the state instead of
         // the unfolded map; a key changed again meanwhile stays.
         {
@@ -442,6 +449,9 @@ fn fold_dataset(
                 }
             }
         }
+        // Announced last, so whoever waited for it also sees the keys gone
+        // from the unfolded map (its metric included).
+        shared.folded[dataset].send_replace(to as Position);
         shared.drained.notify_all();
     }
 }
@@ -840,32 +850,31 @@ impl Publisher for SqliteFeed {
                         .0;
                 }
             }
-            let tx = log
-                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-                .map_err(unavailable)?;
             let mut head = *head_tx.borrow();
             let mut positions = Vec::with_capacity(changes.len());
             let mut ignored = 0;
-            let mut batch: HashMap<String, Latest> = HashMap::new();
-            let mut rows: Vec<(String, LogRow)> = Vec::with_capacity(changes.len());
+            let mut batch = KeyMap::default();
+            let mut accepted: Vec<(Change, bool)> = Vec::with_capacity(changes.len());
             {
-                let mut folded_version = state
+                // Decide every change first, holding the unfolded map and
+                // one read snapshot of the state for the whole batch (one
+                // lock round instead of one per change). The snapshot starts
+                // under the map's lock, so a key the folder removed from the
+                // map before it is in the snapshot, and one folded after it
+                // is still in the map: the folder removes keys only under
+                // this lock, after its commit.
+                let unfolded = shared.unfolded.lock().expect("unfolded keys");
+                let unfolded = unfolded.keys.get(&dataset);
+                let read = state.transaction().map_err(unavailable)?;
+                let mut folded_version = read
                     .prepare_cached("SELECT version, op = 'delete' FROM state WHERE dataset = ?1 AND key = ?2")
                     .map_err(unavailable)?;
-                let mut insert_log = tx.prepare_cached(
-                    "INSERT INTO log (dataset, pos, key, version, op, fields, owner, ts, schema_version) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-                ).map_err(unavailable)?;
                 for c in changes {
                     // Newest first: this batch, then changes not folded yet,
                     // then the state (see "What stays exact" above).
                     let known = match batch.get(&c.key) {
                         Some(l) => Some(*l),
-                        None => shared
-                            .unfolded
-                            .lock()
-                            .expect("unfolded keys")
-                            .keys
-                            .get(&dataset)
+                        None => unfolded
                             .and_then(|m| m.get(&c.key))
                             // Should the folder fold that change meanwhile,
                             // it becomes the base (see below).
@@ -889,10 +898,6 @@ impl Publisher for SqliteFeed {
                         continue;
                     }
                     head += 1;
-                    let fields = serde_json::to_string(&c.fields).unwrap_or_else(|_| "{}".into());
-                    insert_log
-                        .execute(params![dataset, head as i64, c.key, c.version as i64, c.op.as_str(), fields, c.owner, c.ts as i64, c.schema_version])
-                        .map_err(unavailable)?;
                     let deleted = c.op == Op::Delete;
                     batch.insert(
                         c.key.clone(),
@@ -903,15 +908,35 @@ impl Publisher for SqliteFeed {
                             base,
                         },
                     );
+                    positions.push(Some(head));
+                    accepted.push((c, deleted));
+                }
+                drop(folded_version);
+                read.commit().map_err(unavailable)?;
+            }
+            let tx = log
+                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+                .map_err(unavailable)?;
+            let mut rows: Vec<(String, LogRow)> = Vec::with_capacity(accepted.len());
+            {
+                let mut insert_log = tx.prepare_cached(
+                    "INSERT INTO log (dataset, pos, key, version, op, fields, owner, ts, schema_version) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                ).map_err(unavailable)?;
+                let mut pos = *head_tx.borrow();
+                for (c, deleted) in accepted {
+                    pos += 1;
+                    let fields = serde_json::to_string(&c.fields).unwrap_or_else(|_| "{}".into());
+                    insert_log
+                        .execute(params![dataset, pos as i64, c.key, c.version as i64, c.op.as_str(), fields, c.owner, c.ts as i64, c.schema_version])
+                        .map_err(unavailable)?;
                     rows.push((
                         c.key,
                         LogRow {
-                            pos: head as i64,
+                            pos: pos as i64,
                             version: c.version as i64,
                             deleted,
                         },
                     ));
-                    positions.push(Some(head));
                 }
             }
             tx.commit().map_err(unavailable)?;
