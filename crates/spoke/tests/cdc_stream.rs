@@ -356,7 +356,7 @@ async fn a_backlog_is_published_in_groups_keeping_commit_order_per_key() {
             .unwrap();
     }
     let mut cfg = env.config(&slot);
-    cfg.options.batch = 50;
+    cfg.options.batch = Some(50);
     let recording = Arc::new(Recording {
         feed: env.feed.clone(),
         sizes: Mutex::new(Vec::new()),

@@ -10,7 +10,8 @@
 //! token_env = "SPOKE_TOKEN_CATALOG_SERVICE"   # the owner's hub token
 //! # tls_ca = "tls/ca.crt"                     # trust this CA for an https:// hub
 //! # metrics_listen = "127.0.0.1:9187"         # serve GET /metrics (Prometheus)
-//! # batch = 1000, snapshot_chunk = 5000, heartbeat_secs = 30,
+//! # batch = 5000 (changes per publish; default 5000 to a hub, 1000 to JetStream),
+//! # snapshot_chunk = 5000, heartbeat_secs = 30,
 //! # status_every_secs = 10, wal_alarm_bytes = 1073741824
 //!
 //! [datasets.products]
@@ -148,7 +149,7 @@ impl CdcFile {
         }
         let d = CdcOptions::default();
         cdc.options = CdcOptions {
-            batch: raw.batch.unwrap_or(d.batch),
+            batch: raw.batch.or(d.batch),
             snapshot_chunk: raw.snapshot_chunk.unwrap_or(d.snapshot_chunk),
             heartbeat: match raw.heartbeat_secs {
                 Some(0) => None,

@@ -201,8 +201,9 @@ pub fn literal(s: &str) -> String {
 /// How the source runs.
 #[derive(Debug, Clone)]
 pub struct CdcOptions {
-    /// Most changes per publish (≤ [`crate::feed::MAX_BATCH`]).
-    pub batch: usize,
+    /// Most changes per publish (≤ [`crate::feed::MAX_BATCH`]); `None`:
+    /// what the publisher prefers ([`crate::feed::Publisher::preferred_batch`]).
+    pub batch: Option<usize>,
     /// Rows per snapshot chunk.
     pub snapshot_chunk: usize,
     pub backoff_min: Duration,
@@ -220,10 +221,18 @@ pub struct CdcOptions {
     pub resnapshot: bool,
 }
 
+impl CdcOptions {
+    /// The group limit in force: the configured one, else the default
+    /// (the source fills in its publisher's preference when it is built).
+    pub fn batch(&self) -> usize {
+        self.batch.unwrap_or(crate::feed::DEFAULT_GROUP)
+    }
+}
+
 impl Default for CdcOptions {
     fn default() -> Self {
         CdcOptions {
-            batch: 1_000,
+            batch: None,
             snapshot_chunk: 5_000,
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(5),
@@ -297,7 +306,7 @@ impl CdcConfig {
                 )));
             }
         }
-        if self.options.batch == 0 || self.options.batch > crate::feed::MAX_BATCH {
+        if matches!(self.options.batch, Some(b) if b == 0 || b > crate::feed::MAX_BATCH) {
             return Err(CdcError::Config(format!(
                 "batch must be 1..={}",
                 crate::feed::MAX_BATCH

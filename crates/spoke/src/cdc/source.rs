@@ -94,7 +94,7 @@ pub(crate) async fn publish_all(
     stats: &CdcStats,
     shutdown: &mut Shutdown,
 ) -> Result<Published, CdcError> {
-    for chunk in changes.chunks(options.batch) {
+    for chunk in changes.chunks(options.batch()) {
         let mut backoff = options.backoff_min;
         loop {
             match publisher.publish(dataset, chunk.to_vec()).await {
@@ -260,11 +260,14 @@ impl Txn {
 
 impl CdcSource {
     pub fn new(
-        cfg: CdcConfig,
+        mut cfg: CdcConfig,
         manifest: Arc<Manifest>,
         publisher: Arc<dyn Publisher>,
     ) -> Result<CdcSource, CdcError> {
         cfg.validate()?;
+        if cfg.options.batch.is_none() {
+            cfg.options.batch = Some(publisher.preferred_batch().clamp(1, crate::feed::MAX_BATCH));
+        }
         for t in &cfg.tables {
             if !manifest.datasets.contains_key(&t.dataset) {
                 return Err(CdcError::Config(format!(
@@ -707,7 +710,7 @@ impl CdcSource {
                                 // split by `publish_all`).
                                 let rows: usize = changes.iter().map(|(_, c)| c.len()).sum();
                                 let overflows =
-                                    !group.is_empty() && group.rows + rows > cfg.options.batch;
+                                    !group.is_empty() && group.rows + rows > cfg.options.batch();
                                 if overflows {
                                     if !self.settle(&mut inflight, &client, &mut progress).await? {
                                         client.stop();
@@ -759,9 +762,9 @@ impl CdcSource {
             // While a publish is in flight the group keeps gathering; a full
             // group waits for it (one publish at a time keeps commit order).
             if !group.is_empty()
-                && (group.rows >= cfg.options.batch || wire.events_forwarded() <= taken)
+                && (group.rows >= cfg.options.batch() || wire.events_forwarded() <= taken)
             {
-                if group.rows >= cfg.options.batch
+                if group.rows >= cfg.options.batch()
                     && !self.settle(&mut inflight, &client, &mut progress).await?
                 {
                     client.stop();
@@ -1105,4 +1108,52 @@ fn committed_changes(
         out.push((table.dataset.clone(), changes));
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cdc::TableMapping;
+    use crate::feed::memory::MemoryFeed;
+    use crate::feed::sqlite::SqliteFeed;
+
+    const MANIFEST: &str = r#"
+[services.catalog]
+[datasets.products]
+owner = "catalog"
+key = "id"
+fields = { name = "string" }
+"#;
+
+    fn config(batch: Option<usize>) -> CdcConfig {
+        let table = TableMapping::new("products", "public.products", "id", None).unwrap();
+        let mut cfg = CdcConfig::new("host=unused", "p", "s", vec![table]);
+        cfg.options.batch = batch;
+        cfg
+    }
+
+    #[test]
+    fn the_group_limit_is_the_configured_one_else_the_publishers_preference() {
+        let m = Arc::new(Manifest::parse("m.toml", MANIFEST).unwrap());
+        let dir = tempfile::tempdir().unwrap();
+        let sqlite: Arc<dyn Publisher> =
+            Arc::new(SqliteFeed::open(&dir.path().join("hub.db"), &m).unwrap());
+        let memory: Arc<dyn Publisher> = Arc::new(MemoryFeed::new(&m));
+        let limit = |batch, publisher: &Arc<dyn Publisher>| {
+            CdcSource::new(config(batch), m.clone(), publisher.clone())
+                .unwrap()
+                .cfg
+                .options
+                .batch()
+        };
+        assert_eq!(limit(None, &sqlite), 5_000);
+        assert_eq!(limit(None, &memory), crate::feed::DEFAULT_GROUP);
+        assert_eq!(limit(Some(700), &sqlite), 700);
+        for bad in [0, crate::feed::MAX_BATCH + 1] {
+            let e = CdcSource::new(config(Some(bad)), m.clone(), sqlite.clone())
+                .err()
+                .expect("out of range");
+            assert!(e.to_string().contains("batch must be 1..="), "{e}");
+        }
+    }
 }

@@ -11,7 +11,9 @@ use serde_json::{json, Map, Value};
 use spoke_core::digest::{Digest, DigestEntry, DigestQuery, BUCKETS};
 use spoke_core::{Manifest, MemoryCopy, Op};
 
-use super::{ChangeInput, Feed, FeedEntry, FeedError, Position, Publisher, MAX_DIGEST_BUCKETS};
+use super::{
+    ChangeInput, Feed, FeedEntry, FeedError, Position, Publisher, MAX_BATCH, MAX_DIGEST_BUCKETS,
+};
 
 /// The manifest every conformance run uses: one dataset `items`.
 pub const MANIFEST: &str = r#"
@@ -46,6 +48,7 @@ where
     T: Feed + Publisher + 'static,
 {
     positions_start_at_one_and_are_dense(make(manifest()).await).await;
+    the_largest_batch_is_taken_whole(make(manifest()).await).await;
     stale_and_duplicate_changes_are_ignored(make(manifest()).await).await;
     an_invalid_change_rejects_the_whole_batch(make(manifest()).await).await;
     unknown_dataset_is_an_error(make(manifest()).await).await;
@@ -73,6 +76,36 @@ async fn positions_start_at_one_and_are_dense<T: Feed + Publisher>(feed: T) {
         .await
         .expect("publish");
     assert_eq!(r.positions, vec![Some(3)], "positions are dense");
+}
+
+/// A batch of [`MAX_BATCH`] changes, each to another key, is appended
+/// whole: every change once, at the position its receipt names. (Order
+/// across keys is not promised: a JetStream publish sends a batch's keys
+/// at once, and they land in the order the server takes them.)
+async fn the_largest_batch_is_taken_whole<T: Feed + Publisher>(feed: T) {
+    let batch: Vec<ChangeInput> = (0..MAX_BATCH as i64)
+        .map(|i| ChangeInput::upsert(format!("k{i}"), 1, fields(i)))
+        .collect();
+    let r = feed.publish("items", batch).await.expect("publish");
+    assert_eq!(r.ignored, 0);
+    assert_eq!(r.head, MAX_BATCH as Position);
+    let (entries, _) = read_n(&feed, 0, MAX_BATCH, MAX_BATCH).await;
+    for (i, p) in r.positions.iter().enumerate() {
+        let p = p.expect("every change is appended");
+        assert_eq!(
+            entries[p as usize - 1].change.key,
+            format!("k{i}"),
+            "change {i} is at the position its receipt names"
+        );
+    }
+    let too_many: Vec<ChangeInput> = (0..=MAX_BATCH as i64)
+        .map(|i| ChangeInput::upsert(format!("k{i}"), 2, fields(i)))
+        .collect();
+    let e = feed
+        .publish("items", too_many)
+        .await
+        .expect_err("one change more than the limit is refused");
+    assert!(e.to_string().contains("exceeds the limit"), "{e}");
 }
 
 async fn stale_and_duplicate_changes_are_ignored<T: Feed + Publisher>(feed: T) {

@@ -69,6 +69,9 @@ pub type Position = u64;
 /// Most changes accepted in one publish.
 pub const MAX_BATCH: usize = 10_000;
 
+/// [`Publisher::preferred_batch`] unless a publisher says otherwise.
+pub const DEFAULT_GROUP: usize = 1_000;
+
 /// A change as an owner publishes it (the body of `POST …/changes`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -183,6 +186,14 @@ pub trait Publisher: Send + Sync {
         dataset: &str,
         changes: Vec<ChangeInput>,
     ) -> Result<PublishReceipt, FeedError>;
+
+    /// How many changes a caller that groups its input (the CDC source)
+    /// should put in one publish unless told otherwise. A store that syncs
+    /// each publish to disk spreads that cost over larger groups; a bus
+    /// that acknowledges change by change answers a smaller group sooner.
+    fn preferred_batch(&self) -> usize {
+        DEFAULT_GROUP
+    }
 
     /// The catalog this publisher validates against, when it validates
     /// locally (a hub's registry installs new schema versions there); `None`

@@ -436,17 +436,19 @@ fn fold_dataset(
         {
             let mut guard = shared.unfolded.lock().expect("unfolded keys");
             if let Some(map) = guard.keys.get_mut(dataset) {
-                for (key, r) in &newest {
-                    match map.get_mut(key) {
-                        Some(l) if l.pos <= to as Position => {
-                            map.remove(key);
-                        }
-                        // Changed again past this chunk: its base is now
-                        // what this chunk folded.
-                        Some(l) => l.base = Some((r.version as u64, r.deleted)),
-                        None => {}
+                // One pass over the map rather than a look-up per folded
+                // key: usually the chunk covers nearly every entry.
+                map.retain(|key, l| {
+                    if l.pos <= to as Position {
+                        return false;
                     }
-                }
+                    // Changed again past this chunk: its base is now what
+                    // this chunk folded.
+                    if let Some(r) = newest.get(key) {
+                        l.base = Some((r.version as u64, r.deleted));
+                    }
+                    true
+                });
             }
         }
         // Announced last, so whoever waited for it also sees the keys gone
@@ -816,6 +818,13 @@ impl SqliteFeed {
 impl Publisher for SqliteFeed {
     fn catalog(&self) -> Option<&Catalog> {
         Some(&self.catalog)
+    }
+
+    /// Every publish is one fsynced log commit and one read of the state, so
+    /// larger groups cost less per change (docs/BENCHMARKS.md: 0.78 of
+    /// pg_recvlogical at 1,000 per publish, 0.87 at 4,000).
+    fn preferred_batch(&self) -> usize {
+        5_000
     }
 
     async fn publish(

@@ -90,7 +90,7 @@ impl Env {
             vec![TableMapping::parse_flag("items=public.items:id").unwrap()],
         );
         cfg.options = CdcOptions {
-            batch: 100,
+            batch: Some(100),
             snapshot_chunk: 50,
             backoff_min: Duration::from_millis(20),
             backoff_max: Duration::from_millis(300),

@@ -562,7 +562,7 @@ impl Source {
         let mut cfg = CdcConfig::new(&ctx.conninfo, &n.publication, slot, vec![mapping]);
         cfg.state_table = n.state_table.clone();
         if let Some(b) = ctx.args.batch {
-            cfg.options.batch = b as usize;
+            cfg.options.batch = Some(b as usize);
         }
         let source = CdcSource::new(cfg, ctx.manifest.clone(), publisher)?;
         let stats = source.stats();
