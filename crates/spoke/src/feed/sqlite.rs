@@ -436,19 +436,17 @@ fn fold_dataset(
         {
             let mut guard = shared.unfolded.lock().expect("unfolded keys");
             if let Some(map) = guard.keys.get_mut(dataset) {
-                // One pass over the map rather than a look-up per folded
-                // key: usually the chunk covers nearly every entry.
-                map.retain(|key, l| {
-                    if l.pos <= to as Position {
-                        return false;
+                for (key, r) in &newest {
+                    match map.get_mut(key) {
+                        Some(l) if l.pos <= to as Position => {
+                            map.remove(key);
+                        }
+                        // Changed again past this chunk: its base is now
+                        // what this chunk folded.
+                        Some(l) => l.base = Some((r.version as u64, r.deleted)),
+                        None => {}
                     }
-                    // Changed again past this chunk: its base is now what
-                    // this chunk folded.
-                    if let Some(r) = newest.get(key) {
-                        l.base = Some((r.version as u64, r.deleted));
-                    }
-                    true
-                });
+                }
             }
         }
         // Announced last, so whoever waited for it also sees the keys gone
