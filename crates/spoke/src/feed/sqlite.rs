@@ -57,8 +57,10 @@
 //! The state's digest (see [`spoke_core::digest`]) lives in the state file's
 //! `digest` table as 64 chunks of 64 bucket hashes per dataset, updated in the
 //! fold's transaction from each key's old and new `(version, deleted)`;
-//! `state.bucket` and the covering index `state_entries (dataset, bucket,
-//! key, version, op)` list a bucket's keys from a few contiguous index pages.
+//! Each dataset's state is its own table (`state_<n>`, named in
+//! `state_tables`), keyed by key alone; its `bucket` column and covering
+//! index `state_<n>_entries (bucket, key, version, op)` list a bucket's keys
+//! from a few contiguous index pages.
 //!
 //! **Fields are stored once**, in the log. A state row holds a key's
 //! version, tombstone flag, bucket and the position of its latest change;
@@ -119,32 +121,21 @@ const MAX_QUEUED: usize = 200_000;
 const FOLD_WAIT: Duration = Duration::from_secs(60);
 
 const LOG_SQL: &str = "
-CREATE TABLE IF NOT EXISTS log (
-    dataset TEXT NOT NULL,
-    pos INTEGER NOT NULL,
-    key TEXT NOT NULL,
-    version INTEGER NOT NULL,
-    op TEXT NOT NULL,
-    fields TEXT NOT NULL,
-    owner TEXT NOT NULL,
-    ts INTEGER NOT NULL,
-    schema_version INTEGER NOT NULL,
-    PRIMARY KEY (dataset, pos)
-) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS log_tables (
+    dataset TEXT PRIMARY KEY,
+    n INTEGER NOT NULL UNIQUE
+);
 CREATE TABLE IF NOT EXISTS log_identity (id TEXT NOT NULL);
 ";
 
+/// The columns of a dataset's log table after `pos`, in order.
+const LOG_COLUMNS: &str = "key, version, op, fields, owner, ts, schema_version";
+
 const STATE_SQL: &str = "
-CREATE TABLE IF NOT EXISTS state (
-    dataset TEXT NOT NULL,
-    key TEXT NOT NULL,
-    version INTEGER NOT NULL,
-    op TEXT NOT NULL,
-    pos INTEGER NOT NULL,
-    bucket INTEGER NOT NULL,
-    PRIMARY KEY (dataset, key)
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS state_entries ON state (dataset, bucket, key, version, op);
+CREATE TABLE IF NOT EXISTS state_tables (
+    dataset TEXT PRIMARY KEY,
+    n INTEGER NOT NULL UNIQUE
+);
 CREATE TABLE IF NOT EXISTS digest (
     dataset TEXT NOT NULL,
     chunk INTEGER NOT NULL,
@@ -161,22 +152,30 @@ CREATE TABLE IF NOT EXISTS state_of_log (id TEXT NOT NULL);
 /// The state file's layout (`PRAGMA user_version`). A file with another
 /// is emptied and folded again from the log at open: the state is derived
 /// data, so changing its tables needs no migration.
-const STATE_LAYOUT: i64 = 3;
+const STATE_LAYOUT: i64 = 4;
 
 /// Makes `conn`'s state file hold [`STATE_LAYOUT`], emptying it if it held
 /// another layout.
 fn prepare_state(conn: &Connection) -> rusqlite::Result<()> {
     let layout: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
     if layout != STATE_LAYOUT {
-        if has_table(conn, "state")? {
+        let tables: Vec<String> = conn
+            .prepare(
+                "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite%'",
+            )?
+            .query_map([], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        if !tables.is_empty() {
             tracing::info!(
                 layout,
                 "hub store: the state file has another layout; folding it again from the log"
             );
         }
-        conn.execute_batch(
-            "BEGIN; DROP TABLE IF EXISTS state; DROP TABLE IF EXISTS digest; DROP TABLE IF EXISTS state_folds;",
-        )?;
+        // Everything in the file is derived from the log.
+        conn.execute_batch("BEGIN")?;
+        for t in tables {
+            conn.execute_batch(&format!("DROP TABLE IF EXISTS \"{t}\""))?;
+        }
         conn.execute_batch(STATE_SQL)?;
         conn.execute_batch(&format!("PRAGMA user_version = {STATE_LAYOUT}; COMMIT;"))?;
     }
@@ -278,6 +277,10 @@ impl Unfolded {
 
 /// What the publishers, the readers and the folder thread share.
 struct Shared {
+    /// Each dataset's table in the state file (see [`state_table`]).
+    tables: HashMap<String, String>,
+    /// Each dataset's table in the log file (see [`log_table`]).
+    logs: HashMap<String, String>,
     unfolded: Mutex<Unfolded>,
     /// Signalled when the folder forgot keys (publishers wait on it).
     drained: Condvar,
@@ -343,11 +346,12 @@ fn rows_to_fold(
         }
     }
     if next <= to {
-        let mut stmt = log.prepare_cached(
-            "SELECT pos, key, version, op = 'delete' FROM log
-             WHERE dataset = ?1 AND pos >= ?2 AND pos <= ?3 ORDER BY pos",
-        )?;
-        let mut rows = stmt.query(params![dataset, next, to])?;
+        let mut stmt = log.prepare_cached(&format!(
+            "SELECT pos, key, version, op = 'delete' FROM {}
+             WHERE pos >= ?1 AND pos <= ?2 ORDER BY pos",
+            shared.logs[dataset]
+        ))?;
+        let mut rows = stmt.query(params![next, to])?;
         while let Some(r) = rows.next()? {
             out.push((
                 r.get(1)?,
@@ -397,26 +401,27 @@ fn fold_dataset(
         let tx = state.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let mut delta = DigestDelta::new();
         {
-            let mut old = tx.prepare_cached(
-                "SELECT version, op = 'delete' FROM state WHERE dataset = ?1 AND key = ?2",
-            )?;
-            let mut upsert = tx.prepare_cached(
-                "INSERT INTO state (dataset, key, version, op, pos, bucket) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-                 ON CONFLICT (dataset, key) DO UPDATE SET version = excluded.version, op = excluded.op,
-                    pos = excluded.pos",
-            )?;
+            let table = &shared.tables[dataset];
+            let mut old = tx.prepare_cached(&format!(
+                "SELECT version, op = 'delete' FROM {table} WHERE key = ?1"
+            ))?;
+            let mut upsert = tx.prepare_cached(&format!(
+                "INSERT INTO {table} (key, version, op, pos, bucket) VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (key) DO UPDATE SET version = excluded.version, op = excluded.op,
+                    pos = excluded.pos"
+            ))?;
             for ((key, r), base) in newest.iter().zip(bases) {
                 let before = match base {
                     Some(b) => b,
                     None => old
-                        .query_row(params![dataset, key], |x| {
+                        .query_row(params![key], |x| {
                             Ok((x.get::<_, i64>(0)? as u64, x.get(1)?))
                         })
                         .optional()?,
                 };
                 let bucket = bucket_of(key);
                 let op = if r.deleted { "delete" } else { "upsert" };
-                upsert.execute(params![dataset, key, r.version, op, r.pos, bucket])?;
+                upsert.execute(params![key, r.version, op, r.pos, bucket])?;
                 let mut h = entry_hash(key, r.version as u64, r.deleted);
                 if let Some((v, d)) = before {
                     h ^= entry_hash(key, v, d);
@@ -628,11 +633,107 @@ fn claim_state(state: &mut Connection, id: &str) -> rusqlite::Result<()> {
             "hub store: the state file was folded from another log; rebuilding it from this one"
         );
     }
-    tx.execute_batch(
-        "DELETE FROM state; DELETE FROM digest; DELETE FROM state_folds; DELETE FROM state_of_log;",
-    )?;
+    let tables: Vec<i64> = tx
+        .prepare("SELECT n FROM state_tables")?
+        .query_map([], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    for n in tables {
+        tx.execute_batch(&format!("DELETE FROM state_{n}"))?;
+    }
+    tx.execute_batch("DELETE FROM digest; DELETE FROM state_folds; DELETE FROM state_of_log;")?;
     tx.execute("INSERT INTO state_of_log (id) VALUES (?1)", [id])?;
     tx.commit()
+}
+
+/// The number of `dataset`'s table in `registry` (`log_tables` or
+/// `state_tables`), assigned at its first use and kept for good.
+fn table_number(conn: &Connection, registry: &str, dataset: &str) -> rusqlite::Result<i64> {
+    if let Some(n) = conn
+        .query_row(
+            &format!("SELECT n FROM {registry} WHERE dataset = ?1"),
+            [dataset],
+            |r| r.get(0),
+        )
+        .optional()?
+    {
+        return Ok(n);
+    }
+    conn.query_row(
+        &format!(
+            "INSERT INTO {registry} (dataset, n)
+             VALUES (?1, (SELECT COALESCE(MAX(n), 0) + 1 FROM {registry})) RETURNING n"
+        ),
+        [dataset],
+        |r| r.get(0),
+    )
+}
+
+/// The log table of `dataset` in the hub file, created at its first use:
+/// `log_<n>`, keyed by position as its rowid, so a publish appends at the
+/// end of its B-tree without comparing keys, and reads seek by integer.
+fn log_table(log: &Connection, dataset: &str) -> rusqlite::Result<String> {
+    let n = table_number(log, "log_tables", dataset)?;
+    log.execute_batch(&format!(
+        "CREATE TABLE IF NOT EXISTS log_{n} (
+             pos INTEGER PRIMARY KEY,
+             key TEXT NOT NULL,
+             version INTEGER NOT NULL,
+             op TEXT NOT NULL,
+             fields TEXT NOT NULL,
+             owner TEXT NOT NULL,
+             ts INTEGER NOT NULL,
+             schema_version INTEGER NOT NULL
+         );"
+    ))?;
+    Ok(format!("log_{n}"))
+}
+
+/// Moves a log kept in one `log` table keyed by `(dataset, pos)` (hub
+/// files before per-dataset log tables) into the per-dataset tables, in
+/// one transaction, positions unchanged; returns how many entries moved.
+fn migrate_shared_log(log: &mut Connection) -> rusqlite::Result<usize> {
+    if !has_table(log, "log")? {
+        return Ok(0);
+    }
+    let tx = log.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let datasets: Vec<String> = tx
+        .prepare("SELECT DISTINCT dataset FROM log")?
+        .query_map([], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    let mut moved = 0;
+    for ds in datasets {
+        let table = log_table(&tx, &ds)?;
+        moved += tx.execute(
+            &format!(
+                "INSERT INTO {table} (pos, {LOG_COLUMNS})
+                 SELECT pos, {LOG_COLUMNS} FROM log WHERE dataset = ?1 ORDER BY pos"
+            ),
+            [&ds],
+        )?;
+    }
+    tx.execute_batch("DROP TABLE log")?;
+    tx.commit()?;
+    Ok(moved)
+}
+
+/// The state table of `dataset` in the state file, created at its first
+/// use. One table per dataset keeps the dataset out of every key the
+/// state's B-trees compare: with a `(dataset, key)` key, every comparison
+/// met the equal dataset first and took SQLite's slow path for the rest
+/// (a fifth of a publish's and a fold's instructions).
+fn state_table(state: &Connection, dataset: &str) -> rusqlite::Result<String> {
+    let n = table_number(state, "state_tables", dataset)?;
+    state.execute_batch(&format!(
+        "CREATE TABLE IF NOT EXISTS state_{n} (
+             key TEXT PRIMARY KEY,
+             version INTEGER NOT NULL,
+             op TEXT NOT NULL,
+             pos INTEGER NOT NULL,
+             bucket INTEGER NOT NULL
+         ) WITHOUT ROWID;
+         CREATE INDEX IF NOT EXISTS state_{n}_entries ON state_{n} (bucket, key, version, op);"
+    ))?;
+    Ok(format!("state_{n}"))
 }
 
 /// Whether `conn`'s main database has a table `name`.
@@ -658,11 +759,20 @@ impl SqliteFeed {
     ) -> Result<Self, FeedError> {
         let catalog = Catalog::new(manifest);
         let state_file = state_path(path);
-        let log = open(path, "FULL").map_err(unavailable)?;
+        let mut log = open(path, "FULL").map_err(unavailable)?;
         // The folder thread checkpoints; this is the backstop should it lag.
         log.pragma_update(None, "wal_autocheckpoint", WAL_BACKSTOP_PAGES)
             .map_err(unavailable)?;
         log.execute_batch(LOG_SQL).map_err(unavailable)?;
+        let started = Instant::now();
+        let moved = migrate_shared_log(&mut log).map_err(unavailable)?;
+        if moved > 0 {
+            tracing::info!(
+                entries = moved,
+                ms = started.elapsed().as_millis() as u64,
+                "hub store: moved the log into one table per dataset"
+            );
+        }
         let id = log_identity(&log).map_err(unavailable)?;
         let mut state = open_state(&state_file).map_err(unavailable)?;
         prepare_state(&state).map_err(unavailable)?;
@@ -670,9 +780,13 @@ impl SqliteFeed {
 
         let mut heads = HashMap::new();
         let mut folded = HashMap::new();
+        let mut tables = HashMap::new();
+        let mut logs = HashMap::new();
         for name in catalog.names() {
+            let table = state_table(&state, name).map_err(unavailable)?;
+            let log_table = log_table(&log, name).map_err(unavailable)?;
             let head = log
-                .query_row("SELECT MAX(pos) FROM log WHERE dataset = ?1", [name], |r| {
+                .query_row(&format!("SELECT MAX(pos) FROM {log_table}"), [], |r| {
                     r.get::<_, Option<i64>>(0)
                 })
                 .map_err(unavailable)?
@@ -696,17 +810,23 @@ impl SqliteFeed {
                     "hub store: the state file is ahead of the log; rebuilding it from the log"
                 );
                 let tx = state.transaction().map_err(unavailable)?;
-                for table in ["state", "digest", "state_folds"] {
-                    tx.execute(&format!("DELETE FROM {table} WHERE dataset = ?1"), [name])
+                tx.execute_batch(&format!("DELETE FROM {table}"))
+                    .map_err(unavailable)?;
+                for t in ["digest", "state_folds"] {
+                    tx.execute(&format!("DELETE FROM {t} WHERE dataset = ?1"), [name])
                         .map_err(unavailable)?;
                 }
                 tx.commit().map_err(unavailable)?;
                 through = 0;
             }
+            tables.insert(name.to_owned(), table);
+            logs.insert(name.to_owned(), log_table);
             heads.insert(name.to_owned(), watch::channel(head as Position).0);
             folded.insert(name.to_owned(), watch::channel(through as Position).0);
         }
         let shared = Arc::new(Shared {
+            tables,
+            logs,
             unfolded: Mutex::new(Unfolded::default()),
             drained: Condvar::new(),
             heads,
@@ -874,7 +994,10 @@ impl Publisher for SqliteFeed {
                 let unfolded = unfolded.keys.get(&dataset);
                 let read = state.transaction().map_err(unavailable)?;
                 let mut folded_version = read
-                    .prepare_cached("SELECT version, op = 'delete' FROM state WHERE dataset = ?1 AND key = ?2")
+                    .prepare_cached(&format!(
+                        "SELECT version, op = 'delete' FROM {} WHERE key = ?1",
+                        shared.tables[&dataset]
+                    ))
                     .map_err(unavailable)?;
                 for c in changes {
                     // Newest first: this batch, then changes not folded yet,
@@ -891,7 +1014,7 @@ impl Publisher for SqliteFeed {
                         Some(l) => (Some(l.version), l.base),
                         None => {
                             let folded = folded_version
-                                .query_row(params![dataset, c.key], |r| {
+                                .query_row(params![c.key], |r| {
                                     Ok((r.get::<_, i64>(0)? as u64, r.get::<_, bool>(1)?))
                                 })
                                 .optional()
@@ -926,15 +1049,18 @@ impl Publisher for SqliteFeed {
                 .map_err(unavailable)?;
             let mut rows: Vec<(String, LogRow)> = Vec::with_capacity(accepted.len());
             {
-                let mut insert_log = tx.prepare_cached(
-                    "INSERT INTO log (dataset, pos, key, version, op, fields, owner, ts, schema_version) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-                ).map_err(unavailable)?;
+                let mut insert_log = tx
+                    .prepare_cached(&format!(
+                        "INSERT INTO {} (pos, {LOG_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                        shared.logs[&dataset]
+                    ))
+                    .map_err(unavailable)?;
                 let mut pos = *head_tx.borrow();
                 for (c, deleted) in accepted {
                     pos += 1;
                     let fields = serde_json::to_string(&c.fields).unwrap_or_else(|_| "{}".into());
                     insert_log
-                        .execute(params![dataset, pos as i64, c.key, c.version as i64, c.op.as_str(), fields, c.owner, c.ts as i64, c.schema_version])
+                        .execute(params![pos as i64, c.key, c.version as i64, c.op.as_str(), fields, c.owner, c.ts as i64, c.schema_version])
                         .map_err(unavailable)?;
                     rows.push((
                         c.key,
@@ -992,11 +1118,14 @@ impl Feed for SqliteFeed {
         let head = *rx.borrow();
         let limit = limit.clamp(1, MAX_PAGE) as i64;
         let ds = dataset.to_owned();
+        let table = self.shared.logs[dataset].clone();
         let entries = self
             .log_readers
             .with(move |conn| {
-                let mut stmt = conn.prepare_cached("SELECT * FROM log WHERE dataset = ?1 AND pos > ?2 AND pos <= ?3 ORDER BY pos LIMIT ?4")?;
-                let rows = stmt.query_map(params![ds, after as i64, head as i64, limit], |row| {
+                let mut stmt = conn.prepare_cached(&format!(
+                    "SELECT pos, {LOG_COLUMNS} FROM {table} WHERE pos > ?1 AND pos <= ?2 ORDER BY pos LIMIT ?3"
+                ))?;
+                let rows = stmt.query_map(params![after as i64, head as i64, limit], |row| {
                     Ok(FeedEntry {
                         position: row.get::<_, i64>("pos")? as Position,
                         change: row_to_change(&ds, row)?,
@@ -1023,6 +1152,8 @@ impl Feed for SqliteFeed {
         let head = self.wait_folded(dataset).await?;
         let limit = limit.clamp(1, MAX_PAGE);
         let ds = dataset.to_owned();
+        let table = self.shared.tables[dataset].clone();
+        let log = self.shared.logs[dataset].clone();
         // Keys are never empty, so "" starts at the first. (An `?2 IS NULL
         // OR key > ?2` here kept SQLite from seeking: every page scanned
         // the dataset from its first key.)
@@ -1030,12 +1161,12 @@ impl Feed for SqliteFeed {
         let mut records = self
             .state_readers
             .with(move |conn| {
-                let mut stmt = conn.prepare_cached(
+                let mut stmt = conn.prepare_cached(&format!(
                     "SELECT s.key, s.version, s.op, g.fields, g.owner, g.ts, g.schema_version
-                     FROM state s JOIN l.log g ON g.dataset = s.dataset AND g.pos = s.pos
-                     WHERE s.dataset = ?1 AND s.key > ?2 ORDER BY s.key LIMIT ?3",
-                )?;
-                let rows = stmt.query_map(params![ds, after, (limit + 1) as i64], |row| {
+                     FROM {table} s JOIN l.{log} g ON g.pos = s.pos
+                     WHERE s.key > ?1 ORDER BY s.key LIMIT ?2"
+                ))?;
+                let rows = stmt.query_map(params![after, (limit + 1) as i64], |row| {
                     row_to_change(&ds, row)
                 })?;
                 rows.collect::<rusqlite::Result<Vec<_>>>()
@@ -1083,19 +1214,18 @@ impl Feed for SqliteFeed {
         self.catalog.get(dataset)?;
         check_digest_request(buckets, 0)?;
         self.wait_folded(dataset).await?;
-        let ds = dataset.to_owned();
+        let table = self.shared.tables[dataset].clone();
         let buckets = buckets.to_vec();
         self.state_readers
             .with(move |conn| {
-                let mut stmt = conn.prepare_cached(
-                    // Without statistics SQLite prefers the primary key's dataset
-                    // prefix (a scan of the dataset); the covering bucket index
-                    // keeps this proportional to the bucket's size.
-                    "SELECT key, version, op = 'delete' FROM state INDEXED BY state_entries WHERE dataset = ?1 AND bucket = ?2",
-                )?;
+                let mut stmt = conn.prepare_cached(&format!(
+                    // The covering bucket index keeps this proportional to
+                    // the bucket's size.
+                    "SELECT key, version, op = 'delete' FROM {table} INDEXED BY {table}_entries WHERE bucket = ?1"
+                ))?;
                 let mut out = Vec::new();
                 for b in buckets {
-                    let rows = stmt.query_map(params![ds, b], |r| {
+                    let rows = stmt.query_map(params![b], |r| {
                         Ok(DigestEntry::new(
                             r.get::<_, String>(0)?,
                             r.get::<_, i64>(1)? as u64,
@@ -1169,18 +1299,20 @@ impl Feed for SqliteFeed {
         check_digest_request(&[], keys.len())?;
         self.wait_folded(dataset).await?;
         let ds = dataset.to_owned();
+        let table = self.shared.tables[dataset].clone();
+        let log = self.shared.logs[dataset].clone();
         let keys = keys.to_vec();
         self.state_readers
             .with(move |conn| {
-                let mut stmt = conn.prepare_cached(
+                let mut stmt = conn.prepare_cached(&format!(
                     "SELECT s.key, s.version, s.op, g.fields, g.owner, g.ts, g.schema_version
-                         FROM state s JOIN l.log g ON g.dataset = s.dataset AND g.pos = s.pos
-                         WHERE s.dataset = ?1 AND s.key = ?2",
-                )?;
+                         FROM {table} s JOIN l.{log} g ON g.pos = s.pos
+                         WHERE s.key = ?1"
+                ))?;
                 let mut out = Vec::with_capacity(keys.len());
                 for k in &keys {
                     if let Some(c) = stmt
-                        .query_row(params![ds, k], |row| row_to_change(&ds, row))
+                        .query_row(params![k], |row| row_to_change(&ds, row))
                         .optional()?
                     {
                         out.push(c);
@@ -1333,6 +1465,91 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_log_kept_in_one_shared_table_moves_to_per_dataset_tables() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hub.db");
+        let m = super::super::conformance::manifest();
+        // What a hub before per-dataset log tables left: one `log` table
+        // keyed by (dataset, pos), and a dataset no longer in the manifest.
+        let old = Connection::open(&path).unwrap();
+        old.execute_batch(
+            r#"CREATE TABLE log (
+                 dataset TEXT NOT NULL, pos INTEGER NOT NULL, key TEXT NOT NULL,
+                 version INTEGER NOT NULL, op TEXT NOT NULL, fields TEXT NOT NULL,
+                 owner TEXT NOT NULL, ts INTEGER NOT NULL, schema_version INTEGER NOT NULL,
+                 PRIMARY KEY (dataset, pos)) WITHOUT ROWID;
+               INSERT INTO log VALUES
+                 ('items', 1, 'k1', 1, 'upsert', '{"n":1}', 'owner-svc', 10, 1),
+                 ('gone', 1, 'x', 1, 'upsert', '{}', 'someone', 10, 1),
+                 ('items', 2, 'k2', 1, 'upsert', '{"n":2}', 'owner-svc', 11, 1),
+                 ('items', 3, 'k1', 2, 'delete', '{}', 'owner-svc', 12, 1);"#,
+        )
+        .unwrap();
+        drop(old);
+
+        let feed = SqliteFeed::open(&path, &m).unwrap();
+        let b = feed.read("items", 0, 10, Duration::ZERO).await.unwrap();
+        let got: Vec<(Position, &str, u64, Op)> = b
+            .entries
+            .iter()
+            .map(|e| {
+                (
+                    e.position,
+                    e.change.key.as_str(),
+                    e.change.version,
+                    e.change.op,
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (1, "k1", 1, Op::Upsert),
+                (2, "k2", 1, Op::Upsert),
+                (3, "k1", 2, Op::Delete)
+            ],
+            "every entry at its position"
+        );
+        assert_eq!(b.entries[1].change.fields["n"], serde_json::json!(2));
+        assert_eq!(b.head, 3);
+        let snapshot = whole_snapshot(&feed, "items").await;
+        let state: Vec<(&str, u64, Op)> = snapshot
+            .iter()
+            .map(|c| (c.key.as_str(), c.version, c.op))
+            .collect();
+        assert_eq!(state, vec![("k1", 2, Op::Delete), ("k2", 1, Op::Upsert)]);
+        // Versions are honoured and positions go on from the old head.
+        let r = feed
+            .publish(
+                "items",
+                vec![
+                    ChangeInput::upsert("k2", 1, fields(9)),
+                    ChangeInput::upsert("k3", 1, fields(3)),
+                ],
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.positions, vec![None, Some(4)]);
+        drop(feed);
+        let conn = Connection::open(&path).unwrap();
+        assert!(
+            !has_table(&conn, "log").unwrap(),
+            "the shared table is dropped"
+        );
+        let kept: i64 = conn
+            .query_row(
+                "SELECT COUNT(*) FROM log_tables t WHERE t.dataset = 'gone'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(
+            kept, 1,
+            "a dataset gone from the manifest keeps its entries"
+        );
+    }
+
+    #[tokio::test]
     async fn a_state_file_of_another_layout_is_folded_again_from_the_log() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("hub.db");
@@ -1340,7 +1557,7 @@ mod tests {
         let (feed, memory) = seeded(&path).await;
         drop(feed);
         let old = Connection::open(state_path(&path)).unwrap();
-        old.execute_batch("DELETE FROM state WHERE key = 'k1'; PRAGMA user_version = 0;")
+        old.execute_batch("DELETE FROM state_1 WHERE key = 'k1'; PRAGMA user_version = 0;")
             .unwrap();
         drop(old);
         let feed = SqliteFeed::open(&path, &m).unwrap();
