@@ -1729,6 +1729,22 @@ mod tests {
         }
     }
 
+    /// Drops the fold's bookkeeping behind the feed's back (of a feed
+    /// `seeded` at `path`), so every fold fails until [`repair_folding`].
+    fn break_folding(path: &Path) -> Connection {
+        let other = Connection::open(state_path(path)).unwrap();
+        other.busy_timeout(Duration::from_secs(10)).unwrap();
+        other.execute_batch("DROP TABLE state_folds").unwrap();
+        other
+    }
+
+    /// Puts the bookkeeping back as `seeded` left it (folded through 200).
+    fn repair_folding(other: &Connection) {
+        other
+            .execute_batch("CREATE TABLE state_folds (dataset TEXT PRIMARY KEY, through INTEGER NOT NULL); INSERT INTO state_folds VALUES ('items', 200);")
+            .unwrap();
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_failing_fold_is_reported_to_readers_and_metrics_and_retried() {
         let dir = tempfile::tempdir().unwrap();
@@ -1736,9 +1752,7 @@ mod tests {
         let (feed, memory) = seeded(&path).await;
 
         // Break the fold's bookkeeping behind the feed's back.
-        let other = Connection::open(state_path(&path)).unwrap();
-        other.busy_timeout(Duration::from_secs(10)).unwrap();
-        other.execute_batch("DROP TABLE state_folds").unwrap();
+        let other = break_folding(&path);
         let more = vec![ChangeInput::upsert("k1", 5, fields(50))];
         // Publishes still append to the log (it does not depend on the state's bookkeeping).
         feed.publish("items", more.clone()).await.unwrap();
@@ -1756,9 +1770,7 @@ mod tests {
             .any(|l| l == "spoke_hub_state_fold_failing 1"));
 
         // Repaired: the folder's next attempt succeeds and nothing was lost.
-        other
-            .execute_batch("CREATE TABLE state_folds (dataset TEXT PRIMARY KEY, through INTEGER NOT NULL); INSERT INTO state_folds VALUES ('items', 200);")
-            .unwrap();
+        repair_folding(&other);
         let deadline = Instant::now() + Duration::from_secs(20);
         while feed.shared.failure().is_some() || feed.wait_folded("items").await.is_err() {
             assert!(
@@ -1768,6 +1780,58 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         same_state(&feed, &memory, "items").await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_publish_held_by_back_pressure_fails_while_folding_fails_and_appends_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hub.db");
+        let (feed, _memory) = seeded(&path).await;
+        let other = break_folding(&path);
+        feed.set_max_unfolded(5);
+        let five: Vec<ChangeInput> = (0..5)
+            .map(|i| ChangeInput::upsert(format!("a{i}"), 1, fields(i)))
+            .collect();
+        let head = feed.publish("items", five).await.unwrap().head;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while feed.shared.failure().is_none() {
+            assert!(Instant::now() < deadline, "the fold never failed");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // At the limit, with the folder failing: an error, not a hang.
+        let err = tokio::time::timeout(
+            Duration::from_secs(10),
+            feed.publish("items", vec![ChangeInput::upsert("b", 1, fields(0))]),
+        )
+        .await
+        .expect("the publish answers instead of waiting for a folder that fails")
+        .unwrap_err();
+        assert!(
+            matches!(&err, FeedError::Unavailable(m) if m.contains("state_folds")),
+            "the error names the fold's failure: {err}"
+        );
+        let b = feed
+            .read("items", head - 1, 10, Duration::ZERO)
+            .await
+            .unwrap();
+        assert_eq!(b.head, head, "the refused publish appended nothing");
+
+        // Repaired: the folder catches up and the same publish goes through.
+        repair_folding(&other);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let r = loop {
+            match feed
+                .publish("items", vec![ChangeInput::upsert("b", 1, fields(0))])
+                .await
+            {
+                Ok(r) => break r,
+                Err(e) => {
+                    assert!(Instant::now() < deadline, "never recovered: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        };
+        assert_eq!(r.positions, vec![Some(head + 1)]);
     }
 
     #[tokio::test]
