@@ -332,7 +332,10 @@ impl DigestDelta {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.buckets().next().is_none()
+        match &self.all {
+            Some(all) => all.iter().all(|&h| h == 0),
+            None => self.few.iter().all(|&(_, h)| h == 0),
+        }
     }
 
     /// Non-zero deltas by bucket, in bucket order.

@@ -1146,7 +1146,7 @@ fields = { name = "string" }
                 .options
                 .batch()
         };
-        assert_eq!(limit(None, &sqlite), 5_000);
+        assert_eq!(limit(None, &sqlite), crate::feed::STORE_GROUP);
         assert_eq!(limit(None, &memory), crate::feed::DEFAULT_GROUP);
         assert_eq!(limit(Some(700), &sqlite), 700);
         for bad in [0, crate::feed::MAX_BATCH + 1] {

@@ -308,11 +308,11 @@ impl HubClient {
 
 #[async_trait]
 impl Publisher for HubClient {
-    /// A hub stores into its embedded log by default (see
-    /// [`crate::feed::sqlite::SqliteFeed::preferred_batch`]); 5,000 changes
-    /// are about 1 MB of JSON, far below the hub's body limit.
+    /// A hub stores into its embedded log by default; a group of
+    /// [`super::STORE_GROUP`] is about 1 MB of JSON, far below the hub's
+    /// body limit.
     fn preferred_batch(&self) -> usize {
-        5_000
+        super::STORE_GROUP
     }
 
     async fn publish(

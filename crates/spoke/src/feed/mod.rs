@@ -72,6 +72,11 @@ pub const MAX_BATCH: usize = 10_000;
 /// [`Publisher::preferred_batch`] unless a publisher says otherwise.
 pub const DEFAULT_GROUP: usize = 1_000;
 
+/// [`Publisher::preferred_batch`] of the hub's embedded store and of a hub
+/// client: each publish is one fsynced commit there, so larger groups cost
+/// less per change.
+pub const STORE_GROUP: usize = 5_000;
+
 /// A change as an owner publishes it (the body of `POST …/changes`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

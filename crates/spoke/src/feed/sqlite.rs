@@ -87,9 +87,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension};
-use spoke_core::digest::{
-    bucket_of, entry_hash, DigestDelta, DigestEntry, DigestNodes, DigestQuery,
-};
+use spoke_core::digest::{bucket_of, DigestDelta, DigestEntry, DigestNodes, DigestQuery};
 use spoke_core::{decide, Change, Decision, Manifest, Op, Schema};
 use tokio::sync::watch;
 
@@ -275,12 +273,17 @@ impl Unfolded {
     }
 }
 
+/// A dataset's tables: its log in the hub file ([`log_table`]) and its
+/// state in the state file ([`state_table`]).
+struct Tables {
+    log: String,
+    state: String,
+}
+
 /// What the publishers, the readers and the folder thread share.
 struct Shared {
-    /// Each dataset's table in the state file (see [`state_table`]).
-    tables: HashMap<String, String>,
-    /// Each dataset's table in the log file (see [`log_table`]).
-    logs: HashMap<String, String>,
+    /// Each dataset's tables in the log and state files.
+    tables: HashMap<String, Tables>,
     unfolded: Mutex<Unfolded>,
     /// Signalled when the folder forgot keys (publishers wait on it).
     drained: Condvar,
@@ -349,7 +352,7 @@ fn rows_to_fold(
         let mut stmt = log.prepare_cached(&format!(
             "SELECT pos, key, version, op = 'delete' FROM {}
              WHERE pos >= ?1 AND pos <= ?2 ORDER BY pos",
-            shared.logs[dataset]
+            shared.tables[dataset].log
         ))?;
         let mut rows = stmt.query(params![next, to])?;
         while let Some(r) = rows.next()? {
@@ -401,7 +404,7 @@ fn fold_dataset(
         let tx = state.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let mut delta = DigestDelta::new();
         {
-            let table = &shared.tables[dataset];
+            let table = &shared.tables[dataset].state;
             let mut old = tx.prepare_cached(&format!(
                 "SELECT version, op = 'delete' FROM {table} WHERE key = ?1"
             ))?;
@@ -419,14 +422,9 @@ fn fold_dataset(
                         })
                         .optional()?,
                 };
-                let bucket = bucket_of(key);
                 let op = if r.deleted { "delete" } else { "upsert" };
-                upsert.execute(params![key, r.version, op, r.pos, bucket])?;
-                let mut h = entry_hash(key, r.version as u64, r.deleted);
-                if let Some((v, d)) = before {
-                    h ^= entry_hash(key, v, d);
-                }
-                delta.xor(bucket, h);
+                upsert.execute(params![key, r.version, op, r.pos, bucket_of(key)])?;
+                delta.replace(key, before, Some((r.version as u64, r.deleted)));
             }
         }
         write_digest_delta(&tx, "digest", dataset, &delta)?;
@@ -781,7 +779,6 @@ impl SqliteFeed {
         let mut heads = HashMap::new();
         let mut folded = HashMap::new();
         let mut tables = HashMap::new();
-        let mut logs = HashMap::new();
         for name in catalog.names() {
             let table = state_table(&state, name).map_err(unavailable)?;
             let log_table = log_table(&log, name).map_err(unavailable)?;
@@ -819,14 +816,18 @@ impl SqliteFeed {
                 tx.commit().map_err(unavailable)?;
                 through = 0;
             }
-            tables.insert(name.to_owned(), table);
-            logs.insert(name.to_owned(), log_table);
+            tables.insert(
+                name.to_owned(),
+                Tables {
+                    log: log_table,
+                    state: table,
+                },
+            );
             heads.insert(name.to_owned(), watch::channel(head as Position).0);
             folded.insert(name.to_owned(), watch::channel(through as Position).0);
         }
         let shared = Arc::new(Shared {
             tables,
-            logs,
             unfolded: Mutex::new(Unfolded::default()),
             drained: Condvar::new(),
             heads,
@@ -942,7 +943,7 @@ impl Publisher for SqliteFeed {
     /// larger groups cost less per change (docs/BENCHMARKS.md: 0.78 of
     /// pg_recvlogical at 1,000 per publish, 0.87 at 4,000).
     fn preferred_batch(&self) -> usize {
-        5_000
+        super::STORE_GROUP
     }
 
     async fn publish(
@@ -981,7 +982,7 @@ impl Publisher for SqliteFeed {
             let mut positions = Vec::with_capacity(changes.len());
             let mut ignored = 0;
             let mut batch = KeyMap::default();
-            let mut accepted: Vec<(Change, bool)> = Vec::with_capacity(changes.len());
+            let mut accepted: Vec<(Change, bool, Position)> = Vec::with_capacity(changes.len());
             {
                 // Decide every change first, holding the unfolded map and
                 // one read snapshot of the state for the whole batch (one
@@ -996,7 +997,7 @@ impl Publisher for SqliteFeed {
                 let mut folded_version = read
                     .prepare_cached(&format!(
                         "SELECT version, op = 'delete' FROM {} WHERE key = ?1",
-                        shared.tables[&dataset]
+                        shared.tables[&dataset].state
                     ))
                     .map_err(unavailable)?;
                 for c in changes {
@@ -1039,7 +1040,7 @@ impl Publisher for SqliteFeed {
                         },
                     );
                     positions.push(Some(head));
-                    accepted.push((c, deleted));
+                    accepted.push((c, deleted, head));
                 }
                 drop(folded_version);
                 read.commit().map_err(unavailable)?;
@@ -1052,12 +1053,10 @@ impl Publisher for SqliteFeed {
                 let mut insert_log = tx
                     .prepare_cached(&format!(
                         "INSERT INTO {} (pos, {LOG_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-                        shared.logs[&dataset]
+                        shared.tables[&dataset].log
                     ))
                     .map_err(unavailable)?;
-                let mut pos = *head_tx.borrow();
-                for (c, deleted) in accepted {
-                    pos += 1;
+                for (c, deleted, pos) in accepted {
                     let fields = serde_json::to_string(&c.fields).unwrap_or_else(|_| "{}".into());
                     insert_log
                         .execute(params![pos as i64, c.key, c.version as i64, c.op.as_str(), fields, c.owner, c.ts as i64, c.schema_version])
@@ -1118,7 +1117,7 @@ impl Feed for SqliteFeed {
         let head = *rx.borrow();
         let limit = limit.clamp(1, MAX_PAGE) as i64;
         let ds = dataset.to_owned();
-        let table = self.shared.logs[dataset].clone();
+        let table = self.shared.tables[dataset].log.clone();
         let entries = self
             .log_readers
             .with(move |conn| {
@@ -1152,8 +1151,8 @@ impl Feed for SqliteFeed {
         let head = self.wait_folded(dataset).await?;
         let limit = limit.clamp(1, MAX_PAGE);
         let ds = dataset.to_owned();
-        let table = self.shared.tables[dataset].clone();
-        let log = self.shared.logs[dataset].clone();
+        let Tables { log, state: table } = &self.shared.tables[dataset];
+        let (log, table) = (log.clone(), table.clone());
         // Keys are never empty, so "" starts at the first. (An `?2 IS NULL
         // OR key > ?2` here kept SQLite from seeking: every page scanned
         // the dataset from its first key.)
@@ -1214,7 +1213,7 @@ impl Feed for SqliteFeed {
         self.catalog.get(dataset)?;
         check_digest_request(buckets, 0)?;
         self.wait_folded(dataset).await?;
-        let table = self.shared.tables[dataset].clone();
+        let table = self.shared.tables[dataset].state.clone();
         let buckets = buckets.to_vec();
         self.state_readers
             .with(move |conn| {
@@ -1299,8 +1298,8 @@ impl Feed for SqliteFeed {
         check_digest_request(&[], keys.len())?;
         self.wait_folded(dataset).await?;
         let ds = dataset.to_owned();
-        let table = self.shared.tables[dataset].clone();
-        let log = self.shared.logs[dataset].clone();
+        let Tables { log, state: table } = &self.shared.tables[dataset];
+        let (log, table) = (log.clone(), table.clone());
         let keys = keys.to_vec();
         self.state_readers
             .with(move |conn| {
